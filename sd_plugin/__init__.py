@@ -1,0 +1,36 @@
+"""SaliencyDecor training for the timm / Hugging Face fine-tuning stack."""
+
+from .consistency import consistency_loss
+from .decorrelation import decorrelation_loss
+from .features import ModelAdapter, adapt
+from .loss import NonFiniteLossError, SaliencyDecorLoss, SaliencyDecorOutput
+from .masking import mask_least_salient
+from .whitening import GroupZCA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupZCA",
+    "ModelAdapter",
+    "NonFiniteLossError",
+    "SaliencyDecorConfig",
+    "SaliencyDecorLoss",
+    "SaliencyDecorOutput",
+    "SaliencyDecorTrainer",
+    "adapt",
+    "consistency_loss",
+    "decorrelation_loss",
+    "mask_least_salient",
+]
+
+
+def __getattr__(name: str):  # lazy: the method core needs torch only
+    if name == "SaliencyDecorConfig":
+        from .config import SaliencyDecorConfig
+
+        return SaliencyDecorConfig
+    if name == "SaliencyDecorTrainer":
+        from .trainer import SaliencyDecorTrainer
+
+        return SaliencyDecorTrainer
+    raise AttributeError(f"module 'sd_plugin' has no attribute {name!r}")

@@ -1,0 +1,181 @@
+"""``SaliencyDecorConfig``: ``transformers.TrainingArguments`` plus the method's fields.
+
+Every ``TrainingArguments`` option keeps working (bf16, gradient accumulation,
+``report_to``, ``push_to_hub``, ...). The method fields, grouped:
+
+> Method
+
+- ``method``: ``"saliencydecor"`` (default), ``"baseline"``, ``"sgt"`` or ``"decor"``.
+
+> Saliency masking and consistency
+
+- ``mask_ratio``: fraction of least salient pixels replaced, in ``[0, 1)``; paper 0.25.
+- ``mask_fill``: ``"random"`` (default), ``"mean"``, ``"zero"`` or ``"blur"``.
+- ``consistency_weight``: weight of ``KL(p_clean || p_masked)``; paper 1.0.
+- ``consistency_grad``: ``"detached"`` (default, two passes) or ``"both"``.
+- ``masked_pass_updates_stats``: the masked pass updates BatchNorm/whitening running stats.
+
+> Whitening and decorrelation
+
+- ``decor_weight``: weight of the decorrelation loss; paper 0.01.
+- ``group_size``: ZCA group size (divides the feature width; <= 32).
+- ``whiten_head_input``: whitened features feed the head (default: CNNs yes, ViTs no).
+- ``decor_target``: ``"whitened"`` (default) or ``"features"``.
+- ``whitening_shrinkage``, ``whitening_momentum``, ``whitening_method``, ``sync_whitening``.
+
+> Model
+
+- ``feature_layer``: module whose output is the penultimate features, when the head
+  cannot be found automatically.
+
+Example:
+    >>> from sd_plugin import SaliencyDecorConfig
+    >>> args = SaliencyDecorConfig(output_dir="out", method="sgt", mask_ratio=0.5)
+    >>> args.method, args.mask_ratio, args.remove_unused_columns
+    ('sgt', 0.5, True)
+    >>> SaliencyDecorConfig(output_dir="out", mask_fill="noise")
+    Traceback (most recent call last):
+    ...
+    ValueError: mask_fill='noise' is not supported; allowed values are ('random', 'mean', 'zero', 'blur').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+from .loss import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS
+from .masking import MASK_FILLS
+
+__all__ = ["SaliencyDecorConfig", "METHOD_FIELDS"]
+
+
+@dataclass
+class SaliencyDecorConfig(TrainingArguments):
+    """``TrainingArguments`` with the SaliencyDecor method fields (see module docstring)."""
+
+    method: str = field(
+        default="saliencydecor",
+        metadata={"help": f"Training objective, one of {METHODS}.", "choices": list(METHODS)},
+    )
+    mask_ratio: float = field(
+        default=0.25,
+        metadata={"help": "Fraction of least salient pixels replaced in the masked pass, in [0, 1)."},
+    )
+    mask_fill: str = field(
+        default="random",
+        metadata={"help": f"Replacement of masked pixels, one of {MASK_FILLS}.", "choices": list(MASK_FILLS)},
+    )
+    consistency_weight: float = field(
+        default=1.0, metadata={"help": "Weight beta of KL(p_clean || p_masked), >= 0."}
+    )
+    consistency_grad: str = field(
+        default="detached",
+        metadata={
+            "help": "'detached': the KL trains the masked branch only (two passes, one graph alive); "
+            "'both': it also flows into the clean branch (official SGT; slower, more memory).",
+            "choices": list(CONSISTENCY_GRADS),
+        },
+    )
+    masked_pass_updates_stats: bool = field(
+        default=True,
+        metadata={"help": "Whether the masked pass updates BatchNorm and whitening running statistics."},
+    )
+    decor_weight: float = field(default=0.01, metadata={"help": "Weight lambda of the decorrelation loss, >= 0."})
+    group_size: int = field(
+        default=16, metadata={"help": "Group size of the ZCA whitening; must divide the feature width."}
+    )
+    whiten_head_input: Optional[bool] = field(  # noqa: UP045 - HfArgumentParser needs Optional
+        default=None,
+        metadata={"help": "Feed whitened features to the head (default: True for CNNs, False for ViTs)."},
+    )
+    decor_target: str = field(
+        default="whitened",
+        metadata={
+            "help": "Features the decorrelation loss reads: 'whitened' or 'features' (pre-whitening).",
+            "choices": list(DECOR_TARGETS),
+        },
+    )
+    whitening_shrinkage: float = field(
+        default=0.01, metadata={"help": "Scale-relative covariance shrinkage of the whitening, in [0, 1]."}
+    )
+    whitening_momentum: float = field(
+        default=0.1, metadata={"help": "Momentum of the whitening running statistics, in (0, 1]."}
+    )
+    whitening_method: str = field(
+        default="eigh",
+        metadata={"help": "Inverse square root: 'eigh' or 'newton_schulz'.", "choices": ["eigh", "newton_schulz"]},
+    )
+    sync_whitening: Optional[bool] = field(  # noqa: UP045
+        default=None,
+        metadata={"help": "All-reduce whitening statistics across processes (default: on when distributed)."},
+    )
+    feature_layer: Optional[str] = field(  # noqa: UP045
+        default=None,
+        metadata={"help": "Module whose output is the penultimate features, if the head is not found."},
+    )
+    check_finite: bool = field(
+        default=True,
+        metadata={"help": "Stop with an error naming the component when a loss becomes NaN/inf."},
+    )
+
+    def __post_init__(self) -> None:
+        _validate_method_fields(self)
+        super().__post_init__()
+
+    def method_kwargs(self) -> dict:
+        """Keyword arguments of ``SaliencyDecorLoss`` taken from this config."""
+        sync = self.sync_whitening
+        if sync is None:
+            sync = self.world_size > 1
+        return {
+            "method": self.method,
+            "mask_ratio": self.mask_ratio,
+            "mask_fill": self.mask_fill,
+            "decor_weight": self.decor_weight,
+            "consistency_weight": self.consistency_weight,
+            "group_size": self.group_size,
+            "whiten_head_input": self.whiten_head_input,
+            "decor_target": self.decor_target,
+            "consistency_grad": self.consistency_grad,
+            "masked_pass_updates_stats": self.masked_pass_updates_stats,
+            "check_finite": self.check_finite,
+            "whitening_shrinkage": self.whitening_shrinkage,
+            "whitening_momentum": self.whitening_momentum,
+            "whitening_method": self.whitening_method,
+            "sync_whitening": sync,
+        }
+
+
+METHOD_FIELDS = tuple(
+    name
+    for name in SaliencyDecorConfig.__dataclass_fields__
+    if name not in TrainingArguments.__dataclass_fields__
+)
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values are {allowed}.")
+
+
+def _validate_method_fields(config: SaliencyDecorConfig) -> None:
+    _choice("method", config.method, METHODS)
+    _choice("mask_fill", config.mask_fill, MASK_FILLS)
+    _choice("consistency_grad", config.consistency_grad, CONSISTENCY_GRADS)
+    _choice("decor_target", config.decor_target, DECOR_TARGETS)
+    _choice("whitening_method", config.whitening_method, ("eigh", "newton_schulz"))
+    if not 0.0 <= config.mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio={config.mask_ratio} is out of range; use a fraction in [0, 1), e.g. 0.25.")
+    for name in ("decor_weight", "consistency_weight"):
+        value = getattr(config, name)
+        if value < 0:
+            raise ValueError(f"{name}={value} is negative; use a weight >= 0 (0 switches the term off).")
+    if config.group_size < 1:
+        raise ValueError(f"group_size={config.group_size} must be a positive divisor of the feature width.")
+    if not 0.0 <= config.whitening_shrinkage <= 1.0:
+        raise ValueError(f"whitening_shrinkage={config.whitening_shrinkage} must be in [0, 1].")
+    if not 0.0 < config.whitening_momentum <= 1.0:
+        raise ValueError(f"whitening_momentum={config.whitening_momentum} must be in (0, 1].")

@@ -1,0 +1,124 @@
+"""A forward hook that records (and optionally whitens) the penultimate features.
+
+The tap sits on the classifier head's input (or on the output of a named feature
+layer). On each forward it records the features ``f``; when a ``GroupZCA`` is attached
+and ``whiten_head_input`` is on, it hands ``z = GroupZCA(f)`` to the head instead of
+``f`` (the paper's CNN variant) on every forward, so ``model(x)`` whitens in training,
+in evaluation and in the masked pass alike. Otherwise (the paper's ViT variant) ``z`` is
+computed only inside ``whitened_for_loss()``, for the decorrelation loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+from .whitening import GroupZCA
+
+__all__ = ["FeatureTap", "WHITENING_MODULE_NAME", "frozen_running_stats"]
+
+WHITENING_MODULE_NAME = "saliency_decor_whitening"
+
+
+class FeatureTap:
+    """Records ``features`` / ``whitened`` of the last forward pass of ``module``.
+
+    Args:
+        module: the head (``where="input"``) or the feature layer (``where="output"``).
+        where: ``"input"`` to tap the module's first positional input, ``"output"`` for
+            its output. Shapes ``(B, D)`` and ``(B, D, 1, 1)`` are accepted.
+        module_name: used in error messages.
+    """
+
+    def __init__(self, module: nn.Module, where: str, module_name: str) -> None:
+        if where not in ("input", "output"):
+            raise ValueError(f"where must be 'input' or 'output', got {where!r}.")
+        self.module = module
+        self.where = where
+        self.module_name = module_name
+        self.whitening: GroupZCA | None = None
+        self.whiten_head_input = False
+        self.compute_whitened = False  # whiten for the loss only (head reads f)
+        self.features: Tensor | None = None
+        self.whitened: Tensor | None = None
+        if where == "input":
+            self._handle = module.register_forward_pre_hook(self._pre_hook)
+        else:
+            self._handle = module.register_forward_hook(self._post_hook)
+
+    def remove(self) -> None:
+        """Detach the hook from the model."""
+        self._handle.remove()
+
+    def clear(self) -> None:
+        self.features = None
+        self.whitened = None
+
+    @contextlib.contextmanager
+    def whitened_for_loss(self, enabled: bool = True) -> Iterator[None]:
+        """Also compute (and record) ``z`` in the forwards inside the block."""
+        previous = self.compute_whitened
+        self.compute_whitened = enabled
+        try:
+            yield
+        finally:
+            self.compute_whitened = previous
+
+    def _transform(self, value: Tensor) -> Tensor | None:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"the tapped value of {self.module_name!r} is a {type(value).__name__}, not a tensor.")
+        shape = value.shape
+        if value.dim() == 4 and shape[2] == 1 and shape[3] == 1:
+            flat = value.flatten(1)
+        elif value.dim() == 2:
+            flat = value
+        else:
+            raise ValueError(
+                f"the features at {self.module_name!r} ({self.where}) have shape {tuple(shape)}; "
+                "expected (B, D) penultimate features. Pass feature_layer='<module whose output "
+                "is the pooled (B, D) features>'."
+            )
+        self.features = flat
+        self.whitened = None
+        if self.whitening is None or not (self.whiten_head_input or self.compute_whitened):
+            return None
+        whitened = self.whitening(flat)
+        self.whitened = whitened
+        if self.whiten_head_input:
+            return whitened.view(shape)
+        return None
+
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        replacement = self._transform(args[0])
+        if replacement is None:
+            return None
+        return (replacement, *args[1:])
+
+    def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return self._transform(output)
+
+
+def running_stat_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules whose running statistics change in train-mode forwards (BatchNorm, GroupZCA)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, GroupZCA)) and m.track_running_stats
+    ]
+
+
+@contextlib.contextmanager
+def frozen_running_stats(model: nn.Module) -> Iterator[None]:
+    """Forwards inside the block use batch statistics but leave running buffers unchanged."""
+    modules = running_stat_modules(model)
+    for m in modules:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.track_running_stats = True
+

@@ -1,0 +1,279 @@
+"""``SaliencyDecorLoss``: one training step of SaliencyDecor, shared by every loop.
+
+The step (DESIGN.md §2), for ``method="saliencydecor"``:
+
+1. clean pass: ``logits = model(x)`` with ``x.requires_grad``; the feature tap records
+   ``f`` and whitens it (``z``); ``L_ce + decor_weight * L_decor`` is back-propagated,
+   which yields the weight gradients *and* ``x.grad``;
+2. the ``mask_ratio`` least salient pixels (by ``|x.grad|``) are replaced;
+3. masked pass: ``consistency_weight * KL(p_clean || p_masked)`` is back-propagated into
+   the same gradients.
+
+Two forward and two backward passes, one graph alive at a time. With
+``consistency_grad="both"`` the clean graph is kept, the saliency comes from
+``torch.autograd.grad`` and one backward of the whole objective runs at the end (the
+official SGT structure: the KL also flows into the clean branch).
+
+``baseline`` is cross-entropy only, ``sgt`` adds the masking/KL term, ``decor`` adds the
+whitening/decorrelation term, ``saliencydecor`` all three.
+
+Example:
+    >>> import timm, torch
+    >>> from sd_plugin import SaliencyDecorLoss
+    >>> from sd_plugin.features import adapt
+    >>> model = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    >>> loss = SaliencyDecorLoss(adapt(model), group_size=8)
+    >>> out = loss.step(model, torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,)))
+    >>> sorted(out.components())
+    ['loss', 'loss_ce', 'loss_decor', 'loss_kl', 'masked_accuracy']
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .consistency import consistency_loss
+from .decorrelation import decorrelation_loss
+from .feature_tap import frozen_running_stats
+from .features import ModelAdapter
+from .masking import MASK_FILLS, mask_least_salient, pixel_saliency
+
+__all__ = [
+    "METHODS",
+    "CONSISTENCY_GRADS",
+    "DECOR_TARGETS",
+    "SaliencyDecorLoss",
+    "SaliencyDecorOutput",
+    "NonFiniteLossError",
+]
+
+METHODS = ("baseline", "sgt", "decor", "saliencydecor")
+CONSISTENCY_GRADS = ("detached", "both")
+DECOR_TARGETS = ("whitened", "features")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss component became NaN or infinite; training must stop."""
+
+
+@dataclass
+class SaliencyDecorOutput:
+    """Detached results of one step. ``loss`` is the full objective (not GA-scaled)."""
+
+    loss: Tensor
+    loss_ce: Tensor
+    loss_kl: Tensor | None
+    loss_decor: Tensor | None
+    logits: Tensor
+    masked_accuracy: Tensor | None = None
+
+    def components(self) -> dict[str, Tensor]:
+        """The scalar components present for this method, by log name."""
+        values = {
+            "loss": self.loss,
+            "loss_ce": self.loss_ce,
+            "loss_kl": self.loss_kl,
+            "loss_decor": self.loss_decor,
+            "masked_accuracy": self.masked_accuracy,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values are {allowed}.")
+
+
+class SaliencyDecorLoss:
+    """The SaliencyDecor objective for one model (see module docstring).
+
+    Args:
+        adapter: from ``sd_plugin.features.adapt(model)``.
+        method: ``"baseline"``, ``"sgt"``, ``"decor"`` or ``"saliencydecor"``.
+        mask_ratio: fraction ``k`` of least salient pixels replaced, in ``[0, 1)``.
+        mask_fill: ``"random"``, ``"mean"``, ``"zero"`` or ``"blur"``.
+        decor_weight: ``lambda``, weight of the decorrelation loss.
+        consistency_weight: ``beta``, weight of the KL consistency loss.
+        group_size: ZCA group size ``g`` (must divide the feature width).
+        whiten_head_input: whitened features feed the head (``None``: CNNs yes,
+            transformers no, as in the paper).
+        decor_target: ``"whitened"`` (default) or ``"features"`` (pre-whitening).
+        consistency_grad: ``"detached"`` (default) or ``"both"``.
+        masked_pass_updates_stats: the masked pass updates BatchNorm / whitening running
+            statistics (the official SGT code does).
+        check_finite: raise ``NonFiniteLossError`` naming the component when a loss is
+            NaN/inf, before its backward (costs one host sync per step).
+        whitening_shrinkage, whitening_momentum, whitening_method: ``GroupZCA``'s
+            ``shrinkage``, ``momentum`` and ``method``.
+        sync_whitening: all-reduce the whitening statistics across processes.
+        generator: random generator of the ``"random"`` fill (reproducible masks).
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        method: str = "saliencydecor",
+        mask_ratio: float = 0.25,
+        mask_fill: str = "random",
+        decor_weight: float = 0.01,
+        consistency_weight: float = 1.0,
+        group_size: int = 16,
+        whiten_head_input: bool | None = None,
+        decor_target: str = "whitened",
+        consistency_grad: str = "detached",
+        masked_pass_updates_stats: bool = True,
+        check_finite: bool = True,
+        whitening_shrinkage: float = 0.01,
+        whitening_momentum: float = 0.1,
+        whitening_method: str = "eigh",
+        sync_whitening: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_choice("method", method, METHODS)
+        _check_choice("mask_fill", mask_fill, MASK_FILLS)
+        _check_choice("decor_target", decor_target, DECOR_TARGETS)
+        _check_choice("consistency_grad", consistency_grad, CONSISTENCY_GRADS)
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
+        for name, value in (("decor_weight", decor_weight), ("consistency_weight", consistency_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}.")
+        self.adapter = adapter
+        self.method = method
+        self.mask_ratio = mask_ratio
+        self.mask_fill = mask_fill
+        self.decor_weight = decor_weight
+        self.consistency_weight = consistency_weight
+        self.decor_target = decor_target
+        self.consistency_grad = consistency_grad
+        self.masked_pass_updates_stats = masked_pass_updates_stats
+        self.check_finite = check_finite
+        self.generator = generator
+        self.uses_masking = method in ("sgt", "saliencydecor")
+        self.uses_decorrelation = method in ("decor", "saliencydecor")
+        self.whitening = None
+        if self.uses_decorrelation:
+            self.whitening = adapter.attach_whitening(
+                group_size=group_size,
+                whiten_head_input=whiten_head_input,
+                shrinkage=whitening_shrinkage,
+                momentum=whitening_momentum,
+                method=whitening_method,
+                sync_statistics=sync_whitening,
+            )
+
+    def step(
+        self,
+        model: nn.Module | None,
+        pixel_values: Tensor,
+        labels: Tensor,
+        backward: Callable[[Tensor], None] | None = None,
+        loss_scale: float = 1.0,
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> SaliencyDecorOutput:
+        """Run the passes of one training step and back-propagate them.
+
+        Args:
+            model: what to call (the adapter's model, or a DDP/accelerate wrapper of it);
+                ``None`` uses ``adapter.model``.
+            pixel_values: ``(B, C, H, W)`` float images.
+            labels: ``(B,)`` class indices.
+            backward: called with each loss to back-propagate (default
+                ``loss.backward()``; pass ``accelerator.backward`` in Accelerate loops).
+            loss_scale: multiplies every back-propagated loss (e.g. ``1 / grad_accum``).
+            no_sync: context manager factory that suppresses the gradient all-reduce of
+                the first of two backward passes (``accelerator.no_sync`` partial).
+        """
+        model = self.adapter.model if model is None else model
+        backward = backward or (lambda loss: loss.backward())
+        self.adapter.check_batch(pixel_values, labels)
+        tap = self.adapter.tap
+        images = pixel_values.detach()
+        detached = self.consistency_grad == "detached"
+        inputs = images.clone().requires_grad_(True) if self.uses_masking else images
+
+        with tap.whitened_for_loss(self.uses_decorrelation):
+            tap.clear()
+            clean_logits = self.adapter.logits(model, inputs)
+            features, whitened = tap.features, tap.whitened
+            tap.clear()
+        loss_ce = F.cross_entropy(clean_logits.float(), labels)
+        loss_decor = None
+        clean_objective = loss_ce
+        if self.uses_decorrelation:
+            target = whitened if self.decor_target == "whitened" else features
+            if target is None:
+                raise RuntimeError(f"no features were recorded at {self.adapter.head_name!r}.")
+            loss_decor = decorrelation_loss(target)
+            clean_objective = loss_ce + self.decor_weight * loss_decor
+        self._check_finite({"loss_ce": loss_ce, "loss_decor": loss_decor})
+
+        if not self.uses_masking:
+            backward(clean_objective * loss_scale)
+            return SaliencyDecorOutput(
+                loss=clean_objective.detach(),
+                loss_ce=loss_ce.detach(),
+                loss_kl=None,
+                loss_decor=None if loss_decor is None else loss_decor.detach(),
+                logits=clean_logits.detach(),
+            )
+
+        if detached:
+            sync_context = no_sync() if no_sync is not None else contextlib.nullcontext()
+            with sync_context:
+                backward(clean_objective * loss_scale)
+            input_grad = inputs.grad
+        else:
+            (input_grad,) = torch.autograd.grad(clean_objective, inputs, retain_graph=True)
+        if input_grad is None:
+            raise RuntimeError(
+                "the clean pass produced no input gradient; the model must be differentiable "
+                "with respect to pixel_values."
+            )
+        masked_images, _ = mask_least_salient(
+            images, pixel_saliency(input_grad), self.mask_ratio, self.mask_fill, self.generator
+        )
+        stats_context = contextlib.nullcontext() if self.masked_pass_updates_stats else frozen_running_stats(
+            self.adapter.base_model
+        )
+        with stats_context:
+            masked_logits = self.adapter.logits(model, masked_images)
+            tap.clear()
+        loss_kl = consistency_loss(clean_logits, masked_logits, detach_clean=detached)
+        self._check_finite({"loss_kl": loss_kl})
+        if detached:
+            backward(self.consistency_weight * loss_kl * loss_scale)
+        else:
+            backward((clean_objective + self.consistency_weight * loss_kl) * loss_scale)
+        total = clean_objective.detach() + self.consistency_weight * loss_kl.detach()
+        masked_accuracy = (masked_logits.detach().argmax(-1) == labels).float().mean()
+        return SaliencyDecorOutput(
+            loss=total,
+            loss_ce=loss_ce.detach(),
+            loss_kl=loss_kl.detach(),
+            loss_decor=None if loss_decor is None else loss_decor.detach(),
+            logits=clean_logits.detach(),
+            masked_accuracy=masked_accuracy,
+        )
+
+    def _check_finite(self, components: dict[str, Tensor | None]) -> None:
+        if not self.check_finite:
+            return
+        present = {name: value for name, value in components.items() if value is not None}
+        if not present:
+            return
+        finite = torch.stack([value.detach().float() for value in present.values()]).isfinite()
+        if bool(finite.all()):
+            return
+        bad = [name for name, ok in zip(present, finite.tolist()) if not ok]
+        values = {name: float(present[name]) for name in bad}
+        raise NonFiniteLossError(
+            f"non-finite loss component(s) {values}: training stopped before this step's update. "
+            "Lower the learning rate, check the inputs for NaN, or raise whitening shrinkage."
+        )

@@ -1,0 +1,227 @@
+"""Group-wise ZCA whitening of penultimate features.
+
+``GroupZCA`` splits ``D`` features into groups of ``g`` and whitens each group with its
+own batch statistics: ``z = (f - mu) W`` with ``W = Q diag(lambda)^-1/2 Q^T`` from the
+(shrunk) covariance. Statistics and the decomposition run in float32 with autocast off,
+and the backward of the inverse square root uses the Daleckii-Krein form
+``K_ij = -1 / (sqrt(l_i) sqrt(l_j) (sqrt(l_i) + sqrt(l_j)))``, which stays finite when
+eigenvalues repeat (dead or duplicated units, rank-deficient batches).
+
+Example:
+    >>> import torch
+    >>> from sd_plugin import GroupZCA
+    >>> zca = GroupZCA(8, group_size=4, shrinkage=0.0)
+    >>> f = torch.randn(256, 8) @ torch.randn(8, 8)
+    >>> z = zca(f)
+    >>> cov = z[:, :4].T @ z[:, :4] / 256
+    >>> bool(torch.allclose(cov, torch.eye(4), atol=1e-3))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["GroupZCA", "inverse_sqrt_psd", "shrink_covariance"]
+
+
+class _InverseSqrtEigh(torch.autograd.Function):
+    """``S^-1/2`` of a batch of symmetric positive definite matrices, with a stable backward."""
+
+    @staticmethod
+    def forward(ctx, sigma: Tensor) -> Tensor:  # type: ignore[override]
+        eigenvalues, eigenvectors = torch.linalg.eigh(sigma)
+        # Shrinkage guarantees positive eigenvalues; the clamp guards round-off only.
+        floor = torch.finfo(sigma.dtype).tiny ** 0.5
+        sqrt_eig = eigenvalues.clamp_min(floor).sqrt()
+        inv_sqrt = (eigenvectors / sqrt_eig.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
+        ctx.save_for_backward(eigenvectors, sqrt_eig)
+        return inv_sqrt
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tensor:  # type: ignore[override]
+        eigenvectors, sqrt_eig = ctx.saved_tensors
+        grad_sym = 0.5 * (grad_output + grad_output.transpose(-1, -2))
+        s_i = sqrt_eig.unsqueeze(-1)
+        s_j = sqrt_eig.unsqueeze(-2)
+        kernel = -1.0 / (s_i * s_j * (s_i + s_j))
+        inner = eigenvectors.transpose(-1, -2) @ grad_sym @ eigenvectors
+        return eigenvectors @ (inner * kernel) @ eigenvectors.transpose(-1, -2)
+
+
+def inverse_sqrt_psd(sigma: Tensor, method: str = "eigh", iterations: int = 5) -> Tensor:
+    """Inverse matrix square root of symmetric positive definite matrices ``(..., g, g)``.
+
+    ``method="eigh"`` uses an eigendecomposition with a finite custom backward;
+    ``method="newton_schulz"`` uses the coupled Newton-Schulz iteration (matrix products
+    only, differentiated by autograd), which converges for well-conditioned inputs.
+
+    Example:
+        >>> s = torch.tensor([[4.0, 0.0], [0.0, 9.0]])
+        >>> inverse_sqrt_psd(s)
+        tensor([[0.5000, 0.0000],
+                [0.0000, 0.3333]])
+    """
+    if method == "eigh":
+        return _InverseSqrtEigh.apply(sigma)
+    if method == "newton_schulz":
+        return _newton_schulz_inverse_sqrt(sigma, iterations)
+    raise ValueError(f"method={method!r} is not supported; use 'eigh' or 'newton_schulz'.")
+
+
+def _newton_schulz_inverse_sqrt(sigma: Tensor, iterations: int) -> Tensor:
+    size = sigma.shape[-1]
+    identity = torch.eye(size, dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
+    norm = sigma.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(sigma.dtype).tiny)
+    norm = norm[..., None, None]
+    y = sigma / norm
+    z = identity
+    for _ in range(iterations):
+        t = 0.5 * (3.0 * identity - z @ y)
+        y = y @ t
+        z = t @ z
+    return z / norm.sqrt()
+
+
+def shrink_covariance(sigma: Tensor, shrinkage: float, eps: float) -> Tensor:
+    """``(1 - a) S + a tr(S)/g I + eps I`` for a batch of ``(..., g, g)`` covariances.
+
+    The shrinkage target scales with the covariance, so the result is positive definite
+    for any input scale, including all-zero (dead) features thanks to ``eps``.
+    """
+    size = sigma.shape[-1]
+    identity = torch.eye(size, dtype=sigma.dtype, device=sigma.device)
+    trace = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    return (1.0 - shrinkage) * sigma + (shrinkage * trace / size + eps) * identity
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Autograd-aware sum over processes (identity when not distributed)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+class GroupZCA(nn.Module):
+    """Group-wise ZCA whitening, ``(B, D) -> (B, D)``.
+
+    Args:
+        num_features: ``D``, the feature width.
+        group_size: ``g``, features per whitening group; must divide ``D``. Keep
+            ``g <= 32`` and batches of at least ``2 g`` for a full-rank covariance.
+        shrinkage: ``a`` in ``(1 - a) S + a tr(S)/g I``; keeps rank-deficient batches
+            and repeated eigenvalues finite. ``0`` whitens exactly.
+        eps: absolute ridge added to the shrunk covariance.
+        momentum: update rate of the running mean and covariance used in eval mode.
+        method: ``"eigh"`` (default) or ``"newton_schulz"`` for the inverse square root.
+        sync_statistics: reduce batch statistics over ``torch.distributed`` processes
+            (autograd-aware), so ``N`` processes with ``B/N`` equal one with ``B``.
+
+    In training mode the batch statistics whiten the input and update the running
+    buffers (unless ``track_running_stats`` is switched off for a pass); in eval mode the
+    running buffers are used, so a batch of one works and outputs do not depend on the
+    rest of the batch.
+    """
+
+    running_mean: Tensor
+    running_cov: Tensor
+    num_batches_tracked: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        group_size: int = 16,
+        shrinkage: float = 0.01,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        method: str = "eigh",
+        sync_statistics: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_features < 1:
+            raise ValueError(f"num_features must be positive, got {num_features}.")
+        if group_size < 1 or num_features % group_size != 0:
+            divisors = [d for d in range(1, min(num_features, 64) + 1) if num_features % d == 0]
+            raise ValueError(
+                f"group_size={group_size} does not divide num_features={num_features}; "
+                f"choose a group_size among {divisors}."
+            )
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}.")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}.")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}.")
+        if method not in ("eigh", "newton_schulz"):
+            raise ValueError(f"method={method!r} is not supported; use 'eigh' or 'newton_schulz'.")
+        self.num_features = num_features
+        self.group_size = group_size
+        self.num_groups = num_features // group_size
+        self.shrinkage = shrinkage
+        self.eps = eps
+        self.momentum = momentum
+        self.method = method
+        self.sync_statistics = sync_statistics
+        self.track_running_stats = True
+        eye = torch.eye(group_size).expand(self.num_groups, group_size, group_size).clone()
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_cov", eye)
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, group_size={self.group_size}, shrinkage={self.shrinkage}, "
+            f"eps={self.eps}, momentum={self.momentum}, method={self.method!r}"
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.dim() != 2 or features.shape[1] != self.num_features:
+            raise ValueError(
+                f"GroupZCA expects features of shape (B, {self.num_features}), "
+                f"got {tuple(features.shape)}."
+            )
+        device_type = features.device.type if features.device.type in ("cuda", "cpu") else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            f = features.to(torch.promote_types(features.dtype, torch.float32))
+            if self.training:
+                mean, cov, count = self._batch_statistics(f)
+                if self.track_running_stats:
+                    self._update_running(mean.detach(), cov.detach(), count.detach())
+            else:
+                mean, cov = self.running_mean.to(f.dtype), self.running_cov.to(f.dtype)
+            whitening = self.whitening_matrix(cov)
+            centred = (f - mean).view(-1, self.num_groups, self.group_size)
+            z = torch.einsum("bgi,gij->bgj", centred, whitening).reshape(-1, self.num_features)
+        return z.to(features.dtype)
+
+    def whitening_matrix(self, cov: Tensor | None = None) -> Tensor:
+        """``W`` per group, ``(num_groups, g, g)``, from ``cov`` (default: running)."""
+        cov = self.running_cov if cov is None else cov
+        return inverse_sqrt_psd(shrink_covariance(cov, self.shrinkage, self.eps), self.method)
+
+    def _batch_statistics(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        count = torch.tensor(float(f.shape[0]), device=f.device)
+        total = f.sum(0)
+        if self.sync_statistics and dist.is_available() and dist.is_initialized():
+            count = _all_reduce_sum(count)
+            total = _all_reduce_sum(total)
+            mean = total / count
+            centred = (f - mean).view(-1, self.num_groups, self.group_size)
+            scatter = _all_reduce_sum(torch.einsum("bgi,bgj->gij", centred, centred))
+        else:
+            mean = total / count
+            centred = (f - mean).view(-1, self.num_groups, self.group_size)
+            scatter = torch.einsum("bgi,bgj->gij", centred, centred)
+        return mean, scatter / count, count
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, cov: Tensor, count: Tensor) -> None:
+        mean, cov, count = (t.to(self.running_mean.dtype) for t in (mean, cov, count))
+        unbiased = cov * (count / (count - 1).clamp_min(1.0))
+        # The first batch replaces the identity initialisation; later ones use momentum.
+        weight = torch.where(self.num_batches_tracked == 0, 1.0, self.momentum).to(mean)
+        self.running_mean.lerp_(mean, weight)
+        self.running_cov.lerp_(unbiased, weight)
+        self.num_batches_tracked.add_(1)
