@@ -3,7 +3,8 @@
 from .consistency import consistency_loss
 from .decorrelation import decorrelation_loss
 from .features import ModelAdapter, adapt
-from .loss import NonFiniteLossError, SaliencyDecorLoss, SaliencyDecorOutput
+from .errors import NonFiniteLossError
+from .loss import SaliencyDecorLoss, SaliencyDecorOutput
 from .masking import mask_least_salient
 from .whitening import GroupZCA
 

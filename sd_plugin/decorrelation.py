@@ -24,12 +24,13 @@ from torch import Tensor
 __all__ = ["decorrelation_loss", "decorrelation_floor"]
 
 
-def decorrelation_loss(features: Tensor, eps: float = 1e-5) -> Tensor:
+def decorrelation_loss(features: Tensor, eps: float = 1e-10) -> Tensor:
     """Mean squared off-diagonal correlation, ``(B, D) -> ()``, computed in float32.
 
     Args:
         features: a batch of ``B >= 2`` feature vectors of width ``D >= 2``.
-        eps: added to the variance before standardising (dead units give 0, not NaN).
+        eps: added to the variance before standardising (dead units give 0, not NaN);
+            small enough to keep the loss invariant to the scale of each feature.
     """
     if features.dim() != 2:
         raise ValueError(f"decorrelation_loss expects (B, D) features, got {tuple(features.shape)}.")

@@ -201,6 +201,7 @@ class ModelAdapter:
             reference = next(self.base_model.parameters(), None)
             if reference is not None:
                 whitening = whitening.to(reference.device)
+            whitening.train(self.base_model.training)
             self.base_model.add_module(WHITENING_MODULE_NAME, whitening)
         elif whitening.group_size != group_size:
             raise ValueError(

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .consistency import consistency_loss
 from .decorrelation import decorrelation_loss
+from .errors import NonFiniteLossError
 from .feature_tap import frozen_running_stats
 from .features import ModelAdapter
 from .masking import MASK_FILLS, mask_least_salient, pixel_saliency
@@ -56,10 +57,6 @@ __all__ = [
 METHODS = ("baseline", "sgt", "decor", "saliencydecor")
 CONSISTENCY_GRADS = ("detached", "both")
 DECOR_TARGETS = ("whitened", "features")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss component became NaN or infinite; training must stop."""
 
 
 @dataclass

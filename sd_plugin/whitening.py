@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .errors import NonFiniteLossError
+
 __all__ = ["GroupZCA", "inverse_sqrt_psd", "shrink_covariance"]
 
 
@@ -191,7 +193,13 @@ class GroupZCA(nn.Module):
                     self._update_running(mean.detach(), cov.detach(), count.detach())
             else:
                 mean, cov = self.running_mean.to(f.dtype), self.running_cov.to(f.dtype)
-            whitening = self.whitening_matrix(cov)
+            try:
+                whitening = self.whitening_matrix(cov)
+            except torch.linalg.LinAlgError as error:
+                raise NonFiniteLossError(
+                    "GroupZCA could not decompose the feature covariance (the penultimate features contain "
+                    "NaN or inf): check the inputs for NaN and lower the learning rate."
+                ) from error
             centred = (f - mean).view(-1, self.num_groups, self.group_size)
             z = torch.einsum("bgi,gij->bgj", centred, whitening).reshape(-1, self.num_features)
         return z.to(features.dtype)
@@ -222,6 +230,8 @@ class GroupZCA(nn.Module):
         unbiased = cov * (count / (count - 1).clamp_min(1.0))
         # The first batch replaces the identity initialisation; later ones use momentum.
         weight = torch.where(self.num_batches_tracked == 0, 1.0, self.momentum).to(mean)
-        self.running_mean.lerp_(mean, weight)
-        self.running_cov.lerp_(unbiased, weight)
-        self.num_batches_tracked.add_(1)
+        # A non-finite batch never reaches the running buffers (checked without a host sync).
+        finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+        self.running_mean.copy_(torch.where(finite, torch.lerp(self.running_mean, mean, weight), self.running_mean))
+        self.running_cov.copy_(torch.where(finite, torch.lerp(self.running_cov, unbiased, weight), self.running_cov))
+        self.num_batches_tracked.add_(finite.long())

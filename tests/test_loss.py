@@ -1,0 +1,171 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiny_models
+from sd_plugin import NonFiniteLossError, SaliencyDecorLoss, decorrelation_loss
+from sd_plugin.features import adapt
+from sd_plugin.masking import lowest_saliency_mask, pixel_saliency
+
+B = 16
+
+
+def batch(seed=0, channels=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, channels, 16, 16, generator=g), torch.randint(0, 3, (B,), generator=g)
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def count_forwards(model):
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize(("method", "passes"), [("baseline", 1), ("decor", 1), ("sgt", 2), ("saliencydecor", 2)])
+def test_step__forward_passes_and_components(method, passes):
+    torch.manual_seed(0)
+    model = tiny_models.TinyNet()
+    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), method=method, group_size=8)
+    calls, handle = count_forwards(model)
+    out = loss.step(model, *batch())
+    handle.remove()
+    assert len(calls) == passes
+    expected = {"loss", "loss_ce"}
+    if method in ("sgt", "saliencydecor"):
+        expected |= {"loss_kl", "masked_accuracy"}
+    if method in ("decor", "saliencydecor"):
+        expected |= {"loss_decor"}
+    assert set(out.components()) == expected
+    assert all(torch.isfinite(v) for v in out.components().values())
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def reference_gradients(model, x, y, consistency_grad, decor_weight=0.01, beta=1.0, ratio=0.25):
+    """Naive SaliencyDecor gradients from the paper's objective, written out by hand."""
+    params = [p for p in model.parameters()]
+    whitening = model.saliency_decor_whitening
+    x = x.clone().requires_grad_(True)
+    f = model.body(x)
+    z = whitening(f)
+    logits = model.out(torch.relu(model.embed(z)))  # feature_layer="body" whitens body's output
+    clean = F.cross_entropy(logits, y) + decor_weight * decorrelation_loss(z)
+    input_grad = torch.autograd.grad(clean, x, retain_graph=True)[0]
+    mask = lowest_saliency_mask(pixel_saliency(input_grad), ratio)
+    masked_x = torch.where(mask.unsqueeze(1), x.detach().mean((2, 3), keepdim=True), x.detach())
+    masked_logits = model.out(torch.relu(model.embed(whitening(model.body(masked_x)))))
+    target = logits.detach() if consistency_grad == "detached" else logits
+    kl = F.kl_div(masked_logits.log_softmax(-1), target.log_softmax(-1), reduction="batchmean", log_target=True)
+    return dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(clean + beta * kl, params)))
+
+
+@pytest.mark.parametrize("consistency_grad", ["detached", "both"])
+def test_step__gradients_equal_hand_written_objective(consistency_grad):
+    torch.manual_seed(0)
+    model = tiny_models.TinyNet().double()
+    loss = SaliencyDecorLoss(
+        adapt(model, feature_layer="body"),
+        mask_fill="mean",
+        group_size=8,
+        consistency_grad=consistency_grad,
+        whiten_head_input=True,
+    )
+    model.saliency_decor_whitening.double()
+    x, y = batch()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss.step(model, x.double(), y)
+    ours = grads(model)
+    model.load_state_dict(state)
+    model.zero_grad()
+    loss.adapter.remove()
+    reference = reference_gradients(model, x.double(), y, consistency_grad)
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_step__consistency_grad_both_differs_from_detached():
+    results = []
+    for mode in ("detached", "both"):
+        torch.manual_seed(0)
+        model = tiny_models.TinyNet()
+        SaliencyDecorLoss(adapt(model, feature_layer="body"), method="sgt", mask_fill="mean", consistency_grad=mode).step(
+            model, *batch()
+        )
+        results.append(model.body[0].weight.grad.clone())
+    assert not torch.allclose(*results)
+
+
+@pytest.mark.parametrize("updates", [True, False])
+def test_step__masked_pass_running_statistics(updates):
+    torch.manual_seed(0)
+    model = tiny_models.TinyNet()
+    loss = SaliencyDecorLoss(
+        adapt(model, feature_layer="body"), masked_pass_updates_stats=updates, group_size=8, mask_fill="zero"
+    )
+    x, y = batch()
+    bn = model.body[1]
+    loss.step(model, x, y)
+    after_step = (bn.running_mean.clone(), int(bn.num_batches_tracked), model.saliency_decor_whitening.num_batches_tracked)
+    assert after_step[1] == (2 if updates else 1)
+    assert int(after_step[2]) == (2 if updates else 1)
+
+
+def test_step__ga_loss_scale_scales_gradients():
+    torch.manual_seed(0)
+    model = tiny_models.TinyNet()
+    adapter = adapt(model, feature_layer="body")
+    loss = SaliencyDecorLoss(adapter, method="baseline")
+    x, y = batch()
+    loss.step(model, x, y)
+    full = grads(model)
+    model.zero_grad()
+    loss.step(model, x, y, loss_scale=0.5)
+    for name, value in grads(model).items():
+        torch.testing.assert_close(value, 0.5 * full[name])
+
+
+def test_step__nan_stops_with_component_name():
+    model = tiny_models.TinyNet()
+    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8)
+    x, y = batch()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="NaN"):
+        loss.step(model, x, y)
+    assert all(p.grad is None for p in model.parameters())  # stopped before any backward
+    assert torch.isfinite(model.saliency_decor_whitening.running_cov).all()
+    baseline = SaliencyDecorLoss(adapt(tiny_models.TinyNet(), feature_layer="body"), method="baseline")
+    with pytest.raises(NonFiniteLossError, match="loss_ce"):
+        baseline.step(None, x, y)
+
+
+def test_step__bf16_autocast_finite():
+    torch.manual_seed(0)
+    model = tiny_models.TinyNet()
+    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss.step(model, *batch())
+    assert all(torch.isfinite(v) for v in out.components().values())
+    assert model.saliency_decor_whitening.running_cov.dtype == torch.float32
+
+
+def test_init__errors_name_the_argument():
+    model = tiny_models.TinyNet()
+    adapter = adapt(model, feature_layer="body")
+    with pytest.raises(ValueError, match=r"method='dbn' is not supported; allowed values are \('baseline'"):
+        SaliencyDecorLoss(adapter, method="dbn")
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+        SaliencyDecorLoss(adapter, mask_ratio=1.0)
+    with pytest.raises(ValueError, match="decor_weight must be >= 0"):
+        SaliencyDecorLoss(adapter, decor_weight=-1.0)
+    with pytest.raises(ValueError, match="group_size=5 does not divide num_features=16"):
+        SaliencyDecorLoss(adapter, group_size=5)
+
+
+def test_step__error_channel_mismatch():
+    model = tiny_models.TinyNet()
+    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8)
+    with pytest.raises(ValueError, match="1 channels but the model expects 3"):
+        loss.step(model, *batch(channels=1))

@@ -1,0 +1,156 @@
+import io
+
+import pytest
+import torch
+
+from sd_plugin import GroupZCA
+from sd_plugin.whitening import inverse_sqrt_psd, shrink_covariance
+
+
+def correlated(batch: int, width: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=g) * 3 + torch.eye(width)
+    return (torch.randn(batch, width, generator=g) @ mixing + 5.0).to(dtype)
+
+
+def test_forward__whitens_each_group_to_identity_covariance():
+    zca = GroupZCA(32, group_size=8, shrinkage=0.0, eps=0.0)
+    z = zca(correlated(1024, 32)).double()
+    for group in z.split(8, dim=1):
+        centred = group - group.mean(0)
+        cov = centred.T @ centred / group.shape[0]
+        # float32 statistics of a condition number ~1e3 covariance: identity to 1e-3.
+        torch.testing.assert_close(cov, torch.eye(8, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+def test_whitening_matrix__is_symmetric_zca_not_pca():
+    zca = GroupZCA(16, group_size=8, shrinkage=0.0)
+    f = correlated(512, 16)
+    _, cov, _ = zca._batch_statistics(f)
+    w = zca.whitening_matrix(cov)
+    torch.testing.assert_close(w, w.transpose(-1, -2), atol=1e-5, rtol=1e-5)
+    # ZCA is the unique symmetric whitening: W Sigma W = I with W symmetric.
+    torch.testing.assert_close(w @ cov @ w, torch.eye(8).expand(2, 8, 8), atol=2e-3, rtol=0)
+
+
+def test_inverse_sqrt__matches_float64_reference_and_newton_schulz():
+    f = correlated(256, 8, dtype=torch.float64)
+    sigma = torch.cov(f.T) + 0.1 * torch.eye(8, dtype=torch.float64)
+    eigenvalues, q = torch.linalg.eigh(sigma)
+    reference = q @ torch.diag(eigenvalues.rsqrt()) @ q.T
+    torch.testing.assert_close(inverse_sqrt_psd(sigma), reference)
+    shrunk = shrink_covariance(sigma, 0.5, 0.0)
+    e2, q2 = torch.linalg.eigh(shrunk)
+    torch.testing.assert_close(
+        inverse_sqrt_psd(shrunk, "newton_schulz", iterations=12), q2 @ torch.diag(e2.rsqrt()) @ q2.T, atol=1e-6, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton_schulz"])
+def test_backward__gradcheck_float64(method):
+    zca = GroupZCA(8, group_size=4, shrinkage=0.3, method=method).double()
+    f = correlated(12, 8, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(zca, (f,), eps=1e-6, atol=1e-5)
+
+
+def test_backward__custom_eigh_gradient_equals_autograd_on_distinct_eigenvalues():
+    sigma = torch.cov(correlated(64, 6, dtype=torch.float64).T).requires_grad_(True)
+    weights = torch.randn(6, 6, dtype=torch.float64)
+    (inverse_sqrt_psd(sigma) * weights).sum().backward()
+    custom = sigma.grad.clone()
+    sigma.grad = None
+    e, q = torch.linalg.eigh(sigma)
+    ((q @ torch.diag(e.rsqrt()) @ q.T) * weights).sum().backward()
+    torch.testing.assert_close(custom, sigma.grad)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["dead_units", "duplicated_features", "batch_smaller_than_group", "all_zero", "batch_of_one"],
+)
+def test_forward_backward__finite_on_degenerate_batches(case):
+    f = correlated(32, 16)
+    if case == "dead_units":
+        f[:, :5] = 0.0
+    elif case == "duplicated_features":
+        f[:, 8:] = f[:, :8]
+    elif case == "batch_smaller_than_group":
+        f = f[:5]
+    elif case == "all_zero":
+        f = torch.zeros(32, 16)
+    elif case == "batch_of_one":
+        f = f[:1]
+    f.requires_grad_(True)
+    zca = GroupZCA(16, group_size=8)
+    z = zca(f)
+    (z.square().sum() + z.sum()).backward()
+    assert torch.isfinite(z).all()
+    assert torch.isfinite(f.grad).all()
+    # Plain autograd through eigh would give NaN/inf here; ours must not.
+    assert torch.isfinite(zca.running_cov).all()
+
+
+def test_eval__batch_of_one_and_independent_of_batch_composition():
+    zca = GroupZCA(16, group_size=8)
+    for seed in range(5):
+        zca(correlated(64, 16, seed=seed))
+    zca.eval()
+    batch = correlated(10, 16, seed=99)
+    full = zca(batch)
+    alone = zca(batch[3:4])
+    assert alone.shape == (1, 16)
+    torch.testing.assert_close(alone, full[3:4])
+    torch.testing.assert_close(zca(batch.flip(0)).flip(0), full)
+
+
+def test_autocast_bf16__statistics_in_float32():
+    zca = GroupZCA(16, group_size=8, shrinkage=0.0)
+    f = correlated(256, 16)
+    reference = zca(f)
+    zca_bf16 = GroupZCA(16, group_size=8, shrinkage=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = zca_bf16(f.bfloat16())
+    assert z.dtype == torch.bfloat16
+    assert zca_bf16.running_cov.dtype == torch.float32
+    assert torch.isfinite(z.float()).all()
+    # bf16 inputs carry ~3 significant digits.
+    assert (z.float() - reference).abs().mean() < 0.05
+
+
+def test_running_buffers__detached_and_state_dict_round_trip():
+    zca = GroupZCA(16, group_size=4)
+    f = correlated(64, 16).requires_grad_(True)
+    zca(f).sum().backward()
+    for name, buffer in zca.named_buffers():
+        assert not buffer.requires_grad, name
+        assert buffer.grad_fn is None, name
+    assert int(zca.num_batches_tracked) == 1
+    state = io.BytesIO()
+    torch.save(zca.state_dict(), state)
+    state.seek(0)
+    restored = GroupZCA(16, group_size=4)
+    restored.load_state_dict(torch.load(state))
+    zca.eval()
+    restored.eval()
+    x = correlated(8, 16, seed=3)
+    torch.testing.assert_close(restored(x), zca(x))
+
+
+def test_running_statistics__first_batch_replaces_init_then_momentum():
+    zca = GroupZCA(4, group_size=4, momentum=0.5)
+    a, b = correlated(100, 4, seed=1), correlated(100, 4, seed=2)
+    zca(a)
+    torch.testing.assert_close(zca.running_mean, a.mean(0))
+    torch.testing.assert_close(zca.running_cov[0], torch.cov(a.T), rtol=1e-4, atol=1e-4)
+    zca(b)
+    torch.testing.assert_close(zca.running_mean, 0.5 * a.mean(0) + 0.5 * b.mean(0))
+
+
+def test_init__error_group_size_not_dividing():
+    with pytest.raises(ValueError, match=r"group_size=5 does not divide num_features=16.*\[1, 2, 4, 8, 16\]"):
+        GroupZCA(16, group_size=5)
+
+
+def test_forward__error_wrong_width():
+    with pytest.raises(ValueError, match=r"\(B, 16\)"):
+        GroupZCA(16, group_size=4)(torch.randn(4, 12))
