@@ -1,0 +1,54 @@
+import pytest
+from transformers import HfArgumentParser
+
+from sd_plugin import SaliencyDecorConfig
+from sd_plugin.config import METHOD_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("method", "dbn", r"method='dbn' is not supported; allowed values are \('baseline', 'sgt'"),
+        ("mask_fill", "noise", r"mask_fill='noise' is not supported"),
+        ("mask_ratio", 1.0, r"mask_ratio=1.0 is out of range; use a fraction in \[0, 1\)"),
+        ("mask_ratio", -0.1, r"mask_ratio=-0.1 is out of range"),
+        ("decor_weight", -0.01, r"decor_weight=-0.01 is negative"),
+        ("consistency_weight", -1.0, r"consistency_weight=-1.0 is negative"),
+        ("consistency_grad", "none", r"consistency_grad='none' is not supported"),
+        ("decor_target", "logits", r"decor_target='logits' is not supported"),
+        ("group_size", 0, r"group_size=0 must be a positive divisor"),
+        ("whitening_shrinkage", 2.0, r"whitening_shrinkage=2.0 must be in \[0, 1\]"),
+    ],
+)
+def test_post_init__error_names_field_and_allowed_values(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SaliencyDecorConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_defaults__paper_values(tmp_path):
+    args = SaliencyDecorConfig(output_dir=str(tmp_path))
+    assert (args.method, args.mask_ratio, args.decor_weight, args.consistency_weight) == (
+        "saliencydecor",
+        0.25,
+        0.01,
+        1.0,
+    )
+    assert args.mask_fill == "random" and args.consistency_grad == "detached"
+
+
+def test_hf_argument_parser__every_method_field_is_a_flag(tmp_path):
+    parser = HfArgumentParser(SaliencyDecorConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--method", "sgt", "--mask_ratio", "0.5", "--whiten_head_input", "false"]
+    )
+    assert args.method == "sgt" and args.mask_ratio == 0.5 and args.whiten_head_input is False
+    flags = {action.dest for action in parser._actions}
+    assert set(METHOD_FIELDS) <= flags
+    assert {"method", "mask_ratio", "mask_fill", "decor_weight", "consistency_weight", "group_size"} <= set(
+        METHOD_FIELDS
+    )
+
+
+def test_method_kwargs__sync_whitening_off_single_process(tmp_path):
+    kwargs = SaliencyDecorConfig(output_dir=str(tmp_path)).method_kwargs()
+    assert kwargs["sync_whitening"] is False

@@ -1,0 +1,233 @@
+import json
+import os
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+import tiny_models
+from sd_plugin import NonFiniteLossError, SaliencyDecorConfig, SaliencyDecorTrainer
+
+N = 32
+
+
+def dataset(seed=0, channels=3, n=N, label_key="labels"):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, channels, 16, 16, generator=g)
+    labels = torch.randint(0, tiny_models.NUM_CLASSES, (n,), generator=g)
+    # Class-dependent brightness so the task is learnable.
+    images += labels.view(-1, 1, 1, 1).float()
+    return [{"pixel_values": images[i], label_key: int(labels[i])} for i in range(n)]
+
+
+def config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=16,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        group_size=8,
+        disable_tqdm=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return SaliencyDecorConfig(**values)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_trained(trainer, before, method):
+    after = snapshot(trainer.model)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed, "no parameter changed"
+    logged = [entry for entry in trainer.state.log_history if "loss_ce" in entry]
+    assert logged, trainer.state.log_history
+    expected = {"loss_ce"}
+    if method in ("sgt", "saliencydecor"):
+        expected |= {"loss_kl", "masked_accuracy"}
+    if method in ("decor", "saliencydecor"):
+        expected |= {"loss_decor"}
+    for entry in logged:
+        assert expected <= set(entry), entry
+        for key in expected:
+            assert torch.isfinite(torch.tensor(entry[key])), (key, entry)
+
+
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+def test_train__each_family_saliencydecor(tmp_path, family):
+    model = tiny_models.build(family, tmp_path)
+    before = snapshot(model)
+    args = config(tmp_path, feature_layer=tiny_models.feature_layer(family))
+    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(1))
+    trainer.train()
+    assert_trained(trainer, before, "saliencydecor")
+    metrics = trainer.evaluate()
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
+@pytest.mark.parametrize("family", ["hf_resnet", "timm_vit"])
+@pytest.mark.parametrize("method", ["baseline", "sgt", "decor", "saliencydecor"])
+def test_train__all_methods(tmp_path, family, method):
+    model = tiny_models.build(family, tmp_path)
+    before = snapshot(model)
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path, method=method), train_dataset=dataset())
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    trainer.train()
+    handle.remove()
+    assert_trained(trainer, before, method)
+    assert len(calls) == 2 * (2 if method in ("sgt", "saliencydecor") else 1)
+    assert hasattr(model, "saliency_decor_whitening") == (method in ("decor", "saliencydecor"))
+
+
+def test_evaluate__single_forward_without_grad(tmp_path):
+    model = tiny_models.build("timm_resnet", tmp_path)
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path), eval_dataset=dataset(1))
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    metrics = trainer.evaluate()
+    handle.remove()
+    assert calls == [False, False]  # 32 images, batch 16, no input-gradient work
+    assert "eval_loss" in metrics
+
+
+def test_gradient_accumulation__2x_half_batch_equals_1x_full_batch(tmp_path):
+    results = []
+    for batch_size, accumulation in ((16, 1), (8, 2)):
+        model = tiny_models.build("hf_vit", tmp_path)
+        args = config(
+            tmp_path,
+            method="baseline",
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            learning_rate=0.5,
+            max_grad_norm=0.0,
+        )
+        trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=dataset(n=16))
+        trainer.train()
+        results.append((snapshot(model), trainer.state.log_history[0]["loss"]))
+    (full, full_loss), (half, half_loss) = results
+    for name in full:
+        torch.testing.assert_close(half[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert half_loss == pytest.approx(full_loss, rel=1e-4)
+
+
+def test_resume_from_checkpoint__continues_exactly(tmp_path):
+    common = dict(max_steps=4, mask_fill="mean", save_strategy="steps", save_steps=2, learning_rate=1e-2)
+    model = tiny_models.build("timm_resnet", tmp_path)
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path, **common), train_dataset=dataset(n=64))
+    trainer.train()
+    uninterrupted = snapshot(model)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file()  # timm models have no .config: still safetensors
+    from safetensors.torch import load_file
+
+    assert "saliency_decor_whitening.running_cov" in load_file(checkpoint / "model.safetensors")
+
+    resumed_model = tiny_models.build("timm_resnet", tmp_path, seed=1)
+    args = config(tmp_path, **{**common, "output_dir": str(tmp_path / "resumed")})
+    resumed = SaliencyDecorTrainer(model=resumed_model, args=args, train_dataset=dataset(n=64))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for name, value in snapshot(resumed_model).items():
+        torch.testing.assert_close(value, uninterrupted[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(
+        resumed_model.saliency_decor_whitening.running_cov, model.saliency_decor_whitening.running_cov
+    )
+
+
+def test_bf16__trains_finite(tmp_path):
+    model = tiny_models.build("hf_resnet", tmp_path)
+    before = snapshot(model)
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path, bf16=True), train_dataset=dataset())
+    trainer.train()
+    assert_trained(trainer, before, "saliencydecor")
+
+
+def test_loggers__callbacks_receive_components(tmp_path):
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):  # what report_to integrations see: on_log(logs)
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+    recorder = Recorder()
+    model = tiny_models.build("timm_resnet", tmp_path)
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path), train_dataset=dataset(), callbacks=[recorder])
+    trainer.train()
+    step_logs = [log for log in recorder.logs if "loss" in log]
+    assert len(step_logs) == 2
+    assert {"loss_ce", "loss_kl", "loss_decor", "masked_accuracy"} <= set(step_logs[0])
+    assert 0.0 <= step_logs[0]["masked_accuracy"] <= 1.0
+
+
+def test_plain_training_arguments__get_method_defaults(tmp_path):
+    model = tiny_models.build("timm_resnet", tmp_path)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "o"), max_steps=1, report_to="none", use_cpu=True, per_device_train_batch_size=16
+    )
+    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=dataset())
+    assert isinstance(trainer.args, SaliencyDecorConfig)
+    assert trainer.args.method == "saliencydecor" and trainer.args.max_steps == 1
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_bad_input__batch_without_labels(tmp_path):
+    model = tiny_models.build("timm_resnet", tmp_path)
+    data = [{"pixel_values": row["pixel_values"]} for row in dataset()]
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path), train_dataset=data)
+    with pytest.raises(ValueError, match="no labels"):
+        trainer.train()
+
+
+def test_bad_input__channel_mismatch(tmp_path):
+    model = tiny_models.build("hf_vit", tmp_path)
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path), train_dataset=dataset(channels=1))
+    with pytest.raises(ValueError, match="1 channels but the model expects 3"):
+        trainer.train()
+
+
+def test_bad_input__nan_stops_training_without_checkpoint(tmp_path):
+    model = tiny_models.build("timm_resnet", tmp_path)
+    data = dataset()
+    for row in data:
+        row["pixel_values"] = row["pixel_values"] * float("inf")
+    args = config(tmp_path, save_strategy="steps", save_steps=1)
+    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
+    with pytest.raises(NonFiniteLossError, match="NaN|non-finite"):
+        trainer.train()
+    output = tmp_path / "out"
+    assert not output.exists() or not any(name.startswith("checkpoint") for name in os.listdir(output))
+
+
+def test_bad_input__unknown_head(tmp_path):
+    model = tiny_models.build("custom", tmp_path)
+    with pytest.raises(ValueError, match="feature_layer="):
+        SaliencyDecorTrainer(model=model, args=config(tmp_path), train_dataset=dataset())
+
+
+def test_label_column_named_label(tmp_path):
+    model = tiny_models.build("timm_resnet", tmp_path)
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path), train_dataset=dataset(label_key="label"))
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_log_history_is_json_serialisable(tmp_path):
+    model = tiny_models.build("timm_vit", tmp_path)
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path), train_dataset=dataset())
+    trainer.train()
+    json.dumps(trainer.state.log_history)
