@@ -2,8 +2,8 @@
 
 from .consistency import consistency_loss
 from .decorrelation import decorrelation_loss
-from .features import ModelAdapter, adapt
 from .errors import NonFiniteLossError
+from .features import ModelAdapter, adapt
 from .loss import SaliencyDecorLoss, SaliencyDecorOutput
 from .masking import mask_least_salient
 from .whitening import GroupZCA

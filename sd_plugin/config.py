@@ -68,9 +68,7 @@ class SaliencyDecorConfig(TrainingArguments):
         default="random",
         metadata={"help": f"Replacement of masked pixels, one of {MASK_FILLS}.", "choices": list(MASK_FILLS)},
     )
-    consistency_weight: float = field(
-        default=1.0, metadata={"help": "Weight beta of KL(p_clean || p_masked), >= 0."}
-    )
+    consistency_weight: float = field(default=1.0, metadata={"help": "Weight beta of KL(p_clean || p_masked), >= 0."})
     consistency_grad: str = field(
         default="detached",
         metadata={
@@ -150,9 +148,7 @@ class SaliencyDecorConfig(TrainingArguments):
 
 
 METHOD_FIELDS = tuple(
-    name
-    for name in SaliencyDecorConfig.__dataclass_fields__
-    if name not in TrainingArguments.__dataclass_fields__
+    name for name in SaliencyDecorConfig.__dataclass_fields__ if name not in TrainingArguments.__dataclass_fields__
 )
 
 

@@ -121,4 +121,3 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m in modules:
             m.track_running_stats = True
-

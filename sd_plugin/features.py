@@ -155,9 +155,7 @@ class ModelAdapter:
         self.tap.clear()
         logits = self.logits(model, pixel_values)
         if self.tap.features is None:
-            raise RuntimeError(
-                f"the forward pass did not reach {self.head_name!r}; pass feature_layer= to adapt()."
-            )
+            raise RuntimeError(f"the forward pass did not reach {self.head_name!r}; pass feature_layer= to adapt().")
         return logits, self.tap.features
 
     def check_batch(self, pixel_values: Any, labels: Any) -> None:
@@ -181,9 +179,7 @@ class ModelAdapter:
                 "convert the images (e.g. image.convert('RGB')) or build the model with that many input channels."
             )
         if labels.shape[0] != pixel_values.shape[0]:
-            raise ValueError(
-                f"labels has {labels.shape[0]} entries for a batch of {pixel_values.shape[0]} images."
-            )
+            raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {pixel_values.shape[0]} images.")
 
     def attach_whitening(
         self, group_size: int = 16, whiten_head_input: bool | None = None, **whitening_kwargs: Any

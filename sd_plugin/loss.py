@@ -236,8 +236,10 @@ class SaliencyDecorLoss:
         masked_images, _ = mask_least_salient(
             images, pixel_saliency(input_grad), self.mask_ratio, self.mask_fill, self.generator
         )
-        stats_context = contextlib.nullcontext() if self.masked_pass_updates_stats else frozen_running_stats(
-            self.adapter.base_model
+        stats_context = (
+            contextlib.nullcontext()
+            if self.masked_pass_updates_stats
+            else frozen_running_stats(self.adapter.base_model)
         )
         with stats_context:
             masked_logits = self.adapter.logits(model, masked_images)
@@ -268,7 +270,7 @@ class SaliencyDecorLoss:
         finite = torch.stack([value.detach().float() for value in present.values()]).isfinite()
         if bool(finite.all()):
             return
-        bad = [name for name, ok in zip(present, finite.tolist()) if not ok]
+        bad = [name for name, ok in zip(present, finite.tolist(), strict=True) if not ok]
         values = {name: float(present[name]) for name in bad}
         raise NonFiniteLossError(
             f"non-finite loss component(s) {values}: training stopped before this step's update. "

@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MASK_FILLS", "num_masked_pixels", "pixel_saliency", "lowest_saliency_mask", "fill_values", "mask_least_salient"]
+__all__ = [
+    "MASK_FILLS",
+    "num_masked_pixels",
+    "pixel_saliency",
+    "lowest_saliency_mask",
+    "fill_values",
+    "mask_least_salient",
+]
 
 MASK_FILLS = ("random", "mean", "zero", "blur")
 

@@ -62,7 +62,9 @@ class SaliencyDecorTrainer(Trainer):
     # compute_loss returns per-batch means: the step divides by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *rest: Any, **kwargs: Any):
+    def __init__(
+        self, model: nn.Module | None = None, args: TrainingArguments | None = None, *rest: Any, **kwargs: Any
+    ):
         if model is None:
             raise ValueError("SaliencyDecorTrainer needs model= (model_init is not supported).")
         if kwargs.get("model_init") is not None:

@@ -181,8 +181,7 @@ class GroupZCA(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         if features.dim() != 2 or features.shape[1] != self.num_features:
             raise ValueError(
-                f"GroupZCA expects features of shape (B, {self.num_features}), "
-                f"got {tuple(features.shape)}."
+                f"GroupZCA expects features of shape (B, {self.num_features}), got {tuple(features.shape)}."
             )
         device_type = features.device.type if features.device.type in ("cuda", "cpu") else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):

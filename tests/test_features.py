@@ -1,8 +1,8 @@
 import pytest
+import tiny_models
 import torch
 from torch import nn
 
-import tiny_models
 from sd_plugin.features import adapt
 
 

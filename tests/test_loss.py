@@ -1,8 +1,8 @@
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
 
-import tiny_models
 from sd_plugin import NonFiniteLossError, SaliencyDecorLoss, decorrelation_loss
 from sd_plugin.features import adapt
 from sd_plugin.masking import lowest_saliency_mask, pixel_saliency
@@ -59,7 +59,9 @@ def reference_gradients(model, x, y, consistency_grad, decor_weight=0.01, beta=1
     masked_logits = model.out(torch.relu(model.embed(whitening(model.body(masked_x)))))
     target = logits.detach() if consistency_grad == "detached" else logits
     kl = F.kl_div(masked_logits.log_softmax(-1), target.log_softmax(-1), reduction="batchmean", log_target=True)
-    return dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(clean + beta * kl, params)))
+    return dict(
+        zip([n for n, _ in model.named_parameters()], torch.autograd.grad(clean + beta * kl, params), strict=True)
+    )
 
 
 @pytest.mark.parametrize("consistency_grad", ["detached", "both"])
@@ -91,9 +93,9 @@ def test_step__consistency_grad_both_differs_from_detached():
     for mode in ("detached", "both"):
         torch.manual_seed(0)
         model = tiny_models.TinyNet()
-        SaliencyDecorLoss(adapt(model, feature_layer="body"), method="sgt", mask_fill="mean", consistency_grad=mode).step(
-            model, *batch()
-        )
+        SaliencyDecorLoss(
+            adapt(model, feature_layer="body"), method="sgt", mask_fill="mean", consistency_grad=mode
+        ).step(model, *batch())
         results.append(model.body[0].weight.grad.clone())
     assert not torch.allclose(*results)
 
@@ -108,7 +110,11 @@ def test_step__masked_pass_running_statistics(updates):
     x, y = batch()
     bn = model.body[1]
     loss.step(model, x, y)
-    after_step = (bn.running_mean.clone(), int(bn.num_batches_tracked), model.saliency_decor_whitening.num_batches_tracked)
+    after_step = (
+        bn.running_mean.clone(),
+        int(bn.num_batches_tracked),
+        model.saliency_decor_whitening.num_batches_tracked,
+    )
     assert after_step[1] == (2 if updates else 1)
     assert int(after_step[2]) == (2 if updates else 1)
 

@@ -2,10 +2,10 @@ import json
 import os
 
 import pytest
+import tiny_models
 import torch
 from transformers import TrainingArguments
 
-import tiny_models
 from sd_plugin import NonFiniteLossError, SaliencyDecorConfig, SaliencyDecorTrainer
 
 N = 32

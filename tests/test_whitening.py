@@ -42,7 +42,10 @@ def test_inverse_sqrt__matches_float64_reference_and_newton_schulz():
     shrunk = shrink_covariance(sigma, 0.5, 0.0)
     e2, q2 = torch.linalg.eigh(shrunk)
     torch.testing.assert_close(
-        inverse_sqrt_psd(shrunk, "newton_schulz", iterations=12), q2 @ torch.diag(e2.rsqrt()) @ q2.T, atol=1e-6, rtol=1e-6
+        inverse_sqrt_psd(shrunk, "newton_schulz", iterations=12),
+        q2 @ torch.diag(e2.rsqrt()) @ q2.T,
+        atol=1e-6,
+        rtol=1e-6,
     )
 
 

@@ -80,9 +80,7 @@ def _hf_vit(path: Path) -> nn.Module:
 def _hf_convnext(path: Path) -> nn.Module:
     from transformers import AutoModelForImageClassification, ConvNextConfig, ConvNextForImageClassification
 
-    config = ConvNextConfig(
-        num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=NUM_CLASSES
-    )
+    config = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=NUM_CLASSES)
     ConvNextForImageClassification(config).save_pretrained(path)
     return AutoModelForImageClassification.from_pretrained(path)
 
@@ -90,9 +88,9 @@ def _hf_convnext(path: Path) -> nn.Module:
 def _hf_timm_wrapper(path: Path) -> nn.Module:
     from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
-    TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=NUM_CLASSES)).save_pretrained(
-        path
-    )
+    TimmWrapperForImageClassification(
+        TimmWrapperConfig(architecture="resnet10t", num_labels=NUM_CLASSES)
+    ).save_pretrained(path)
     return AutoModelForImageClassification.from_pretrained(path)
 
 
@@ -118,7 +116,8 @@ def _peft_hf_vit(path: Path) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(
-        _hf_vit(path), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "query", "value"], modules_to_save=["classifier"])
+        _hf_vit(path),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "query", "value"], modules_to_save=["classifier"]),
     )
 
 
@@ -126,7 +125,8 @@ def _peft_timm_resnet(path: Path) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(
-        _timm_resnet(path), LoraConfig(r=4, target_modules=[f"layer{i}.0.conv{j}" for i in (1, 2) for j in (1, 2)], modules_to_save=["fc"])
+        _timm_resnet(path),
+        LoraConfig(r=4, target_modules=[f"layer{i}.0.conv{j}" for i in (1, 2) for j in (1, 2)], modules_to_save=["fc"]),
     )
 
 

@@ -1,0 +1,25 @@
+"""Command line: ``python -m sd_plugin {demo} ...``."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": "sd_plugin.demo",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m sd_plugin {" + ",".join(COMMANDS) + "} [options]")
+        print("  demo      baseline vs SaliencyDecor on scikit-learn digits (offline)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    module = importlib.import_module(COMMANDS[argv[0]])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

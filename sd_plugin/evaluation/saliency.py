@@ -1,0 +1,34 @@
+"""Gradient saliency maps, batched: ``|d CE(model(x), y) / d x|`` reduced over channels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..masking import pixel_saliency
+from .model_fn import LogitsFn
+
+__all__ = ["input_gradients", "gradient_saliency"]
+
+
+def input_gradients(forward: LogitsFn, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d CE / d x, logits)`` for a batch; one forward and one backward.
+
+    The per-sample gradient is that of the sample's own loss (the batch loss is summed,
+    so samples do not scale each other).
+    """
+    with torch.enable_grad():
+        x = images.detach().clone().requires_grad_(True)
+        logits = forward(x)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    if grad is None or not torch.is_tensor(grad):  # pragma: no cover - autograd returns a tensor
+        raise RuntimeError("the model gives no gradient with respect to its input.")
+    return grad, logits.detach()
+
+
+def gradient_saliency(forward: LogitsFn, images: Tensor, labels: Tensor) -> Tensor:
+    """``(B, H, W)`` channel-mean of ``|input gradient|`` at the true labels."""
+    grad, _ = input_gradients(forward, images, labels)
+    return pixel_saliency(grad)

@@ -1,0 +1,28 @@
+import json
+
+from sd_plugin.__main__ import main as cli
+from sd_plugin.demo import format_table, load_digits_splits
+
+
+def test_digits__real_data_split():
+    train, test = load_digits_splits()
+    assert len(train) + len(test) == 1797
+    example = train[0]
+    assert example["pixel_values"].shape == (1, 16, 16)
+    assert 0 <= example["labels"] < 10
+
+
+def test_demo_cli__writes_models_figures_and_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli(["demo", "--output-dir", str(out), "--epochs", "1", "--seeds", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "| baseline |" in printed and "| saliencydecor |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [row["method"] for row in results["rows"]] == ["baseline", "sgt", "saliencydecor"]
+    for row in results["rows"]:
+        assert 10.0 < row["accuracy"] <= 100.0  # better than chance after one epoch
+        assert 0.0 <= row["masking_auc"] <= 10000.0
+        assert (out / row["method"] / "seed0" / "model.safetensors").is_file()
+    for name in ("saliency.png", "masking_curves.png", "gradient_boxplot.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert "| method |" in format_table(results["rows"])
