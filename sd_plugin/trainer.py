@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -36,7 +37,11 @@ from .config import SaliencyDecorConfig
 from .features import ModelAdapter, adapt
 from .loss import SaliencyDecorLoss, SaliencyDecorOutput
 
-__all__ = ["SaliencyDecorTrainer"]
+__all__ = ["SaliencyDecorTrainer", "WHITENING_FILE"]
+
+# The whitening buffers, saved beside every checkpoint: PEFT checkpoints hold only the adapter,
+# so this file is what carries the running statistics for them (and what export reads).
+WHITENING_FILE = "saliency_decor_whitening.safetensors"
 
 
 def _as_config(args: TrainingArguments | None) -> SaliencyDecorConfig:
@@ -130,6 +135,27 @@ class SaliencyDecorTrainer(Trainer):
                 logs[name] = round(float(mean), 6)
             self._sd_metrics.clear()
         super().log(logs, start_time)
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        whitening = self.sd_adapter.whitening
+        if whitening is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            tensors = {name: buffer.detach().cpu().contiguous() for name, buffer in whitening.state_dict().items()}
+            save_file(tensors, os.path.join(output_dir, WHITENING_FILE), metadata={"format": "pt"})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, WHITENING_FILE)
+        whitening = self.sd_adapter.whitening
+        if whitening is not None and os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            whitening.load_state_dict(load_file(path, device=str(whitening.running_cov.device)))
 
     # -- evaluation -------------------------------------------------------------------
 

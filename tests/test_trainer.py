@@ -145,6 +145,23 @@ def test_resume_from_checkpoint__continues_exactly(tmp_path):
     )
 
 
+def test_resume_from_checkpoint__peft_restores_whitening_statistics(tmp_path):
+    common = dict(max_steps=2, mask_fill="mean", save_strategy="steps", save_steps=2)
+    model = tiny_models.build("peft_timm_resnet", tmp_path)
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path, **common), train_dataset=dataset(n=64))
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert (checkpoint / "saliency_decor_whitening.safetensors").is_file()
+    trained_cov = model.get_base_model().saliency_decor_whitening.running_cov.clone()
+
+    fresh = tiny_models.build("peft_timm_resnet", tmp_path)
+    args = config(tmp_path, **{**common, "output_dir": str(tmp_path / "resumed"), "max_steps": 2})
+    resumed = SaliencyDecorTrainer(model=fresh, args=args, train_dataset=dataset(n=64))
+    resumed._load_from_checkpoint(str(checkpoint))
+    torch.testing.assert_close(fresh.get_base_model().saliency_decor_whitening.running_cov, trained_cov)
+
+
 def test_bf16__trains_finite(tmp_path):
     model = tiny_models.build("hf_resnet", tmp_path)
     before = snapshot(model)
