@@ -15,45 +15,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .config import SaliencyDecorConfig
+from .data import TensorImageDataset, load_digits_splits
 from .evaluation import faithfulness_gap, gradient_saliency, logits_fn, masking_curve
 from .trainer import SaliencyDecorTrainer
 
-__all__ = ["DigitsDataset", "load_digits_splits", "build_demo_model", "run_demo", "main"]
-
-
-class DigitsDataset(Dataset):
-    """``{"pixel_values": (1, S, S) float, "labels": int}`` examples."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": self.images[index], "labels": int(self.labels[index])}
-
-
-def load_digits_splits(
-    image_size: int = 16, test_fraction: float = 0.2, seed: int = 0
-) -> tuple[DigitsDataset, DigitsDataset]:
-    """scikit-learn's 1,797 digits, upsampled to ``image_size`` and standardised; a fixed split."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = (images - 0.5) / 0.5
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    test_count = int(round(test_fraction * len(labels)))
-    test, train = order[:test_count], order[test_count:]
-    return DigitsDataset(images[train], labels[train]), DigitsDataset(images[test], labels[test])
+__all__ = ["build_demo_model", "run_demo", "main"]
 
 
 def build_demo_model(seed: int = 0):
@@ -74,7 +43,7 @@ def build_demo_model(seed: int = 0):
     return ResNetForImageClassification(config)
 
 
-def _train_one(method: str, seed: int, train: DigitsDataset, output_dir: Path, epochs: int, batch_size: int):
+def _train_one(method: str, seed: int, train: TensorImageDataset, output_dir: Path, epochs: int, batch_size: int):
     model = build_demo_model(seed)
     args = SaliencyDecorConfig(
         output_dir=str(output_dir),

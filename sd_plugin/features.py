@@ -227,7 +227,7 @@ def _extract_logits(output: Any) -> Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}.")
 
 
-def adapt(model: nn.Module, feature_layer: str | None = None) -> ModelAdapter:
+def adapt(model: nn.Module, feature_layer: str | None = None, example_inputs: Tensor | None = None) -> ModelAdapter:
     """Build a ``ModelAdapter`` for ``model``.
 
     Args:
@@ -236,6 +236,9 @@ def adapt(model: nn.Module, feature_layer: str | None = None) -> ModelAdapter:
         feature_layer: name (as in ``base_model.named_modules()``) of the module whose
             *output* is the ``(B, D)`` penultimate features. Needed only when the head
             cannot be found automatically.
+        example_inputs: a batch ``(B, C, H, W)`` used to size the features when they
+            must be measured by a forward pass (``feature_layer`` given); default: a
+            zero image of the size the model's config declares.
     """
     base = unwrap_model(model)
     if _is_transformers_model(base):
@@ -255,8 +258,8 @@ def adapt(model: nn.Module, feature_layer: str | None = None) -> ModelAdapter:
         module = modules[feature_layer]
         tap = FeatureTap(module, "output", feature_layer)
         head_name = feature_layer
-        num_features = _probe_num_features(model, base, tap, library)
-        num_classes = _probe_num_classes(model, base, library)
+        num_features = _probe_num_features(model, base, tap, library, example_inputs)
+        num_classes = _probe_num_classes(model, base, library, example_inputs)
     else:
         found = _find_head(base)
         if found is None:
@@ -273,7 +276,7 @@ def adapt(model: nn.Module, feature_layer: str | None = None) -> ModelAdapter:
         num_classes = _linear_out_features(head) or 0
         num_features = _head_in_features(head)
         if num_features is None:
-            num_features = _probe_num_features(model, base, tap, library)
+            num_features = _probe_num_features(model, base, tap, library, example_inputs)
     return ModelAdapter(
         model=model,
         base_model=base,
@@ -302,7 +305,13 @@ def _expected_channels(base: nn.Module) -> int | None:
     return _first_conv_in_channels(base)
 
 
-def _probe_input(base: nn.Module) -> Tensor:
+def _probe_input(base: nn.Module, example_inputs: Tensor | None = None) -> Tensor:
+    reference = next(base.parameters(), None)
+    if example_inputs is not None:
+        x = example_inputs[:2]
+        if reference is not None:
+            x = x.to(reference.device, reference.dtype if reference.is_floating_point() else x.dtype)
+        return x
     channels = _expected_channels(base) or 3
     size = 224
     config = getattr(base, "config", None)
@@ -311,23 +320,25 @@ def _probe_input(base: nn.Module) -> Tensor:
     pretrained_cfg = getattr(base, "pretrained_cfg", None) or {}
     if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("input_size"):
         size = pretrained_cfg["input_size"][-1]
-    reference = next(base.parameters(), None)
     device = reference.device if reference is not None else "cpu"
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
     return torch.zeros(2, channels, size, size, device=device, dtype=dtype)
 
 
 @torch.no_grad()
-def _probe_num_features(model: nn.Module, base: nn.Module, tap: FeatureTap, library: str) -> int:
+def _probe_num_features(
+    model: nn.Module, base: nn.Module, tap: FeatureTap, library: str, example_inputs: Tensor | None
+) -> int:
     was_training = base.training
     base.eval()
     try:
         tap.clear()
-        x = _probe_input(base)
+        x = _probe_input(base, example_inputs)
         model(pixel_values=x) if library == "transformers" else model(x)
     except Exception as error:  # noqa: BLE001 - re-raised with context
         raise ValueError(
-            f"could not run a probe forward to size the features at {tap.module_name!r}: {error}"
+            f"could not run a probe forward to size the features at {tap.module_name!r}: {error}. "
+            "Pass example_inputs= (a batch of real images) to adapt()."
         ) from error
     finally:
         base.train(was_training)
@@ -337,11 +348,11 @@ def _probe_num_features(model: nn.Module, base: nn.Module, tap: FeatureTap, libr
 
 
 @torch.no_grad()
-def _probe_num_classes(model: nn.Module, base: nn.Module, library: str) -> int:
+def _probe_num_classes(model: nn.Module, base: nn.Module, library: str, example_inputs: Tensor | None) -> int:
     was_training = base.training
     base.eval()
     try:
-        x = _probe_input(base)
+        x = _probe_input(base, example_inputs)
         output = model(pixel_values=x) if library == "transformers" else model(x)
     finally:
         base.train(was_training)

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections import defaultdict
 from typing import Any
@@ -35,13 +36,10 @@ from transformers import Trainer, TrainingArguments
 
 from .config import SaliencyDecorConfig
 from .features import ModelAdapter, adapt
+from .loading import METADATA_FILE, WHITENING_FILE
 from .loss import SaliencyDecorLoss, SaliencyDecorOutput
 
-__all__ = ["SaliencyDecorTrainer", "WHITENING_FILE"]
-
-# The whitening buffers, saved beside every checkpoint: PEFT checkpoints hold only the adapter,
-# so this file is what carries the running statistics for them (and what export reads).
-WHITENING_FILE = "saliency_decor_whitening.safetensors"
+__all__ = ["SaliencyDecorTrainer"]
 
 
 def _as_config(args: TrainingArguments | None) -> SaliencyDecorConfig:
@@ -75,7 +73,8 @@ class SaliencyDecorTrainer(Trainer):
         if kwargs.get("model_init") is not None:
             raise ValueError("SaliencyDecorTrainer does not support model_init; pass model= instead.")
         config = _as_config(args)
-        self.sd_adapter: ModelAdapter = adapt(model, feature_layer=config.feature_layer)
+        example = _example_inputs(kwargs.get("train_dataset", rest[1] if len(rest) > 1 else None))
+        self.sd_adapter: ModelAdapter = adapt(model, feature_layer=config.feature_layer, example_inputs=example)
         self.sd_loss = SaliencyDecorLoss(self.sd_adapter, **config.method_kwargs())
         super().__init__(model, config, *rest, **kwargs)
         if self.args.n_gpu > 1:
@@ -139,14 +138,47 @@ class SaliencyDecorTrainer(Trainer):
     # -- checkpoints ------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save as ``Trainer`` does, plus the whitening buffers and ``saliency_decor.json``.
+
+        PEFT checkpoints hold only the adapter, so the separate whitening file is what
+        carries the running statistics for them; timm models also get timm's config.json.
+        """
         super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
         whitening = self.sd_adapter.whitening
-        if whitening is not None and self.args.should_save:
+        if whitening is not None:
             from safetensors.torch import save_file
 
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
             tensors = {name: buffer.detach().cpu().contiguous() for name, buffer in whitening.state_dict().items()}
             save_file(tensors, os.path.join(output_dir, WHITENING_FILE), metadata={"format": "pt"})
+        with open(os.path.join(output_dir, METADATA_FILE), "w") as handle:
+            json.dump(self.saliency_decor_metadata(), handle, indent=2)
+        if self.sd_adapter.library == "timm" and not self._is_peft():
+            _write_timm_config(self.sd_adapter.base_model, output_dir)
+
+    def _is_peft(self) -> bool:
+        return self.sd_adapter.model is not self.sd_adapter.base_model
+
+    def saliency_decor_metadata(self) -> dict[str, Any]:
+        """The method's settings as trained (written to ``saliency_decor.json``)."""
+        from . import __version__
+        from .config import METHOD_FIELDS
+
+        metadata = {name: getattr(self.args, name) for name in METHOD_FIELDS}
+        metadata["whiten_head_input"] = bool(self.sd_adapter.tap.whiten_head_input) and (
+            self.sd_adapter.whitening is not None
+        )
+        metadata.update(
+            library=self.sd_adapter.library,
+            head_name=self.sd_adapter.head_name,
+            num_features=self.sd_adapter.num_features,
+            num_classes=self.sd_adapter.num_classes,
+            is_transformer=self.sd_adapter.is_transformer,
+            sd_plugin_version=__version__,
+        )
+        return metadata
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -172,3 +204,41 @@ class SaliencyDecorTrainer(Trainer):
         logits = self.sd_adapter.logits(model, pixel_values)
         loss = F.cross_entropy(logits.float(), labels)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def _example_inputs(dataset: Any) -> Tensor | None:
+    """A one-image batch from the training set, to size features measured by a forward pass."""
+    try:
+        example = dataset[0]
+        pixels = example["pixel_values"] if isinstance(example, dict) else example[0]
+        pixels = torch.as_tensor(pixels)
+    except Exception:  # noqa: BLE001 - any dataset without a usable first item: fall back to the config
+        return None
+    return pixels.unsqueeze(0) if pixels.dim() == 3 and pixels.is_floating_point() else None
+
+
+def _write_timm_config(model: nn.Module, output_dir: str) -> None:
+    """timm's ``config.json`` (architecture, classes, pretrained_cfg) so the folder reloads."""
+    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    architecture = pretrained_cfg.get("architecture")
+    if not architecture:
+        return
+    config = {
+        "architecture": architecture,
+        "num_classes": getattr(model, "num_classes", None),
+        "num_features": getattr(model, "num_features", None),
+        "pretrained_cfg": {k: v for k, v in pretrained_cfg.items() if _json_safe(v)},
+    }
+    model_args = getattr(model, "sd_plugin_model_args", None)
+    if model_args:
+        config["model_args"] = model_args
+    with open(os.path.join(output_dir, "config.json"), "w") as handle:
+        json.dump(config, handle, indent=2)
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

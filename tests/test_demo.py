@@ -1,7 +1,8 @@
 import json
 
 from sd_plugin.__main__ import main as cli
-from sd_plugin.demo import format_table, load_digits_splits
+from sd_plugin.data import load_digits_splits
+from sd_plugin.demo import format_table
 
 
 def test_digits__real_data_split():

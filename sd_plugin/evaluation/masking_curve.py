@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..masking import MASK_FILLS, fill_values
+from .attribution import ATTRIBUTIONS, saliency_maps
 from .model_fn import LogitsFn, logits_fn
-from .saliency import input_gradients
 
 __all__ = [
     "DEFAULT_PERCENTAGES",
@@ -145,6 +145,8 @@ def masking_curve(
     device: torch.device | str | None = None,
     seed: int = 0,
     max_images: int | None = None,
+    attribution: str = "gradient",
+    progress: bool = False,
 ) -> MaskingCurve:
     """Accuracy (%) of ``model`` as the top ``p``% pixels by ``order`` are removed.
 
@@ -153,18 +155,24 @@ def masking_curve(
             function. It is put in eval mode.
         dataloader: yields ``{"pixel_values", "labels"}`` dicts or ``(images, labels)``.
         percentages: removal levels in ``[0, 100]``, increasing.
-        order: ``"saliency"`` (gradient of the true-label loss) or ``"random"``.
+        order: ``"saliency"`` (pixels ranked by ``attribution``) or ``"random"``.
         fill: replacement, one of ``MASK_FILLS`` (default ``"mean"``: per-channel image mean).
         max_batch_size: images per forward when the masked copies are stacked.
         device: where to run (default: the model's device).
         seed: seeds the random order and the ``"random"`` fill.
         max_images: stop after this many images.
+        attribution: saliency method for ``order="saliency"``: ``"gradient"`` (default,
+            ``|d loss / d x|`` at the true label), ``"integrated_gradients"`` or
+            ``"smoothgrad"`` (Captum).
+        progress: show a progress bar over batches.
     """
     percentages = _validate_percentages(percentages)
     if order not in ("saliency", "random"):
         raise ValueError(f"order={order!r} is not supported; use 'saliency' or 'random'.")
     if fill not in MASK_FILLS:
         raise ValueError(f"fill={fill!r} is not supported; use one of {MASK_FILLS}.")
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"attribution={attribution!r} is not supported; use one of {ATTRIBUTIONS}.")
     if isinstance(model, nn.Module):
         model.eval()
         if device is None:
@@ -175,7 +183,7 @@ def masking_curve(
     generator = torch.Generator(device=device).manual_seed(seed)
     correct = torch.zeros(len(percentages), dtype=torch.long, device=device)
     seen = 0
-    for batch in dataloader:
+    for batch in _maybe_progress(dataloader, progress, f"masking curve ({order})"):
         images, labels = unpack_batch(batch)
         if max_images is not None:
             remaining = max_images - seen
@@ -183,7 +191,12 @@ def masking_curve(
                 break
             images, labels = images[:remaining], labels[:remaining]
         images, labels = images.to(device), labels.to(device)
-        correct += _batch_correct(forward, images, labels, percentages, order, fill, max_batch_size, generator)
+        scores = (
+            saliency_maps(forward, images, labels, attribution, generator)
+            if order == "saliency"
+            else saliency_maps(forward, images, labels, "random", generator)
+        )
+        correct += _batch_correct(forward, images, labels, scores, percentages, fill, max_batch_size, generator)
         seen += images.shape[0]
     if seen == 0:
         raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
@@ -195,23 +208,13 @@ def _batch_correct(
     forward: LogitsFn,
     images: Tensor,
     labels: Tensor,
+    scores: Tensor,
     percentages: list[float],
-    order: str,
     fill: str,
     max_batch_size: int,
     generator: torch.Generator,
 ) -> Tensor:
-    if not images.is_floating_point():
-        raise ValueError(
-            f"pixel_values must be floating point to take input gradients, got {images.dtype}; "
-            "convert the images with the model's processor or transforms.ToTensor()."
-        )
     batch = images.shape[0]
-    if order == "saliency":
-        grad, _ = input_gradients(forward, images, labels)
-        scores = grad.abs().mean(1)
-    else:
-        scores = torch.rand(images.shape[0], *images.shape[2:], generator=generator, device=images.device)
     ranks = pixel_ranks(scores)
     fill_image = fill_values(images, fill, generator)
     correct = torch.zeros(len(percentages), dtype=torch.long, device=images.device)
@@ -222,6 +225,14 @@ def _batch_correct(
         predictions = forward(stacked).argmax(-1).view(len(chunk), batch)
         correct[start : start + len(chunk)] = (predictions == labels).sum(1)
     return correct
+
+
+def _maybe_progress(iterable: Iterable, enabled: bool, description: str) -> Iterable:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, leave=False)
 
 
 def unpack_batch(batch: object) -> tuple[Tensor, Tensor]:
@@ -237,4 +248,11 @@ def unpack_batch(batch: object) -> tuple[Tensor, Tensor]:
         raise ValueError("the evaluation batches have no labels; the dataset needs a 'labels' (or 'label') column.")
     if images is None:
         raise ValueError("the evaluation batches have no 'pixel_values'.")
+    if not torch.is_tensor(images) or images.dim() != 4:
+        raise ValueError("pixel_values must be a (B, C, H, W) tensor.")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be floating point to take input gradients, got {images.dtype}; "
+            "convert the images with the model's processor or transforms.ToTensor()."
+        )
     return images, torch.as_tensor(labels)

@@ -1,0 +1,206 @@
+"""Image classification data: built-in offline sets, Hub ids, ``save_to_disk`` and image folders.
+
+Every dataset here yields ``{"pixel_values": (C, H, W) float tensor, "labels": int}``.
+
+- ``"digits"``: scikit-learn's 1,797 8x8 digits, upsampled to 16x16 (the demo's split);
+- ``"fashion-mnist"``: the IDX files of Debian's ``dataset-fashion-mnist`` (or
+  ``$FASHION_MNIST_DIR``), 28x28;
+- a ``datasets`` ``save_to_disk`` folder, an image folder (``class/xxx.png``), or a Hub id,
+  converted with the model's own preprocessing (``image_transform``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "TensorImageDataset",
+    "HFImageDataset",
+    "load_digits_splits",
+    "load_fashion_mnist",
+    "load_eval_dataset",
+    "image_transform",
+]
+
+BUILTIN_DATASETS = ("digits", "fashion-mnist")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class TensorImageDataset(Dataset):
+    """``{"pixel_values", "labels"}`` examples from image and label tensors."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"pixel_values": self.images[index], "labels": int(self.labels[index])}
+
+
+def load_digits_splits(
+    image_size: int = 16, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[TensorImageDataset, TensorImageDataset]:
+    """scikit-learn's digits, upsampled to ``image_size``, scaled to [-1, 1]; a fixed split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = (images - 0.5) / 0.5
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    test_count = int(round(test_fraction * len(labels)))
+    test, train = order[:test_count], order[test_count:]
+    return TensorImageDataset(images[train], labels[train]), TensorImageDataset(images[test], labels[test])
+
+
+def _read_idx(path: Path) -> Tensor:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    _, _, dtype_code, ndim = struct.unpack(">BBBB", data[:4])
+    if dtype_code != 0x08:
+        raise ValueError(f"{path}: only unsigned-byte IDX files are supported.")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).view(*shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(
+        f"{directory / stem}(.gz) not found: install Fashion-MNIST with `apt-get install -y "
+        "dataset-fashion-mnist` or set FASHION_MNIST_DIR to a folder with its IDX files."
+    )
+
+
+def load_fashion_mnist(
+    split: str = "train", directory: str | Path | None = None, limit: int | None = None
+) -> TensorImageDataset:
+    """Fashion-MNIST from its IDX files, 1x28x28 scaled to [-1, 1] (``split``: train/test)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r} is not a Fashion-MNIST split; use 'train' or 'test'.")
+    root = Path(directory or os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte")).long()
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    pixels = (images.float().unsqueeze(1) / 255.0 - 0.5) / 0.5
+    return TensorImageDataset(pixels, labels)
+
+
+def image_transform(model: nn.Module, directory: str | Path | None = None) -> Callable[[Any], Tensor]:
+    """PIL image -> ``(C, H, W)`` tensor with the model's own preprocessing.
+
+    transformers: the ``AutoImageProcessor`` saved with the model; timm: its data config;
+    otherwise: convert to the model's channel count, resize to its input size, scale to
+    [-1, 1].
+    """
+    from .features import _expected_channels, _is_timm_model, unwrap_model
+
+    base = unwrap_model(model)
+    channels = _expected_channels(base) or 3
+    mode = "RGB" if channels == 3 else "L"
+    if directory is not None and (Path(directory) / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(str(directory))
+        return lambda image: processor(image.convert(mode), return_tensors="pt")["pixel_values"][0]
+    timm_model = getattr(base, "timm_model", base)
+    if _is_timm_model(timm_model):
+        import timm.data
+
+        config = timm.data.resolve_data_config(model=timm_model)
+        transform = timm.data.create_transform(**config)
+        return lambda image: transform(image.convert(mode))
+    size = getattr(getattr(base, "config", None), "image_size", None) or 224
+    from torchvision.transforms import v2
+
+    transform = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize((size, size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.5] * channels, [0.5] * channels),
+        ]
+    )
+    return lambda image: transform(image.convert(mode))
+
+
+class HFImageDataset(Dataset):
+    """A ``datasets.Dataset`` with an image and a label column, as ``pixel_values``/``labels``."""
+
+    IMAGE_COLUMNS = ("image", "img", "pixel_values")
+    LABEL_COLUMNS = ("label", "labels", "fine_label")
+
+    def __init__(self, dataset: Any, transform: Callable[[Any], Tensor]) -> None:
+        columns = list(dataset.column_names)
+        self.image_column = next((c for c in self.IMAGE_COLUMNS if c in columns), None)
+        self.label_column = next((c for c in self.LABEL_COLUMNS if c in columns), None)
+        if self.image_column is None:
+            raise ValueError(f"the dataset has columns {columns} but no image column (one of {self.IMAGE_COLUMNS}).")
+        if self.label_column is None:
+            raise ValueError(f"the dataset has columns {columns} but no label column (one of {self.LABEL_COLUMNS}).")
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.dataset[index]
+        image = row[self.image_column]
+        pixels = image if isinstance(image, Tensor) else self.transform(image)
+        return {"pixel_values": pixels, "labels": int(row[self.label_column])}
+
+
+def load_eval_dataset(
+    name_or_path: str, split: str | None, model: nn.Module, model_directory: str | Path | None = None
+) -> Dataset:
+    """An evaluation set: a built-in name, a ``save_to_disk`` folder, an image folder or a Hub id."""
+    if name_or_path == "digits":
+        return load_digits_splits()[1 if split in (None, "test", "validation") else 0]
+    if name_or_path == "fashion-mnist":
+        return load_fashion_mnist("test" if split in (None, "test", "validation") else "train")
+    import datasets
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+    else:
+        try:
+            loaded = datasets.load_dataset(name_or_path)
+        except Exception as error:  # noqa: BLE001 - offline/unknown ids raise many types
+            raise ValueError(
+                f"could not load dataset {name_or_path!r}: not a built-in ({BUILTIN_DATASETS}), not a folder, "
+                f"and the Hub did not provide it ({type(error).__name__}). Offline, pass a save_to_disk or "
+                "image folder."
+            ) from error
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        chosen = split or next((s for s in ("test", "validation", "valid", "val") if s in names), names[0])
+        if chosen not in names:
+            raise ValueError(f"split={chosen!r} is not in the dataset; its splits are {names}.")
+        loaded = loaded[chosen]
+    return HFImageDataset(loaded, image_transform(model, model_directory))

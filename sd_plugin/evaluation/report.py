@@ -1,0 +1,99 @@
+"""All evaluation metrics of one model on one dataset, as a JSON-ready dict.
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from sd_plugin.evaluation.report import evaluate_model
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    >>> data = TensorDataset(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,)))
+    >>> sorted(evaluate_model(model, data, feature_layer="0", batch_size=4))[:4]
+    ['accuracy', 'curves', 'deletion_auc', 'effective_rank']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .attribution import saliency_maps
+from .deletion_insertion import deletion_insertion
+from .masking_curve import DEFAULT_PERCENTAGES, faithfulness_gap, masking_curve, unpack_batch
+from .representation import effective_rank
+from .sparseness import sparseness
+
+__all__ = ["evaluate_model", "collect_features", "first_images"]
+
+
+def first_images(dataset: Dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` images and labels of ``dataset`` as tensors."""
+    loader = DataLoader(dataset, batch_size=count)
+    return unpack_batch(next(iter(loader)))
+
+
+@torch.no_grad()
+def collect_features(
+    model: nn.Module, loader: DataLoader, feature_layer: str | None = None, max_images: int | None = None
+) -> torch.Tensor:
+    """Penultimate features ``(N, D)`` of the images in ``loader`` (eval mode)."""
+    from ..features import adapt
+
+    device = next(model.parameters()).device
+    example, _ = unpack_batch(next(iter(loader)))
+    adapter = adapt(model, feature_layer=feature_layer, example_inputs=example.to(device))
+    chunks, seen = [], 0
+    try:
+        for batch in loader:
+            images, _ = unpack_batch(batch)
+            if max_images is not None and seen >= max_images:
+                break
+            _, features = adapter.forward_with_features(model, images.to(device))
+            chunks.append(features.float().cpu())
+            seen += images.shape[0]
+    finally:
+        adapter.remove()
+    return torch.cat(chunks)[:max_images]
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 64,
+    percentages: tuple[float, ...] = DEFAULT_PERCENTAGES,
+    fill: str = "mean",
+    attribution: str = "gradient",
+    deletion_steps: int = 20,
+    max_images: int | None = None,
+    sparseness_images: int = 256,
+    feature_layer: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Accuracy, masking AUC (saliency, random, gap), deletion/insertion, sparseness, effective rank."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size)
+    common = dict(max_images=max_images, seed=seed, progress=progress)
+    by_saliency = masking_curve(model, loader, percentages, "saliency", fill, attribution=attribution, **common)
+    by_random = masking_curve(model, loader, percentages, "random", fill, **common)
+    rise = deletion_insertion(model, loader, steps=deletion_steps, attribution=attribution, **common)
+    images, labels = first_images(dataset, min(sparseness_images, len(dataset)))
+    device = next(model.parameters()).device
+    maps = saliency_maps(model, images.to(device), labels.to(device), attribution)
+    features = collect_features(model, loader, feature_layer, max_images)
+    return {
+        "accuracy": by_saliency.clean_accuracy,
+        "masking_auc": by_saliency.auc,
+        "masking_auc_normalized": by_saliency.normalized_auc,
+        "masking_auc_relative": by_saliency.relative_auc,
+        "masking_auc_random": by_random.auc,
+        "faithfulness_gap": faithfulness_gap(by_saliency.auc, by_random.auc),
+        "deletion_auc": rise.deletion_auc,
+        "insertion_auc": rise.insertion_auc,
+        "sparseness": float(sparseness(maps).mean()),
+        "effective_rank": float(effective_rank(features)),
+        "num_features": int(features.shape[1]),
+        "num_images": by_saliency.num_images,
+        "curves": {"saliency": by_saliency.to_dict(), "random": by_random.to_dict(), "rise": rise.to_dict()},
+    }

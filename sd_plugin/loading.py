@@ -1,0 +1,136 @@
+"""Load an image classifier from a Hub id or a local folder, with its SaliencyDecor state.
+
+Folders written by ``SaliencyDecorTrainer`` (``save_pretrained`` for transformers models,
+``model.safetensors`` + timm ``config.json`` for timm models) carry the running whitening
+statistics and a ``saliency_decor.json``; when whitened features fed the head during
+training, ``load_classifier`` re-attaches the whitening so the logits are the trained
+model's. Exported folders (``sd_plugin.hub.export``) have it folded into the head instead
+and load with plain timm / transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .feature_tap import WHITENING_MODULE_NAME
+
+__all__ = ["METADATA_FILE", "WHITENING_FILE", "load_classifier", "restore_whitening", "read_metadata"]
+
+METADATA_FILE = "saliency_decor.json"
+WHITENING_FILE = "saliency_decor_whitening.safetensors"
+_WHITENING_PREFIX = WHITENING_MODULE_NAME + "."
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any] | None:
+    """The ``saliency_decor.json`` of a folder, or None."""
+    path = Path(directory) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_config(directory: Path) -> dict[str, Any] | None:
+    path = directory / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _is_timm_config(config: dict[str, Any]) -> bool:
+    return "architecture" in config and "model_type" not in config
+
+
+def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no model.safetensors.")
+    return load_file(str(path))
+
+
+def _load_timm_folder(directory: Path, config: dict[str, Any]) -> nn.Module:
+    import timm
+
+    model_args = dict(config.get("model_args") or {})
+    model_args.setdefault("num_classes", config.get("num_classes"))
+    model = timm.create_model(config["architecture"], pretrained=False, **model_args)
+    state = {k: v for k, v in _load_state_dict(directory).items() if not k.startswith(_WHITENING_PREFIX)}
+    model.load_state_dict(state, strict=True)
+    pretrained_cfg = config.get("pretrained_cfg")
+    if isinstance(pretrained_cfg, dict):
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **pretrained_cfg}
+    return model
+
+
+def load_classifier(name_or_path: str | Path, **kwargs: Any) -> nn.Module:
+    """A classifier from a local folder or a Hub id, in eval mode.
+
+    Local folders: transformers (``config.json`` with ``model_type``) or timm
+    (``config.json`` with ``architecture``). Hub ids: ``timm/...`` (or ``hf-hub:...``)
+    through timm, anything else through ``AutoModelForImageClassification``. ``kwargs``
+    go to ``from_pretrained`` / ``create_model`` (e.g. ``num_labels``).
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        config = _read_config(path)
+        if config is None:
+            raise ValueError(
+                f"{path} has no config.json: it is not a transformers or timm model folder. "
+                "Pass a folder written by save_pretrained / sd_plugin.hub.export, or a Hub id."
+            )
+        if _is_timm_config(config):
+            model = _load_timm_folder(path, config)
+        else:
+            from transformers import AutoModelForImageClassification
+
+            model = AutoModelForImageClassification.from_pretrained(str(path), **kwargs)
+        restore_whitening(model, path)
+        return model.eval()
+    name = str(name_or_path)
+    if name.startswith(("./", "/", "../")):
+        raise FileNotFoundError(f"model folder {name} does not exist.")
+    try:
+        if name.startswith("hf-hub:") or name.startswith("timm/"):
+            import timm
+
+            hub_id = name if name.startswith("hf-hub:") else f"hf-hub:{name}"
+            return timm.create_model(hub_id, pretrained=True, **kwargs).eval()
+        from transformers import AutoModelForImageClassification
+
+        return AutoModelForImageClassification.from_pretrained(name, **kwargs).eval()
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"could not load model {name!r}: it is not a local folder and the Hub did not provide it "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            "Offline, pass the path of a folder saved with save_pretrained."
+        ) from error
+
+
+def restore_whitening(model: nn.Module, directory: str | Path) -> bool:
+    """Re-attach the trained whitening to ``model`` when it fed the head; True if attached."""
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    if not metadata or not metadata.get("whiten_head_input"):
+        return False
+    whitening_path = directory / WHITENING_FILE
+    if not whitening_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} was trained with whitened head inputs but has no {WHITENING_FILE}; "
+            "the logits cannot be reproduced without it."
+        )
+    from safetensors.torch import load_file
+
+    from .features import adapt
+
+    adapter = adapt(model, feature_layer=metadata.get("feature_layer"))
+    whitening = adapter.attach_whitening(
+        group_size=int(metadata["group_size"]),
+        whiten_head_input=True,
+        shrinkage=float(metadata.get("whitening_shrinkage", 0.01)),
+        method=str(metadata.get("whitening_method", "eigh")),
+    )
+    whitening.load_state_dict(load_file(str(whitening_path)))
+    whitening.eval()
+    return True
