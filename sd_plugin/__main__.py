@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "demo": "sd_plugin.demo",
+    "evaluate": "sd_plugin.evaluation.cli",
 }
 
 
@@ -13,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: python -m sd_plugin {" + ",".join(COMMANDS) + "} [options]")
-        print("  demo      baseline vs SaliencyDecor on scikit-learn digits (offline)")
+        print("  demo      baseline vs SGT vs SaliencyDecor on scikit-learn digits (offline)")
+        print("  evaluate  accuracy, masking AUC, deletion/insertion, sparseness, effective rank of models")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
 

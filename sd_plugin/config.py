@@ -23,6 +23,12 @@ Every ``TrainingArguments`` option keeps working (bf16, gradient accumulation,
 - ``decor_target``: ``"whitened"`` (default) or ``"features"``.
 - ``whitening_shrinkage``, ``whitening_momentum``, ``whitening_method``, ``sync_whitening``.
 
+> Evaluation
+
+- ``eval_masking_auc``, ``eval_masking_samples``, ``eval_masking_step``: report the masking
+  test (``eval_masking_auc``, ``eval_masking_auc_random``, ``eval_faithfulness_gap``) and
+  ``eval_accuracy`` at each evaluation.
+
 > Model
 
 - ``feature_layer``: module whose output is the penultimate features, when the head
@@ -114,6 +120,19 @@ class SaliencyDecorConfig(TrainingArguments):
         default=None,
         metadata={"help": "Module whose output is the penultimate features, if the head is not found."},
     )
+    eval_masking_auc: bool = field(
+        default=False,
+        metadata={
+            "help": "At each evaluation also report eval_masking_auc, eval_masking_auc_random and "
+            "eval_faithfulness_gap (the paper's masking test) on the first eval_masking_samples images."
+        },
+    )
+    eval_masking_samples: int = field(
+        default=256, metadata={"help": "Images (per process) used by the masking test during evaluation."}
+    )
+    eval_masking_step: float = field(
+        default=10.0, metadata={"help": "Masking-test step in percent of pixels (0, 100]."}
+    )
     check_finite: bool = field(
         default=True,
         metadata={"help": "Stop with an error naming the component when a loss becomes NaN/inf."},
@@ -173,5 +192,9 @@ def _validate_method_fields(config: SaliencyDecorConfig) -> None:
         raise ValueError(f"group_size={config.group_size} must be a positive divisor of the feature width.")
     if not 0.0 <= config.whitening_shrinkage <= 1.0:
         raise ValueError(f"whitening_shrinkage={config.whitening_shrinkage} must be in [0, 1].")
+    if config.eval_masking_samples < 1:
+        raise ValueError(f"eval_masking_samples={config.eval_masking_samples} must be >= 1.")
+    if not 0.0 < config.eval_masking_step <= 100.0:
+        raise ValueError(f"eval_masking_step={config.eval_masking_step} must be in (0, 100].")
     if not 0.0 < config.whitening_momentum <= 1.0:
         raise ValueError(f"whitening_momentum={config.whitening_momentum} must be in (0, 1].")

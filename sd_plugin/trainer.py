@@ -85,6 +85,7 @@ class SaliencyDecorTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self._sd_metrics: dict[str, list[Tensor]] = defaultdict(list)
+        self._eval_counts: Tensor | None = None  # (correct, total) during an evaluation loop
 
     # -- data -------------------------------------------------------------------------
 
@@ -191,6 +192,51 @@ class SaliencyDecorTrainer(Trainer):
 
     # -- evaluation -------------------------------------------------------------------
 
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        """``Trainer.evaluation_loop`` plus accuracy and, when enabled, the masking test."""
+        self._eval_counts = torch.zeros(2, dtype=torch.long, device=self.args.device)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        metrics = output.metrics
+        counts, self._eval_counts = self._eval_counts, None
+        accuracy_key = f"{metric_key_prefix}_accuracy"
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        if accuracy_key not in metrics and int(counts[1]) > 0:
+            metrics[accuracy_key] = float(counts[0]) / float(counts[1])
+        if self.args.eval_masking_auc:
+            metrics.update(self._masking_metrics(dataloader, metric_key_prefix))
+        return output
+
+    def _masking_metrics(self, dataloader: Any, prefix: str) -> dict[str, float]:
+        from .evaluation.masking_curve import faithfulness_gap, masking_curve
+
+        step = self.args.eval_masking_step
+        percentages = sorted({min(100.0, i * step) for i in range(int(round(100 / step)) + 1)})
+        model = self.model
+        was_training = model.training
+        common = dict(percentages=percentages, max_images=self.args.eval_masking_samples, device=self.args.device)
+        try:
+            by_saliency = masking_curve(model, dataloader, order="saliency", **common)
+            by_random = masking_curve(model, dataloader, order="random", seed=self.args.seed, **common)
+        finally:
+            model.train(was_training)
+        values = torch.tensor([by_saliency.auc, by_random.auc], device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        auc, auc_random = (float(v) for v in values)
+        return {
+            f"{prefix}_masking_auc": auc,
+            f"{prefix}_masking_auc_random": auc_random,
+            f"{prefix}_faithfulness_gap": faithfulness_gap(auc, auc_random),
+        }
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -203,6 +249,10 @@ class SaliencyDecorTrainer(Trainer):
         self.sd_adapter.check_batch(pixel_values, labels)
         logits = self.sd_adapter.logits(model, pixel_values)
         loss = F.cross_entropy(logits.float(), labels)
+        counts = getattr(self, "_eval_counts", None)
+        if counts is not None and not model.training:
+            counts[0] += (logits.detach().argmax(-1) == labels).sum()
+            counts[1] += labels.numel()
         return (loss, {"logits": logits}) if return_outputs else loss
 
 

@@ -1,0 +1,158 @@
+"""``python -m sd_plugin evaluate``: score one or more image classifiers on one dataset.
+
+Prints a table (accuracy, masking AUC in saliency and random order, the faithfulness gap,
+deletion/insertion AUC, sparseness, feature effective rank), and writes ``results.json``
+with every number plus ``saliency.png``, ``masking_curves.png`` and
+``gradient_boxplot.png`` to ``--output-dir``.
+
+Example:
+    python -m sd_plugin evaluate --model outputs/demo/saliencydecor/seed0 \\
+        --compare outputs/demo/baseline/seed0 --dataset digits --output-dir outputs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..data import load_eval_dataset
+from ..loading import load_classifier
+from .attribution import ATTRIBUTIONS, saliency_maps
+from .masking_curve import MaskingCurve
+from .randomization import parameter_randomization
+from .report import evaluate_model, first_images
+
+__all__ = ["main", "format_table"]
+
+COLUMNS = (
+    ("accuracy", "acc %", "{:.2f}"),
+    ("masking_auc", "AUC sal", "{:.0f}"),
+    ("masking_auc_random", "AUC rand", "{:.0f}"),
+    ("faithfulness_gap", "gap", "{:.3f}"),
+    ("deletion_auc", "del", "{:.3f}"),
+    ("insertion_auc", "ins", "{:.3f}"),
+    ("sparseness", "gini", "{:.3f}"),
+    ("effective_rank", "erank", "{:.1f}"),
+)
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Markdown table, one row per model."""
+    lines = ["| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
+    lines.append("|---" * (len(COLUMNS) + 1) + "|")
+    for name, metrics in results.items():
+        cells = [fmt.format(metrics[key]) for key, _, fmt in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _display_name(path: str, taken: set[str]) -> str:
+    parts = Path(path.rstrip("/")).parts
+    name = "/".join(parts[-2:]) if len(parts) > 1 else path
+    while name in taken:
+        name += "'"
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sd_plugin evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument("--compare", nargs="*", default=[], help="more models to score side by side")
+    parser.add_argument("--dataset", required=True, help="'digits', 'fashion-mnist', a dataset folder or a Hub id")
+    parser.add_argument("--split", default=None, help="dataset split (default: test/validation)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
+    parser.add_argument("--step", type=float, default=5.0, help="masking-curve step in percent (0..100)")
+    parser.add_argument("--fill", default="mean", choices=["mean", "zero", "blur", "random"])
+    parser.add_argument("--attribution", default="gradient", choices=[a for a in ATTRIBUTIONS if a != "random"])
+    parser.add_argument("--randomization", action="store_true", help="also run the parameter-randomisation check")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _percentages(step: float) -> tuple[float, ...]:
+    if not 0 < step <= 100:
+        raise SystemExit(f"--step must be in (0, 100], got {step}.")
+    count = int(round(100 / step))
+    return tuple(min(100.0, i * step) for i in range(count + 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    saliency: dict[str, torch.Tensor] = {}
+    curves: dict[str, list[MaskingCurve]] = {}
+    examples = None
+    for path in [args.model, *args.compare]:
+        name = _display_name(path, set(results))
+        model = load_classifier(path).to(args.device)
+        directory = path if Path(path).is_dir() else None
+        dataset = load_eval_dataset(args.dataset, args.split, model, directory)
+        if len(dataset) == 0:
+            raise SystemExit(f"dataset {args.dataset!r} (split {args.split}) is empty.")
+        metrics = evaluate_model(
+            model,
+            dataset,
+            batch_size=args.batch_size,
+            percentages=_percentages(args.step),
+            fill=args.fill,
+            attribution=args.attribution,
+            max_images=args.max_images,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        metrics["source"] = path
+        images, labels = first_images(dataset, min(6, len(dataset)))
+        examples = (images, labels) if examples is None else examples
+        saliency[name] = saliency_maps(model, images.to(args.device), labels.to(args.device), args.attribution).cpu()
+        curves[name] = [MaskingCurve(**_curve_args(metrics["curves"][key])) for key in ("saliency", "random")]
+        if args.randomization:
+            sample = first_images(dataset, min(16, len(dataset)))
+            check = parameter_randomization(model, sample[0].to(args.device), sample[1].to(args.device))
+            metrics["randomization"] = check.to_dict()
+        results[name] = metrics
+        print(f"evaluated {name}: accuracy {metrics['accuracy']:.2f}%, masking AUC {metrics['masking_auc']:.0f}")
+    figures = _figures(output_dir, examples, saliency, curves)
+    (output_dir / "results.json").write_text(
+        json.dumps({"dataset": args.dataset, "split": args.split, "models": results, "figures": figures}, indent=2)
+    )
+    print()
+    print(format_table(results))
+    print(
+        "\nAUC sal/rand: masking-curve AUC (0-10000, lower = more faithful) in saliency / random order; "
+        "gap = (rand - sal) / rand;\ndel/ins: RISE deletion (lower better) / insertion (higher better); "
+        "gini: saliency sparseness; erank: feature effective rank."
+    )
+    print(f"Results and figures in {output_dir}/")
+    return 0
+
+
+def _curve_args(curve: dict) -> dict:
+    keys = ("percentages", "accuracy", "order", "fill", "num_images")
+    return {key: curve[key] for key in keys}
+
+
+def _figures(output_dir: Path, examples, saliency, curves) -> list[str]:
+    try:
+        from .figures import gradient_boxplot, masking_curves_figure, saliency_grid
+    except ImportError:  # pragma: no cover
+        return []
+    try:
+        images, labels = examples
+        captions = [f"label {int(y)}" for y in labels]
+        return [
+            str(saliency_grid(images, saliency, output_dir / "saliency.png", labels=captions)),
+            str(masking_curves_figure(curves, output_dir / "masking_curves.png")),
+            str(gradient_boxplot(saliency, output_dir / "gradient_boxplot.png")),
+        ]
+    except ImportError as error:
+        print(f"(figures skipped: {error})")
+        return []

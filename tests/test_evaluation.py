@@ -1,0 +1,313 @@
+import json
+
+import pytest
+import tiny_models
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from sd_plugin.evaluation import faithfulness_gap, masking_auc, masking_curve
+from sd_plugin.evaluation.attribution import saliency_maps
+from sd_plugin.evaluation.deletion_insertion import deletion_insertion, rise_auc
+from sd_plugin.evaluation.masking_curve import pixel_ranks, remove_top_pixels
+from sd_plugin.evaluation.randomization import parameter_randomization, spearman
+from sd_plugin.evaluation.representation import effective_rank
+from sd_plugin.evaluation.sparseness import sparseness
+
+
+class PixelZero(nn.Module):
+    """Class 1 iff pixel 0 is bright: saliency is exactly one-hot on pixel 0."""
+
+    def forward(self, x):
+        score = 10.0 * (x[:, 0, 0, 0] - 0.5)
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def small_cnn(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(6, 6, 3, padding=1),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(6 * 36, 4),
+        )
+        .to(dtype)
+        .eval()
+    )
+
+
+def loader(n=12, seed=0, dtype=torch.float64, batch_size=5):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 3, 6, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)),
+        batch_size=batch_size,
+    )
+
+
+def test_masking_curve__hand_computed_toy_model():
+    images = torch.ones(4, 1, 2, 2)
+    data = DataLoader(TensorDataset(images, torch.ones(4, dtype=torch.long)), batch_size=4)
+    curve = masking_curve(PixelZero(), data, percentages=[0, 25, 50, 75, 100], fill="zero")
+    assert curve.accuracy == [100.0, 0.0, 0.0, 0.0, 0.0]  # pixel 0 is removed first
+    assert curve.auc == 25 * (100 + 0) / 2
+    assert curve.normalized_auc == pytest.approx(0.125)
+    # Same curve against RISE's auc formula on the same points (fractions, probabilities in [0, 1]).
+    assert curve.normalized_auc == pytest.approx(rise_auc([a / 100 for a in curve.accuracy]))
+
+
+def test_masking_auc__matches_rise_auc_on_equal_steps():
+    accuracy = [98.0, 90.0, 71.5, 40.0, 22.0, 10.0]
+    percentages = [0, 20, 40, 60, 80, 100]
+    assert masking_auc(percentages, accuracy) / 10000 == pytest.approx(rise_auc([a / 100 for a in accuracy]))
+
+
+def test_remove_top_pixels__0_keeps_and_100_replaces_everything():
+    images = torch.randn(3, 2, 5, 5)
+    ranks = pixel_ranks(torch.rand(3, 5, 5))
+    fill = torch.full_like(images, 7.0)
+    assert torch.equal(remove_top_pixels(images, ranks, 0, fill), images)
+    assert torch.equal(remove_top_pixels(images, ranks, 100, fill), fill)
+    removed = remove_top_pixels(images, ranks, 40, fill) == 7.0
+    assert (removed[:, 0].flatten(1).sum(1) == 10).all()
+
+
+def naive_masking_curve(model, data, percentages, fill="mean"):
+    correct = [0] * len(percentages)
+    total = 0
+    for images, labels in data:
+        for x, y in zip(images, labels, strict=True):
+            x = x.unsqueeze(0).clone().requires_grad_(True)
+            loss = nn.functional.cross_entropy(model(x), y.view(1))
+            (grad,) = torch.autograd.grad(loss, x)
+            order = grad.abs().mean(1).flatten().argsort(descending=True, stable=True).tolist()
+            mean = x.detach().mean((2, 3), keepdim=True).expand_as(x)
+            for i, p in enumerate(percentages):
+                masked = x.detach().clone().view(1, x.shape[1], -1)
+                count = int(round(p / 100 * len(order)))
+                for pixel in order[:count]:
+                    masked[0, :, pixel] = mean.reshape(1, x.shape[1], -1)[0, :, pixel]
+                prediction = model(masked.view_as(x)).argmax(-1).item()
+                correct[i] += int(prediction == y.item())
+            total += 1
+    return [100.0 * c / total for c in correct]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_masking_curve__batched_equals_naive_per_image_loop(seed):
+    model, data = small_cnn(seed), loader(seed=seed)
+    percentages = [0, 10, 30, 50, 70, 100]
+    batched = masking_curve(model, data, percentages=percentages, max_batch_size=7)
+    assert batched.accuracy == naive_masking_curve(model, data, percentages)
+
+
+def test_masking_curve__random_order_and_gap():
+    model, data = small_cnn(), loader(n=20)
+    by_saliency = masking_curve(model, data, percentages=range(0, 101, 10))
+    by_random = masking_curve(model, data, percentages=range(0, 101, 10), order="random")
+    assert by_random.accuracy[0] == by_saliency.accuracy[0]
+    assert faithfulness_gap(by_saliency.auc, by_random.auc) == pytest.approx(
+        (by_random.auc - by_saliency.auc) / by_random.auc
+    )
+
+
+def test_deletion_insertion__batched_equals_naive():
+    model, data = small_cnn(), loader(n=6)
+    result = deletion_insertion(model, data, steps=4, max_batch_size=8)
+    images, _ = next(iter(DataLoader(data.dataset, batch_size=6)))
+    predictions = model(images).argmax(-1)
+    maps = saliency_maps(model, images, predictions)
+    blurred = __import__("sd_plugin.masking", fromlist=["fill_values"]).fill_values(images, "blur")
+    deletion, insertion = [], []
+    for fraction in result.fractions:
+        d_total = i_total = 0.0
+        for k in range(6):
+            order = maps[k].flatten().argsort(descending=True, stable=True)[: int(round(fraction * 36))]
+            deleted = images[k].clone().view(3, -1)
+            inserted = blurred[k].clone().reshape(3, -1)
+            deleted[:, order] = 0.0
+            inserted[:, order] = images[k].view(3, -1)[:, order]
+            d_total += model(deleted.view(1, 3, 6, 6)).softmax(-1)[0, predictions[k]].item()
+            i_total += model(inserted.view(1, 3, 6, 6)).softmax(-1)[0, predictions[k]].item()
+        deletion.append(d_total / 6)
+        insertion.append(i_total / 6)
+    assert result.deletion == pytest.approx(deletion, abs=1e-6)
+    assert result.insertion == pytest.approx(insertion, abs=1e-6)
+    assert result.deletion_auc == pytest.approx(rise_auc(deletion), abs=1e-6)
+
+
+def test_sparseness__one_hot_and_constant():
+    one_hot = torch.zeros(2, 8, 8)
+    one_hot[0, 3, 4] = 5.0
+    one_hot[1, 0, 0] = -0.1
+    assert sparseness(one_hot).tolist() == [1.0, 1.0]
+    assert sparseness(torch.full((3, 8, 8), 2.0)).tolist() == [0.0, 0.0, 0.0]
+    assert sparseness(torch.zeros(1, 4, 4)).tolist() == [0.0]
+    mixed = sparseness(torch.rand(4, 8, 8))
+    assert ((mixed > 0) & (mixed < 1)).all()
+
+
+def test_effective_rank__white_and_rank_one():
+    q, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))
+    white = q[:, :16] - q[:, :16].mean(0)  # orthogonal, centred columns: covariance is c * I
+    white, _ = torch.linalg.qr(white)
+    assert float(effective_rank(white - white.mean(0))) == pytest.approx(16.0, rel=1e-2)
+    q2, _ = torch.linalg.qr(torch.cat([torch.ones(64, 1), torch.randn(64, 16)], 1).double())
+    orthogonal = q2[:, 1:]  # orthonormal and orthogonal to the ones vector: zero-mean columns
+    assert float(effective_rank(orthogonal)) == pytest.approx(16.0, abs=1e-9)
+    rank_one = torch.randn(100, 1) @ torch.randn(1, 12)
+    assert float(effective_rank(rank_one)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_randomization__one_at_zero_layers_then_decorrelates():
+    model = small_cnn(dtype=torch.float32)
+    images, labels = next(iter(loader(n=8, dtype=torch.float32, batch_size=8)))
+    check = parameter_randomization(model, images, labels, points=None)
+    assert check.layers[0] == "(none)"
+    assert check.correlations[0] == pytest.approx(1.0)
+    assert check.correlations[-1] < 0.5
+    assert len(check.correlations) == 4  # 3 layers with parameters + none
+    a = torch.rand(3, 50)
+    assert torch.allclose(spearman(a, 2 * a + 1), torch.ones(3, dtype=torch.float64))
+
+
+def test_attribution__integrated_gradients_is_exact_on_a_linear_model():
+    pytest.importorskip("captum")
+    torch.manual_seed(0)
+    linear = nn.Linear(2 * 3 * 3, 4).double()
+    model = nn.Sequential(nn.Flatten(), linear)
+    nn.init.zeros_(linear.bias)
+    x = torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,))
+    ig = saliency_maps(model, x, y, "integrated_gradients", ig_steps=8)
+    expected = (x * linear.weight[y].view(5, 2, 3, 3)).abs().mean(1)  # completeness for a linear map
+    torch.testing.assert_close(ig, expected)
+    smooth = saliency_maps(model, x, y, "smoothgrad", smoothgrad_samples=4)
+    torch.testing.assert_close(smooth, linear.weight[y].view(5, 2, 3, 3).abs().mean(1))  # constant gradient
+
+
+def test_bad_input__clear_errors():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="floating point"):
+        masking_curve(model, [(torch.zeros(2, 3, 6, 6, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))])
+    with pytest.raises(ValueError, match="no images"):
+        masking_curve(model, [])
+    with pytest.raises(ValueError, match=r"percentages must lie in \[0, 100\]"):
+        masking_curve(model, loader(), percentages=[0, 50, 120])
+    with pytest.raises(ValueError, match="no labels"):
+        masking_curve(model, [{"pixel_values": torch.zeros(2, 3, 6, 6)}])
+    with pytest.raises(ValueError, match="order='best'"):
+        masking_curve(model, loader(), order="best")
+
+
+def _save_digits_model(path, seed):
+    from sd_plugin.demo import build_demo_model
+
+    model = build_demo_model(seed)
+    model.save_pretrained(path)
+    return path
+
+
+def test_cli__two_saved_models_write_table_json_and_figures(tmp_path, capsys):
+    from sd_plugin.__main__ import main as cli
+
+    first = _save_digits_model(tmp_path / "a" / "model", 0)
+    second = _save_digits_model(tmp_path / "b" / "model", 1)
+    out = tmp_path / "eval"
+    code = cli(
+        [
+            "evaluate",
+            "--model",
+            str(first),
+            "--compare",
+            str(second),
+            "--dataset",
+            "digits",
+            "--output-dir",
+            str(out),
+            "--max-images",
+            "40",
+            "--step",
+            "20",
+            "--randomization",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| a/model |" in printed and "| b/model |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"a/model", "b/model"}
+    for metrics in results["models"].values():
+        assert metrics["num_images"] == 40
+        assert 0 <= metrics["masking_auc"] <= 10000
+        assert metrics["curves"]["saliency"]["percentages"] == [0, 20, 40, 60, 80, 100]
+        assert metrics["randomization"]["correlations"][0] == pytest.approx(1.0)
+    for name in ("saliency.png", "masking_curves.png", "gradient_boxplot.png"):
+        assert (out / name).stat().st_size > 5_000
+
+
+def test_cli__timm_model_on_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from sd_plugin.__main__ import main as cli
+
+    folder = tmp_path / "images"
+    g = torch.Generator().manual_seed(0)
+    for label in ("cat", "dog", "fox"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / label / f"{i}.png")
+    model = tiny_models.build("timm_vit", tmp_path)
+    code = cli(
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "timm_vit"),
+            "--dataset",
+            str(folder),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--step",
+            "25",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    (metrics,) = results["models"].values()
+    assert metrics["num_images"] == 9 and metrics["num_features"] == 32
+    del model
+
+
+def test_trainer__reports_masking_auc_at_evaluation(tmp_path):
+    from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
+    from sd_plugin.data import TensorImageDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorImageDataset(torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 3, (24,), generator=g))
+    args = SaliencyDecorConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=12,
+        group_size=8,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        eval_masking_auc=True,
+        eval_masking_samples=16,
+        eval_masking_step=25,
+        disable_tqdm=True,
+    )
+    trainer = SaliencyDecorTrainer(
+        model=tiny_models.build("timm_resnet", tmp_path), args=args, train_dataset=data, eval_dataset=data
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert 0 <= metrics["eval_masking_auc"] <= 10000
+    assert 0 <= metrics["eval_masking_auc_random"] <= 10000
+    assert "eval_faithfulness_gap" in metrics and 0 <= metrics["eval_accuracy"] <= 1
+    assert any("eval_masking_auc" in entry for entry in trainer.state.log_history)
