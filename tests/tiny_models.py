@@ -27,6 +27,7 @@ FAMILIES = (
     "peft_hf_vit",
     "peft_timm_resnet",
     "custom",
+    "paper_cnn",
 )
 
 
@@ -138,6 +139,16 @@ def _custom(path: Path) -> nn.Module:
     return model
 
 
+def _paper_cnn(path: Path) -> nn.Module:
+    from sd_plugin.models import PaperCNN
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(PaperCNN(3, NUM_CLASSES, IMAGE_SIZE, (8, 4)).state_dict(), path / "cnn.pt")
+    model = PaperCNN(3, NUM_CLASSES, IMAGE_SIZE, (8, 4))
+    model.load_state_dict(torch.load(path / "cnn.pt"))
+    return model
+
+
 _FACTORIES = {
     "hf_resnet": _hf_resnet,
     "hf_vit": _hf_vit,
@@ -148,6 +159,7 @@ _FACTORIES = {
     "peft_hf_vit": _peft_hf_vit,
     "peft_timm_resnet": _peft_timm_resnet,
     "custom": _custom,
+    "paper_cnn": _paper_cnn,
 }
 
 
@@ -180,6 +192,8 @@ def true_head(model: nn.Module, family: str) -> nn.Module:
         return base.head
     if family == "custom":
         return base.embed
+    if family == "paper_cnn":
+        return base.fc
     raise KeyError(family)
 
 
@@ -187,4 +201,6 @@ def call(model: nn.Module, family: str, x: torch.Tensor) -> torch.Tensor:
     """Logits of the model called the way its library documents."""
     if family.startswith("hf") or family == "peft_hf_vit":
         return model(pixel_values=x).logits
+    if family == "paper_cnn":
+        return model(x)["logits"]
     return model(x)

@@ -72,7 +72,7 @@ def deletion_insertion(
     target: str = "prediction",
     deletion_fill: str = "zero",
     insertion_fill: str = "blur",
-    max_batch_size: int = 1024,
+    max_batch_size: int | None = None,
     device: torch.device | str | None = None,
     max_images: int | None = None,
     seed: int = 0,
@@ -85,6 +85,8 @@ def deletion_insertion(
         attribution: saliency method (see ``sd_plugin.evaluation.attribution``).
         target: ``"prediction"`` (RISE: the model's top-1 on the clean image) or ``"label"``.
         deletion_fill, insertion_fill: the substrates (RISE: zeros and a blur).
+        max_batch_size: images per forward (default: one fraction, deletion and insertion
+            together, per forward).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
@@ -116,7 +118,7 @@ def deletion_insertion(
         ranks = pixel_ranks(saliency_maps(forward, images, labels, attribution, generator))
         substrates = (fill_values(images, deletion_fill, generator), fill_values(images, insertion_fill, generator))
         batch_size, num_pixels = images.shape[0], ranks.shape[1]
-        per_chunk = max(1, max_batch_size // (2 * batch_size))
+        per_chunk = max(1, (max_batch_size or 2 * batch_size) // (2 * batch_size))
         for start in range(0, len(fractions), per_chunk):
             chunk = fractions[start : start + per_chunk]
             variants = []
