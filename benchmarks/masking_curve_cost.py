@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_description(device)
     print(f"Machine: {machine}\n")
     print(
-        "| model | images | levels | plain pass s | masking curve s | × plain (target) | naive ms/img | batched ms/img | speed-up |"
+        "| model | images | levels | plain pass s | masking curve s | × plain (target) "
+        "| naive ms/img | batched ms/img | speed-up |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
