@@ -7,6 +7,8 @@ import sys
 COMMANDS = {
     "demo": "sd_plugin.demo",
     "evaluate": "sd_plugin.evaluation.cli",
+    "export": "sd_plugin.hub.cli:export_main",
+    "push": "sd_plugin.hub.cli:push_main",
 }
 
 
@@ -16,11 +18,14 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m sd_plugin {" + ",".join(COMMANDS) + "} [options]")
         print("  demo      baseline vs SGT vs SaliencyDecor on scikit-learn digits (offline)")
         print("  evaluate  accuracy, masking AUC, deletion/insertion, sparseness, effective rank of models")
+        print("  export    a trained folder -> plain timm/transformers checkpoint + model card")
+        print("  push      an exported folder -> the Hugging Face Hub")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
 
-    module = importlib.import_module(COMMANDS[argv[0]])
-    return module.main(argv[1:])
+    module_name, _, function = COMMANDS[argv[0]].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

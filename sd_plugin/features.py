@@ -207,6 +207,10 @@ class ModelAdapter:
         self.tap.whitening = whitening
         self.tap.whiten_head_input = whiten_head_input
         self.whitening = whitening
+        # Recorded on the module so export can fold it without the adapter.
+        whitening.feeds_head = bool(whiten_head_input)
+        whitening.tap_module_name = self.head_name
+        whitening.tap_where = self.tap.where
         return whitening
 
     def remove(self) -> None:

@@ -167,6 +167,10 @@ class GroupZCA(nn.Module):
         self.method = method
         self.sync_statistics = sync_statistics
         self.track_running_stats = True
+        # Set by ``ModelAdapter.attach_whitening``: where the whitening sits in the model.
+        self.feeds_head = False
+        self.tap_module_name: str | None = None
+        self.tap_where: str | None = None
         eye = torch.eye(group_size).expand(self.num_groups, group_size, group_size).clone()
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_cov", eye)

@@ -1,9 +1,9 @@
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
 from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
 from sd_plugin.data import FASHION_MNIST_DIR, HFImageDataset, load_eval_dataset, load_fashion_mnist
 from sd_plugin.evaluation import logits_fn

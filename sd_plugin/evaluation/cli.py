@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -84,6 +85,9 @@ def _percentages(step: float) -> tuple[float, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import shlex
+
+    argv = list(sys.argv[2:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluated {name}: accuracy {metrics['accuracy']:.2f}%, masking AUC {metrics['masking_auc']:.0f}")
     figures = _figures(output_dir, examples, saliency, curves)
     (output_dir / "results.json").write_text(
-        json.dumps({"dataset": args.dataset, "split": args.split, "models": results, "figures": figures}, indent=2)
+        json.dumps(
+            {
+                "dataset": args.dataset,
+                "split": args.split,
+                "command": "python -m sd_plugin evaluate " + shlex.join(argv),
+                "models": results,
+                "figures": figures,
+            },
+            indent=2,
+        )
     )
     print()
     print(format_table(results))

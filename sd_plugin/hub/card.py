@@ -1,0 +1,144 @@
+"""Model card rendering: YAML metadata (``huggingface_hub.ModelCardData``) + the template in ``hub/``.
+
+Example:
+    >>> card = render_model_card(
+    ...     model_name="resnet-sd", library_name="transformers", metadata={"method": "saliencydecor"},
+    ...     evaluation={"accuracy": 97.5, "masking_auc": 3900.0, "masking_auc_random": 5400.0,
+    ...                 "faithfulness_gap": 0.28},
+    ...     datasets=["digits"])
+    >>> from huggingface_hub import ModelCard
+    >>> data = ModelCard(card).data
+    >>> data.library_name, "saliencydecor" in data.tags, data.eval_results[0].metric_type
+    ('transformers', True, 'accuracy')
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from string import Template
+from typing import Any
+
+__all__ = ["render_model_card", "METRIC_LABELS"]
+
+METRIC_LABELS = {
+    "accuracy": ("accuracy", "accuracy (%)"),
+    "masking_auc": ("masking_auc", "masking AUC, saliency order (0-10000, lower = more faithful)"),
+    "masking_auc_random": ("masking_auc_random", "masking AUC, random order"),
+    "faithfulness_gap": ("faithfulness_gap", "faithfulness gap (AUC_random - AUC_saliency) / AUC_random"),
+    "deletion_auc": ("deletion_auc", "RISE deletion AUC (lower = better)"),
+    "insertion_auc": ("insertion_auc", "RISE insertion AUC (higher = better)"),
+    "sparseness": ("sparseness", "saliency sparseness (Gini)"),
+    "effective_rank": ("effective_rank", "feature effective rank"),
+}
+_HYPERPARAMETERS = (
+    "method",
+    "mask_ratio",
+    "mask_fill",
+    "consistency_weight",
+    "consistency_grad",
+    "decor_weight",
+    "group_size",
+    "whiten_head_input",
+    "decor_target",
+    "whitening_shrinkage",
+    "whitening_momentum",
+    "whitening_method",
+    "masked_pass_updates_stats",
+)
+
+
+def _template() -> Template:
+    text = resources.files("sd_plugin.hub").joinpath("model_card.md").read_text(encoding="utf-8")
+    return Template(text)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def _evaluation_table(evaluation: dict[str, Any] | None, comparisons: dict[str, dict[str, Any]]) -> str:
+    if not evaluation:
+        return "Not evaluated yet: run `python -m sd_plugin evaluate` and export again with `--evaluation`."
+    rows = {"this model": evaluation, **comparisons}
+    keys = [k for k in METRIC_LABELS if any(k in r for r in rows.values())]
+    lines = ["| metric | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for key in keys:
+        cells = [_format(r[key]) if key in r else "–" for r in rows.values()]
+        lines.append(f"| {METRIC_LABELS[key][1]} | " + " | ".join(cells) + " |")
+    source = evaluation.get("num_images")
+    if source:
+        lines.append("")
+        lines.append(f"Measured on {source} images with `python -m sd_plugin evaluate` (command below).")
+    return "\n".join(lines)
+
+
+def render_model_card(
+    model_name: str,
+    library_name: str,
+    metadata: dict[str, Any],
+    evaluation: dict[str, Any] | None = None,
+    comparisons: dict[str, dict[str, Any]] | None = None,
+    datasets: list[str] | None = None,
+    base_model: str | None = None,
+    figures: list[str] | None = None,
+    usage: str = "",
+    training_command: str | None = None,
+    evaluation_command: str | None = None,
+    dataset_name: str | None = None,
+) -> str:
+    """The full ``README.md`` text (YAML front matter + body) of an exported model."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    comparisons = comparisons or {}
+    eval_results = []
+    if evaluation:
+        for key, (metric_type, metric_name) in METRIC_LABELS.items():
+            if isinstance(evaluation.get(key), (int, float)):
+                eval_results.append(
+                    EvalResult(
+                        task_type="image-classification",
+                        dataset_type=dataset_name or (datasets[0] if datasets else "custom"),
+                        dataset_name=dataset_name or (datasets[0] if datasets else "custom"),
+                        metric_type=metric_type,
+                        metric_name=metric_name,
+                        metric_value=float(evaluation[key]),
+                    )
+                )
+    data = ModelCardData(
+        model_name=model_name,
+        library_name=library_name,
+        pipeline_tag="image-classification",
+        tags=["saliencydecor", "interpretability", "image-classification", "sd-plugin"],
+        datasets=datasets or None,
+        base_model=base_model,
+        metrics=[result.metric_type for result in eval_results] or None,
+        eval_results=eval_results or None,
+    )
+    method = metadata.get("method", "saliencydecor")
+    folded = metadata.get("whiten_head_input") and method in ("decor", "saliencydecor")
+    inference_note = (
+        "The whitening fed the classifier during training; it has been folded into the head's weight and "
+        "bias, so this checkpoint is the plain architecture with no inference overhead."
+        if folded
+        else "The whitening only fed the decorrelation loss, so inference is the plain architecture."
+    )
+    hyperparameters = "\n".join(f"| `{k}` | {_format(metadata[k])} |" for k in _HYPERPARAMETERS if k in metadata)
+    figure_lines = "\n\n".join(f"![{name}]({name})" for name in figures or [])
+    training = []
+    if training_command:
+        training.append(f"Trained with:\n\n```bash\n{training_command}\n```")
+    if evaluation_command:
+        training.append(f"Evaluated with:\n\n```bash\n{evaluation_command}\n```")
+    body = _template().substitute(
+        summary=f"# {model_name}\n\nAn image classifier trained with SaliencyDecor (`method={method}`) for "
+        "more faithful gradient saliency maps.",
+        inference_note=inference_note,
+        hyperparameters=hyperparameters or "| method | " + method + " |",
+        evaluation=_evaluation_table(evaluation, comparisons),
+        figures=figure_lines,
+        usage=usage,
+        training="\n\n".join(training) or "Trained with `sd_plugin.SaliencyDecorTrainer`.",
+    )
+    return f"---\n{data.to_yaml()}\n---\n\n{body}"

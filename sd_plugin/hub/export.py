@@ -1,0 +1,219 @@
+"""Export a trained model to a folder plain timm / transformers load, with its model card.
+
+``export(source, path)`` takes a ``SaliencyDecorTrainer``, a model in memory, or a folder
+(a ``SaliencyDecorTrainer`` output / checkpoint, including PEFT adapter folders). It
+merges PEFT adapters (unless ``merge_adapter=False``), folds a whitening that fed the head
+into the head's weight and bias, removes every SaliencyDecor hook and buffer, and writes
+safetensors weights, the config and preprocessing config, ``saliency_decor.json`` and a
+``README.md`` model card. The folder is written next to ``path`` and renamed into place
+at the end, so an interrupted export never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..features import _is_timm_model, _is_transformers_model, unwrap_model
+from ..loading import METADATA_FILE, load_classifier, read_metadata, restore_whitening
+from .card import render_model_card
+from .folding import find_whitening, fold_whitening_into_head
+
+__all__ = ["export", "REPO_ID_PLACEHOLDER"]
+
+REPO_ID_PLACEHOLDER = "<repo_id>"
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("peft.")
+
+
+def _load_source(source: Any) -> tuple[nn.Module, dict[str, Any], Any, Path | None]:
+    """``(model, metadata, processor, source_dir)`` from a trainer, a model or a folder."""
+    from ..trainer import SaliencyDecorTrainer
+
+    if isinstance(source, SaliencyDecorTrainer):
+        model = source.accelerator.unwrap_model(source.model)
+        return model, source.saliency_decor_metadata(), source.processing_class, None
+    if isinstance(source, nn.Module):
+        found = find_whitening(source)
+        metadata: dict[str, Any] = {}
+        if found is not None:
+            whitening = found[1]
+            metadata = {"whiten_head_input": whitening.feeds_head, "group_size": whitening.group_size}
+        return source, metadata, None, None
+    directory = Path(source)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a folder, a model or a SaliencyDecorTrainer.")
+    metadata = read_metadata(directory) or {}
+    adapter_config = directory / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base_name = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise ValueError(f"{adapter_config} names no base_model_name_or_path to load the adapter onto.")
+        model = PeftModel.from_pretrained(load_classifier(base_name), str(directory))
+        restore_whitening(model, directory)
+    else:
+        model = load_classifier(directory)
+    return model, metadata, None, directory
+
+
+def _prepare_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
+
+
+def _usage(library: str, model_class: str) -> str:
+    if library == "timm":
+        return (
+            "import timm\n"
+            f'model = timm.create_model("hf-hub:{REPO_ID_PLACEHOLDER}", pretrained=True)  # or "local-dir:PATH"\n'
+            "model.eval()\n"
+            "config = timm.data.resolve_data_config(model=model)\n"
+            "transform = timm.data.create_transform(**config)"
+        )
+    if library == "transformers":
+        return (
+            "from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
+            f'model = AutoModelForImageClassification.from_pretrained("{REPO_ID_PLACEHOLDER}")  # or a local path\n'
+            "model.eval()"
+        )
+    return (
+        "from safetensors.torch import load_file\n"
+        f"model = {model_class}(...)  # the architecture it was trained with\n"
+        'model.load_state_dict(load_file("model.safetensors"))'
+    )
+
+
+def _write_weights(model: nn.Module, library: str, folder: Path, metadata: dict, source_dir: Path | None) -> None:
+    if _is_peft(model):
+        model.save_pretrained(str(folder), safe_serialization=True)
+        return
+    if library == "transformers":
+        model.save_pretrained(str(folder), safe_serialization=True)
+        return
+    if library == "timm":
+        from timm.models._hub import save_for_hf
+
+        model_args = getattr(model, "sd_plugin_model_args", None)
+        if model_args is None and source_dir is not None and (source_dir / "config.json").is_file():
+            model_args = json.loads((source_dir / "config.json").read_text()).get("model_args")
+        save_for_hf(model, str(folder), model_args=model_args, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _save_processor(processor: Any, source_dir: Path | None, folder: Path) -> None:
+    if processor is not None and hasattr(processor, "save_pretrained"):
+        processor.save_pretrained(str(folder))
+    elif source_dir is not None and (source_dir / "preprocessor_config.json").is_file():
+        shutil.copy2(source_dir / "preprocessor_config.json", folder / "preprocessor_config.json")
+
+
+def _read_evaluation(evaluation: Any) -> tuple[dict | None, dict[str, dict], list[Path], str | None, str | None]:
+    """``(metrics, comparisons, figure paths, dataset, command)`` from an evaluate results.json or dict."""
+    if evaluation is None:
+        return None, {}, [], None, None
+    if isinstance(evaluation, (str, Path)):
+        path = Path(evaluation)
+        results = json.loads(path.read_text())
+        figures = [Path(p) if Path(p).is_absolute() else path.parent / Path(p).name for p in results.get("figures", [])]
+    else:
+        results, figures = dict(evaluation), []
+    if "models" in results:
+        models = list(results["models"].items())
+        metrics = models[0][1]
+        comparisons = {name: values for name, values in models[1:]}
+        return metrics, comparisons, figures, results.get("dataset"), results.get("command")
+    return results, {}, figures, None, None
+
+
+def export(
+    source: Any,
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    merge_adapter: bool = True,
+    evaluation: Any = None,
+    datasets: list[str] | None = None,
+    base_model: str | None = None,
+    model_name: str | None = None,
+    training_command: str | None = None,
+) -> Path:
+    """Write an exportable checkpoint folder with its model card; returns the folder.
+
+    Args:
+        source: a ``SaliencyDecorTrainer``, a model, or a folder written by the trainer.
+        path: the folder to create (refused if it exists and is not empty, unless ``overwrite``).
+        merge_adapter: merge PEFT adapters into the base weights (default) or save the adapter.
+        evaluation: a ``results.json`` of ``python -m sd_plugin evaluate`` (first model = this one,
+            the others are shown as comparisons; its figures are copied) or a dict of metrics.
+        datasets, base_model, model_name, training_command: model card metadata.
+    """
+    path = Path(path)
+    _prepare_target(path, overwrite)
+    model, metadata, processor, source_dir = _load_source(source)
+    exported = copy.deepcopy(model).cpu().eval()
+    if _is_peft(exported) and merge_adapter:
+        exported = exported.merge_and_unload()
+    folded = fold_whitening_into_head(exported)
+    base = unwrap_model(exported)
+    if _is_transformers_model(base):
+        library = "transformers"
+    elif _is_timm_model(base):
+        library = "timm"
+    else:
+        library = "torch"
+    metrics, comparisons, figure_paths, dataset_name, eval_command = _read_evaluation(evaluation)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _write_weights(exported, library, staging, metadata, source_dir)
+        _save_processor(processor, source_dir, staging)
+        figures = []
+        for figure in figure_paths:
+            if figure.is_file():
+                (staging / "figures").mkdir(exist_ok=True)
+                shutil.copy2(figure, staging / "figures" / figure.name)
+                figures.append(f"figures/{figure.name}")
+        card_metadata = {**metadata, "whitening_folded_into_head": folded, "exported_library": library}
+        (staging / METADATA_FILE).write_text(json.dumps(card_metadata, indent=2, default=str))
+        base_model = base_model or getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        if base_model and Path(str(base_model)).exists():
+            base_model = None  # a local path is not a Hub id
+        card = render_model_card(
+            model_name=model_name or path.name,
+            library_name="timm" if library == "timm" else ("transformers" if library == "transformers" else "pytorch"),
+            metadata=metadata,
+            evaluation=metrics,
+            comparisons=comparisons,
+            datasets=datasets or ([dataset_name] if dataset_name else None),
+            base_model=base_model,
+            figures=figures,
+            usage=_usage(library, type(base).__name__),
+            training_command=training_command,
+            evaluation_command=eval_command,
+            dataset_name=dataset_name,
+        )
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,268 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny_models
+import torch
+from fake_hub import FakeHub
+
+from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
+from sd_plugin.hub import PushError, export, push, validate_repo_id
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LOAD_SCRIPT = """
+import sys, json, torch
+kind, folder, inputs, out = sys.argv[1:5]
+x = torch.load(inputs)
+if kind == "timm":
+    import timm
+    model = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+    logits = model(x)
+elif kind == "peft":
+    from peft import AutoPeftModel
+    raise SystemExit("unused")
+else:
+    from transformers import AutoModelForImageClassification
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    logits = model(pixel_values=x).logits
+assert "sd_plugin" not in sys.modules, "the exported folder must load without sd_plugin"
+torch.save(logits.detach(), out)
+"""
+
+
+def train(family, tmp_path, method="saliencydecor", steps=3):
+    model = tiny_models.build(family, tmp_path)
+    if family in ("timm_vit",):
+        model.sd_plugin_model_args = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    if family == "peft_timm_resnet":
+        pass
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(48)]
+    args = SaliencyDecorConfig(
+        output_dir=str(tmp_path / "run"),
+        method=method,
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        group_size=8,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-2,
+    )
+    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return trainer
+
+
+def load_in_fresh_process(kind, folder, x, tmp_path):
+    torch.save(x, tmp_path / "x.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, kind, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "folded"),
+    [
+        ("timm_resnet", "saliencydecor", True),
+        ("timm_vit", "saliencydecor", False),
+        ("hf_resnet", "saliencydecor", True),
+        ("hf_vit", "saliencydecor", False),
+        ("hf_resnet", "sgt", False),
+        ("peft_hf_vit", "saliencydecor", False),
+        ("peft_timm_resnet", "saliencydecor", True),
+        ("hf_timm_wrapper", "saliencydecor", True),
+    ],
+)
+def test_export__fresh_process_without_sd_plugin_reproduces_logits(tmp_path, family, method, folded):
+    trainer = train(family, tmp_path, method)
+    model = trainer.model.eval()
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = trainer.sd_adapter.logits(model, x)
+    folder = export(trainer, tmp_path / "exported")
+    metadata = json.loads((folder / "saliency_decor.json").read_text())
+    assert metadata["whitening_folded_into_head"] is folded
+    assert not list(folder.glob("*.bin")) and list(folder.glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    assert not any("saliency_decor" in key for key in load_file(folder / "model.safetensors"))
+    kind = "timm" if family in ("timm_resnet", "timm_vit", "peft_timm_resnet") else "transformers"
+    logits = load_in_fresh_process(kind, folder, x, tmp_path)
+    # float32 logits through a folded float64 whitening: equal to 1e-4.
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    card = (folder / "README.md").read_text()
+    assert "library_name: " + ("timm" if kind == "timm" else "transformers") in card
+
+
+def test_export__keep_adapter_saves_a_peft_adapter(tmp_path):
+    trainer = train("peft_hf_vit", tmp_path)
+    folder = export(trainer, tmp_path / "adapter", merge_adapter=False)
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    assert (folder / "README.md").is_file()
+
+
+def test_export__from_trainer_output_folder(tmp_path):
+    trainer = train("hf_resnet", tmp_path)
+    trainer.save_model()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = trainer.sd_adapter.logits(trainer.model.eval(), x)
+    folder = export(tmp_path / "run", tmp_path / "exported")
+    logits = load_in_fresh_process("transformers", folder, x, tmp_path)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_card__with_evaluation_results_and_figures_parses_back(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from sd_plugin.__main__ import main as cli
+
+    trainer = train("hf_resnet", tmp_path)
+    trainer.save_model()
+    baseline = train("hf_resnet", tmp_path / "b", method="baseline")
+    baseline.save_model()
+    # Evaluate on a saved image folder of the right size.
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for label in ("a", "b", "c"):
+        (images / label).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray((torch.rand(16, 16, 3) * 255).to(torch.uint8).numpy()).save(images / label / f"{i}.png")
+    assert (
+        cli(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "run"),
+                "--compare",
+                str(tmp_path / "b" / "run"),
+                "--dataset",
+                str(images),
+                "--output-dir",
+                str(tmp_path / "eval"),
+                "--step",
+                "25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    folder = export(
+        tmp_path / "run",
+        tmp_path / "exported",
+        evaluation=tmp_path / "eval" / "results.json",
+        base_model="microsoft/resnet-18",
+        training_command="python train.py --method saliencydecor",
+    )
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers"
+    assert {"saliencydecor", "interpretability"} <= set(card.data.tags)
+    assert card.data.base_model == "microsoft/resnet-18"
+    metric_types = {result.metric_type for result in card.data.eval_results}
+    assert {"accuracy", "masking_auc", "faithfulness_gap"} <= metric_types
+    assert (folder / "figures" / "saliency.png").is_file()
+    assert "![figures/saliency.png](figures/saliency.png)" in card.text
+    assert "python -m sd_plugin evaluate" in card.text and "python train.py" in card.text
+    assert "b/run" in card.text  # the baseline column
+
+
+def test_card__without_evaluation_parses_back(tmp_path):
+    from huggingface_hub import ModelCard
+
+    folder = export(train("timm_resnet", tmp_path).model, tmp_path / "exported")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "timm"
+    assert card.data.eval_results is None
+    assert "Not evaluated yet" in card.text
+
+
+def test_push__through_huggingface_hub_to_a_loopback_endpoint(tmp_path):
+    folder = export(train("hf_resnet", tmp_path).model, tmp_path / "exported")
+    with FakeHub() as hub:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "PYTHONPATH")}
+        env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_TELEMETRY="1")
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sd_plugin",
+                "push",
+                str(folder),
+                "--repo-id",
+                "alice/resnet-sd",
+                "--private",
+                "--create-pr",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=300,
+        )
+    assert result.returncode == 0, result.stderr[-3000:] + str(hub.unknown)
+    assert "discussions/1" in result.stdout
+    assert hub.repos[0]["name"] == "resnet-sd" and hub.repos[0]["organization"] == "alice"
+    assert hub.repos[0].get("visibility") == "private" or hub.repos[0].get("private") is True
+    assert hub.repos[0]["authorization"] == "Bearer hf_test_token"
+    (commit,) = hub.commits
+    assert "refs%2Fpr%2F1" in commit["path"] and hub.pull_requests  # --create-pr: committed to a PR
+    assert commit["header"]["summary"] == "Upload SaliencyDecor model"
+    assert {"README.md", "config.json", "model.safetensors", "saliency_decor.json"} <= set(commit["files"])
+    (metadata,) = hub.validated  # the card's YAML went through the Hub's validation endpoint
+    assert metadata["library_name"] == "transformers" and "saliencydecor" in metadata["tags"]
+    card = commit["files"]["README.md"].decode()
+    assert "library_name: transformers" in card and "alice/resnet-sd" in card and "<repo_id>" not in card
+
+
+def test_push__missing_token_keeps_folder(tmp_path, monkeypatch):
+    folder = export(train("hf_resnet", tmp_path).model, tmp_path / "exported")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored login
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(PushError, match="no Hugging Face token"):
+        push(folder, "alice/model")
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_bad_input__repo_id_overwrite_untrained_and_partial_folders(tmp_path):
+    with pytest.raises(ValueError, match="must look like 'user-or-org/model-name'"):
+        validate_repo_id("no-slash")
+    with pytest.raises(ValueError, match="not a valid Hub repository id"):
+        validate_repo_id("alice/bad name!")
+    # Untrained whitening that feeds the head.
+    from sd_plugin import adapt
+
+    model = tiny_models.build("timm_resnet", tmp_path)
+    adapt(model).attach_whitening(group_size=8, whiten_head_input=True)
+    with pytest.raises(ValueError, match="never estimated"):
+        export(model, tmp_path / "untrained")
+    assert not (tmp_path / "untrained").exists()
+    # Existing non-empty folder.
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export(tiny_models.build("hf_resnet", tmp_path), tmp_path / "busy")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
+    # A failure while writing leaves neither the target nor a staging folder.
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(Exception):  # noqa: B017 - safetensors refuses shared tensors
+        export(tied, tmp_path / "tied")
+    assert not (tmp_path / "tied").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tied.")]
