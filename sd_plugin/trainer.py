@@ -190,6 +190,60 @@ class SaliencyDecorTrainer(Trainer):
 
             whitening.load_state_dict(load_file(path, device=str(whitening.running_cov.device)))
 
+    # -- publishing -------------------------------------------------------------------
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """No network at construction: the repository is created when the export is pushed."""
+        from .hub.push import validate_repo_id
+
+        repo_id = self.args.hub_model_id
+        if repo_id is not None and "/" in repo_id:
+            validate_repo_id(repo_id)
+        self.hub_model_id = repo_id
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Checkpoints stay local; ``push_to_hub`` publishes the exported model."""
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Export (whitening folded, PEFT merged, model card) to ``output_dir/export`` and push it.
+
+        The repository is ``args.hub_model_id`` (``user/name``). Goes through
+        ``sd_plugin.hub.push`` like ``python -m sd_plugin push``.
+        """
+        from .hub import export, push
+
+        repo_id = self.args.hub_model_id
+        if not repo_id or "/" not in repo_id:
+            raise ValueError(
+                f"hub_model_id={repo_id!r}: set SaliencyDecorConfig(hub_model_id='user-or-org/model-name') to push."
+            )
+        folder = export(
+            self,
+            os.path.join(self.args.output_dir, "export"),
+            overwrite=True,
+            datasets=[kwargs["dataset_name"]] if kwargs.get("dataset_name") else None,
+            base_model=kwargs.get("finetuned_from"),
+            model_name=kwargs.get("model_name"),
+        )
+        if not self.args.should_save:
+            return ""
+        return push(
+            folder,
+            repo_id,
+            private=bool(private if private is not None else self.args.hub_private_repo),
+            create_pr=bool(kwargs.get("create_pr", False)),
+            token=token or self.args.hub_token,
+            commit_message=commit_message or "End of training",
+        )
+
     # -- evaluation -------------------------------------------------------------------
 
     def evaluation_loop(

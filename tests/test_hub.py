@@ -230,6 +230,41 @@ def test_push__through_huggingface_hub_to_a_loopback_endpoint(tmp_path):
     assert "library_name: transformers" in card and "alice/resnet-sd" in card and "<repo_id>" not in card
 
 
+PUSH_FROM_TRAINER = """
+import sys, torch, timm
+from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
+model = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+data = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 3} for i in range(32)]
+args = SaliencyDecorConfig(output_dir=sys.argv[1], max_steps=2, per_device_train_batch_size=16, group_size=8,
+                           report_to="none", use_cpu=True, save_strategy="no", push_to_hub=True,
+                           hub_model_id="alice/timm-sd", disable_tqdm=True)
+trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
+trainer.train()
+print("URL", trainer.push_to_hub())
+"""
+
+
+def test_trainer_push_to_hub__timm_model_goes_through_push(tmp_path):
+    with FakeHub() as hub:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "PYTHONPATH")}
+        env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_TELEMETRY="1")
+        result = subprocess.run(
+            [sys.executable, "-c", PUSH_FROM_TRAINER, str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=300,
+        )
+    assert result.returncode == 0, result.stderr[-3000:] + str(hub.unknown)
+    assert "URL http://" in result.stdout
+    (commit,) = hub.commits
+    assert {"README.md", "config.json", "model.safetensors"} <= set(commit["files"])
+    assert hub.validated[0]["library_name"] == "timm"
+    config = json.loads(commit["files"]["config.json"])
+    assert config["architecture"] == "resnet10t"
+
+
 def test_push__missing_token_keeps_folder(tmp_path, monkeypatch):
     folder = export(train("hf_resnet", tmp_path).model, tmp_path / "exported")
     monkeypatch.delenv("HF_TOKEN", raising=False)
