@@ -55,7 +55,7 @@ from transformers import TrainingArguments
 from .loss import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS
 from .masking import MASK_FILLS
 
-__all__ = ["SaliencyDecorConfig", "METHOD_FIELDS"]
+__all__ = ["SaliencyDecorConfig", "METHOD_FIELDS", "loss_kwargs", "method_arguments_class"]
 
 
 @dataclass
@@ -144,31 +144,57 @@ class SaliencyDecorConfig(TrainingArguments):
 
     def method_kwargs(self) -> dict:
         """Keyword arguments of ``SaliencyDecorLoss`` taken from this config."""
-        sync = self.sync_whitening
-        if sync is None:
-            sync = self.world_size > 1
-        return {
-            "method": self.method,
-            "mask_ratio": self.mask_ratio,
-            "mask_fill": self.mask_fill,
-            "decor_weight": self.decor_weight,
-            "consistency_weight": self.consistency_weight,
-            "group_size": self.group_size,
-            "whiten_head_input": self.whiten_head_input,
-            "decor_target": self.decor_target,
-            "consistency_grad": self.consistency_grad,
-            "masked_pass_updates_stats": self.masked_pass_updates_stats,
-            "check_finite": self.check_finite,
-            "whitening_shrinkage": self.whitening_shrinkage,
-            "whitening_momentum": self.whitening_momentum,
-            "whitening_method": self.whitening_method,
-            "sync_whitening": sync,
-        }
+        return loss_kwargs(self, self.world_size)
 
 
 METHOD_FIELDS = tuple(
     name for name in SaliencyDecorConfig.__dataclass_fields__ if name not in TrainingArguments.__dataclass_fields__
 )
+
+
+def loss_kwargs(method_args: object, world_size: int = 1) -> dict:
+    """``SaliencyDecorLoss`` keyword arguments from a config or ``method_arguments_class()`` instance."""
+    sync = getattr(method_args, "sync_whitening", None)
+    if sync is None:
+        sync = world_size > 1
+    names = (
+        "method",
+        "mask_ratio",
+        "mask_fill",
+        "decor_weight",
+        "consistency_weight",
+        "group_size",
+        "whiten_head_input",
+        "decor_target",
+        "consistency_grad",
+        "masked_pass_updates_stats",
+        "check_finite",
+        "whitening_shrinkage",
+        "whitening_momentum",
+        "whitening_method",
+    )
+    return {**{name: getattr(method_args, name) for name in names}, "sync_whitening": bool(sync)}
+
+
+def method_arguments_class() -> type:
+    """A plain dataclass with exactly the method fields of ``SaliencyDecorConfig``.
+
+    Recipes parse it with ``HfArgumentParser`` beside their own arguments, so every method
+    field is a flag with the same name, default and help as in the Trainer config.
+    """
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(SaliencyDecorConfig)
+    specs = []
+    for f in dataclasses.fields(SaliencyDecorConfig):
+        if f.name in METHOD_FIELDS and not f.name.startswith("eval_"):  # the loops have their own eval flags
+            specs.append((f.name, hints[f.name], field(default=f.default, metadata=dict(f.metadata))))
+    namespace = {
+        "__doc__": "SaliencyDecor method fields (see SaliencyDecorConfig).",
+        "validate": _validate_method_fields,
+    }
+    return dataclasses.make_dataclass("SaliencyDecorArguments", specs, namespace=namespace)
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -192,9 +218,9 @@ def _validate_method_fields(config: SaliencyDecorConfig) -> None:
         raise ValueError(f"group_size={config.group_size} must be a positive divisor of the feature width.")
     if not 0.0 <= config.whitening_shrinkage <= 1.0:
         raise ValueError(f"whitening_shrinkage={config.whitening_shrinkage} must be in [0, 1].")
-    if config.eval_masking_samples < 1:
+    if getattr(config, "eval_masking_samples", 1) < 1:
         raise ValueError(f"eval_masking_samples={config.eval_masking_samples} must be >= 1.")
-    if not 0.0 < config.eval_masking_step <= 100.0:
+    if not 0.0 < getattr(config, "eval_masking_step", 10.0) <= 100.0:
         raise ValueError(f"eval_masking_step={config.eval_masking_step} must be in (0, 100].")
     if not 0.0 < config.whitening_momentum <= 1.0:
         raise ValueError(f"whitening_momentum={config.whitening_momentum} must be in (0, 1].")

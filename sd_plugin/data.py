@@ -204,3 +204,81 @@ def load_eval_dataset(
             raise ValueError(f"split={chosen!r} is not in the dataset; its splits are {names}.")
         loaded = loaded[chosen]
     return HFImageDataset(loaded, image_transform(model, model_directory))
+
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif")
+
+
+class ImagePathDataset(Dataset):
+    """``(path, label)`` pairs read lazily as ``{"pixel_values", "labels"}``."""
+
+    def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform: Callable[[Any], Tensor]):
+        self.samples = samples
+        self.classes = classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            pixels = self.transform(image.convert("RGB"))
+        return {"pixel_values": pixels, "labels": label}
+
+
+def _images_in(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def folder_classes(train_dir: str | Path) -> list[str]:
+    """Class names of an image folder (its sub-folders that hold images), sorted."""
+    root = Path(train_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist.")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _images_in(p))
+    if not classes:
+        raise ValueError(
+            f"{root} holds no class sub-folders with images ({', '.join(IMAGE_EXTENSIONS)}); expected "
+            "<class>/<image> (or Tiny ImageNet's <wnid>/images/<image>)."
+        )
+    return classes
+
+
+def image_folder_dataset(
+    directory: str | Path, classes: list[str], transform: Callable[[Any], Tensor]
+) -> ImagePathDataset:
+    """An image folder split, including the raw ``tiny-imagenet-200`` layout.
+
+    ``<class>/**/<image>`` folders (Tiny ImageNet's ``train/<wnid>/images/*.JPEG`` too), or
+    a flat folder of images with ``val_annotations.txt`` (Tiny ImageNet's ``val/``:
+    ``images/<file>`` and lines ``<file> <wnid> ...``). Labels index ``classes``.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist.")
+    index = {name: i for i, name in enumerate(classes)}
+    annotations = root / "val_annotations.txt"
+    samples: list[tuple[Path, int]] = []
+    if annotations.is_file():
+        image_root = root / "images" if (root / "images").is_dir() else root
+        for line in annotations.read_text().splitlines():
+            parts = line.split()
+            if len(parts) < 2:
+                continue
+            if parts[1] not in index:
+                raise ValueError(f"{annotations}: class {parts[1]!r} of {parts[0]} is not a training class.")
+            samples.append((image_root / parts[0], index[parts[1]]))
+    else:
+        for name in sorted(p.name for p in root.iterdir() if p.is_dir()):
+            if name not in index:
+                raise ValueError(f"{root / name} is not one of the {len(classes)} training classes.")
+            samples += [(path, index[name]) for path in _images_in(root / name)]
+    if not samples:
+        raise ValueError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    missing = [str(path) for path, _ in samples[:1000] if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} annotated images are missing, e.g. {missing[0]}.")
+    return ImagePathDataset(samples, classes, transform)

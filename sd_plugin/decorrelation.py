@@ -19,23 +19,34 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["decorrelation_loss", "decorrelation_floor"]
 
 
-def decorrelation_loss(features: Tensor, eps: float = 1e-10) -> Tensor:
+def _sum_over_processes(tensor: Tensor, sync: bool) -> Tensor:
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def decorrelation_loss(features: Tensor, eps: float = 1e-10, sync: bool = False) -> Tensor:
     """Mean squared off-diagonal correlation, ``(B, D) -> ()``, computed in float32.
 
     Args:
         features: a batch of ``B >= 2`` feature vectors of width ``D >= 2``.
+        sync: compute the correlation over the batches of all ``torch.distributed``
+            processes (autograd-aware), so N processes with B/N equal one with B.
         eps: added to the variance before standardising (dead units give 0, not NaN);
             small enough to keep the loss invariant to the scale of each feature.
     """
     if features.dim() != 2:
         raise ValueError(f"decorrelation_loss expects (B, D) features, got {tuple(features.shape)}.")
     batch, width = features.shape
-    if batch < 2:
+    if batch < 2 and not sync:
         raise ValueError(
             f"decorrelation_loss needs a batch of at least 2 samples, got {batch}; "
             "increase the batch size (per_device_train_batch_size)."
@@ -43,9 +54,11 @@ def decorrelation_loss(features: Tensor, eps: float = 1e-10) -> Tensor:
     device_type = features.device.type if features.device.type in ("cuda", "cpu") else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):
         f = features.to(torch.promote_types(features.dtype, torch.float32))
-        centred = f - f.mean(0)
-        standardised = centred / (centred.pow(2).mean(0) + eps).sqrt()
-        corr = standardised.T @ standardised / batch
+        count = _sum_over_processes(torch.tensor(float(batch), device=f.device, dtype=f.dtype), sync)
+        centred = f - _sum_over_processes(f.sum(0), sync) / count
+        variance = _sum_over_processes(centred.pow(2).sum(0), sync) / count
+        standardised = centred / (variance + eps).sqrt()
+        corr = _sum_over_processes(standardised.T @ standardised, sync) / count
         off_diagonal = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
         return off_diagonal / width
 

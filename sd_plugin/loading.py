@@ -19,7 +19,14 @@ from torch import nn
 
 from .feature_tap import WHITENING_MODULE_NAME
 
-__all__ = ["METADATA_FILE", "WHITENING_FILE", "load_classifier", "restore_whitening", "read_metadata"]
+__all__ = [
+    "METADATA_FILE",
+    "WHITENING_FILE",
+    "load_classifier",
+    "load_for_finetuning",
+    "restore_whitening",
+    "read_metadata",
+]
 
 METADATA_FILE = "saliency_decor.json"
 WHITENING_FILE = "saliency_decor_whitening.safetensors"
@@ -134,3 +141,41 @@ def restore_whitening(model: nn.Module, directory: str | Path) -> bool:
     whitening.load_state_dict(load_file(str(whitening_path)))
     whitening.eval()
     return True
+
+
+def load_for_finetuning(name_or_path: str, num_labels: int, labels: list[str] | None = None) -> nn.Module:
+    """A pretrained classifier with a new ``num_labels``-way head, from a Hub id or a folder.
+
+    timm: ``timm/...``, ``hf-hub:...``, ``local-dir:PATH`` or a folder with timm's
+    ``config.json``; transformers: any other Hub id or a ``save_pretrained`` folder.
+    """
+    path = Path(name_or_path.removeprefix("local-dir:"))
+    looks_local = name_or_path.startswith(("./", "/", "../", "local-dir:")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(f"--model {name_or_path}: the folder {path} does not exist.")
+    config = _read_config(path) if path.is_dir() else None
+    if path.is_dir() and config is None:
+        raise ValueError(f"--model {name_or_path}: {path} has no config.json (not a transformers or timm model).")
+    try:
+        if name_or_path.startswith(("timm/", "hf-hub:")) or (config is not None and _is_timm_config(config)):
+            import timm
+
+            source = (
+                f"local-dir:{path}"
+                if path.is_dir()
+                else (name_or_path if name_or_path.startswith("hf-hub:") else f"hf-hub:{name_or_path}")
+            )
+            return timm.create_model(source, pretrained=True, num_classes=num_labels)
+        from transformers import AutoModelForImageClassification
+
+        extra: dict[str, Any] = {}
+        if labels:
+            extra = {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+        return AutoModelForImageClassification.from_pretrained(
+            str(path) if path.is_dir() else name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True, **extra
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"--model {name_or_path!r} could not be loaded: expected a Hub id (transformers, or timm as "
+            f"'timm/<name>') or a local model folder ({type(error).__name__}: {str(error).splitlines()[0]})."
+        ) from error

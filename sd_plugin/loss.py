@@ -152,6 +152,7 @@ class SaliencyDecorLoss:
         self.masked_pass_updates_stats = masked_pass_updates_stats
         self.check_finite = check_finite
         self.generator = generator
+        self.sync_whitening = sync_whitening
         self.uses_masking = method in ("sgt", "saliencydecor")
         self.uses_decorrelation = method in ("decor", "saliencydecor")
         self.whitening = None
@@ -184,8 +185,10 @@ class SaliencyDecorLoss:
             backward: called with each loss to back-propagate (default
                 ``loss.backward()``; pass ``accelerator.backward`` in Accelerate loops).
             loss_scale: multiplies every back-propagated loss (e.g. ``1 / grad_accum``).
-            no_sync: context manager factory that suppresses the gradient all-reduce of
-                the first of two backward passes (``accelerator.no_sync`` partial).
+            no_sync: context manager factory that suppresses DDP's gradient all-reduce
+                (e.g. ``functools.partial(accelerator.no_sync, model)``): the clean pass
+                (forward and backward) runs inside it, so the two-pass step all-reduces
+                the accumulated gradients once, in the masked pass's backward.
         """
         model = self.adapter.model if model is None else model
         backward = backward or (lambda loss: loss.backward())
@@ -195,39 +198,44 @@ class SaliencyDecorLoss:
         detached = self.consistency_grad == "detached"
         inputs = images.clone().requires_grad_(True) if self.uses_masking else images
 
-        with tap.whitened_for_loss(self.uses_decorrelation):
-            tap.clear()
-            clean_logits = self.adapter.logits(model, inputs)
-            features, whitened = tap.features, tap.whitened
-            tap.clear()
-        loss_ce = F.cross_entropy(clean_logits.float(), labels)
-        loss_decor = None
-        clean_objective = loss_ce
-        if self.uses_decorrelation:
-            target = whitened if self.decor_target == "whitened" else features
-            if target is None:
-                raise RuntimeError(f"no features were recorded at {self.adapter.head_name!r}.")
-            loss_decor = decorrelation_loss(target)
-            clean_objective = loss_ce + self.decor_weight * loss_decor
-        self._check_finite({"loss_ce": loss_ce, "loss_decor": loss_decor})
+        # With DDP the clean pass must not trigger a gradient all-reduce: its forward and
+        # backward both run under ``no_sync``; the masked pass's backward syncs once.
+        two_backwards = self.uses_masking and detached and no_sync is not None
+        clean_sync = no_sync() if two_backwards else contextlib.nullcontext()
+        clean_sync.__enter__()
+        try:
+            with tap.whitened_for_loss(self.uses_decorrelation):
+                tap.clear()
+                clean_logits = self.adapter.logits(model, inputs)
+                features, whitened = tap.features, tap.whitened
+                tap.clear()
+            loss_ce = F.cross_entropy(clean_logits.float(), labels)
+            loss_decor = None
+            clean_objective = loss_ce
+            if self.uses_decorrelation:
+                target = whitened if self.decor_target == "whitened" else features
+                if target is None:
+                    raise RuntimeError(f"no features were recorded at {self.adapter.head_name!r}.")
+                loss_decor = decorrelation_loss(target, sync=self.sync_whitening)
+                clean_objective = loss_ce + self.decor_weight * loss_decor
+            self._check_finite({"loss_ce": loss_ce, "loss_decor": loss_decor})
 
-        if not self.uses_masking:
-            backward(clean_objective * loss_scale)
-            return SaliencyDecorOutput(
-                loss=clean_objective.detach(),
-                loss_ce=loss_ce.detach(),
-                loss_kl=None,
-                loss_decor=None if loss_decor is None else loss_decor.detach(),
-                logits=clean_logits.detach(),
-            )
-
-        if detached:
-            sync_context = no_sync() if no_sync is not None else contextlib.nullcontext()
-            with sync_context:
+            if not self.uses_masking:
                 backward(clean_objective * loss_scale)
-            input_grad = inputs.grad
-        else:
-            (input_grad,) = torch.autograd.grad(clean_objective, inputs, retain_graph=True)
+                return SaliencyDecorOutput(
+                    loss=clean_objective.detach(),
+                    loss_ce=loss_ce.detach(),
+                    loss_kl=None,
+                    loss_decor=None if loss_decor is None else loss_decor.detach(),
+                    logits=clean_logits.detach(),
+                )
+            if detached:
+                backward(clean_objective * loss_scale)
+                input_grad = inputs.grad
+            else:
+                (input_grad,) = torch.autograd.grad(clean_objective, inputs, retain_graph=True)
+        finally:
+            clean_sync.__exit__(None, None, None)
         if input_grad is None:
             raise RuntimeError(
                 "the clean pass produced no input gradient; the model must be differentiable "

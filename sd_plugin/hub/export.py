@@ -153,6 +153,7 @@ def export(
     base_model: str | None = None,
     model_name: str | None = None,
     training_command: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write an exportable checkpoint folder with its model card; returns the folder.
 
@@ -163,10 +164,12 @@ def export(
         evaluation: a ``results.json`` of ``python -m sd_plugin evaluate`` (first model = this one,
             the others are shown as comparisons; its figures are copied) or a dict of metrics.
         datasets, base_model, model_name, training_command: model card metadata.
+        metadata: method settings to record (default: those the source carries).
     """
     path = Path(path)
     _prepare_target(path, overwrite)
-    model, metadata, processor, source_dir = _load_source(source)
+    model, source_metadata, processor, source_dir = _load_source(source)
+    metadata = {**source_metadata, **(metadata or {})}
     exported = copy.deepcopy(model).cpu().eval()
     if _is_peft(exported) and merge_adapter:
         exported = exported.merge_and_unload()

@@ -1,0 +1,405 @@
+"""The Accelerate training loop shared by the recipes (``recipes/*.py``).
+
+It runs the same ``SaliencyDecorLoss`` as the Trainer, under ``accelerate launch`` on one
+process or many: gradient accumulation with ``accelerator.accumulate``, the clean pass under
+``no_sync`` (one gradient all-reduce per step), whitening statistics all-reduced across
+processes, cosine schedule with warmup, checkpoints every N steps with ``save_state``
+(written atomically, with the run's identity), exact resume (``load_state`` +
+``skip_first_batches`` on a seeded sampler), evaluation (accuracy with
+``gather_for_metrics`` and the masking test on a subset), trackers, a progress bar, a final
+``all_results.json``, an exported model and an optional push to the Hub.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .config import loss_kwargs
+from .features import adapt, unwrap_model
+from .loss import SaliencyDecorLoss
+
+__all__ = ["RecipeArguments", "train", "apply_lora", "checkpoint_step"]
+
+STATE_FILE = "recipe_state.json"
+
+
+@dataclass
+class RecipeArguments:
+    """Flags of the recipes (the transformers example names), besides the method fields."""
+
+    model: str = field(
+        default="facebook/deit-tiny-patch16-224",
+        metadata={"help": "Hub id or local folder (transformers or timm: 'timm/...', 'local-dir:PATH')."},
+    )
+    dataset_name: Optional[str] = field(  # noqa: UP045 - HfArgumentParser needs Optional
+        default=None, metadata={"help": "Hub dataset id or save_to_disk folder."}
+    )
+    train_dir: Optional[str] = field(default=None, metadata={"help": "Training image folder."})  # noqa: UP045
+    validation_dir: Optional[str] = field(default=None, metadata={"help": "Validation image folder."})  # noqa: UP045
+    train_split: str = field(default="train", metadata={"help": "Training split of --dataset_name."})
+    validation_split: Optional[str] = field(  # noqa: UP045
+        default=None, metadata={"help": "Validation split (default: valid/validation/test)."}
+    )
+    output_dir: str = field(default="outputs/recipe", metadata={"help": "Checkpoints, results and the model."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
+    optimizer: str = field(default="adamw", metadata={"help": "'adamw' or 'sgd'.", "choices": ["adamw", "sgd"]})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    num_train_epochs: int = field(default=3, metadata={"help": "Epochs (unless --max_train_steps)."})
+    max_train_steps: Optional[int] = field(default=None, metadata={"help": "Total optimizer steps."})  # noqa: UP045
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
+    num_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps."})
+    mixed_precision: Optional[str] = field(  # noqa: UP045
+        default=None, metadata={"help": "'no', 'bf16' or 'fp16' (default: accelerate's config)."}
+    )
+    checkpointing_steps: Optional[str] = field(  # noqa: UP045
+        default=None, metadata={"help": "Save state every N steps, or 'epoch'."}
+    )
+    resume_from_checkpoint: Optional[str] = field(  # noqa: UP045
+        default=None, metadata={"help": "A step_N / epoch_N folder of this run, or 'latest'."}
+    )
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    with_tracking: bool = field(default=False, metadata={"help": "Log to the trackers of --report_to."})
+    report_to: str = field(default="all", metadata={"help": "Trackers (tensorboard, wandb, ...), or 'all'."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})  # noqa: UP045
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the validation set."})  # noqa: UP045
+    eval_masking_samples: int = field(default=256, metadata={"help": "Images per process for the masking test."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the exported model at the end."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "user/name on the Hub."})  # noqa: UP045
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository private."})
+    peft: Optional[str] = field(  # noqa: UP045
+        default=None, metadata={"help": "'lora' to fine-tune LoRA adapters (head trainable).", "choices": ["lora"]}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_target_modules: Optional[str] = field(  # noqa: UP045
+        default=None, metadata={"help": "Comma-separated module names (default: attention q/v; CNN: last convs)."}
+    )
+    save_adapter: bool = field(default=False, metadata={"help": "Save the LoRA adapter instead of merging it."})
+
+    def validate(self) -> None:
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1.")
+        if self.checkpointing_steps not in (None, "epoch") and not str(self.checkpointing_steps).isdigit():
+            raise ValueError(f"checkpointing_steps={self.checkpointing_steps!r}: use a number of steps or 'epoch'.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id user-or-org/model-name.")
+        if self.push_to_hub:
+            from .hub.push import validate_repo_id
+
+            validate_repo_id(self.hub_model_id)
+
+
+def _run_identity(args: RecipeArguments, method_args: Any, num_processes: int) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "dataset": args.dataset_name or [args.train_dir, args.validation_dir],
+        "method": method_args.method,
+        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes,
+        "seed": args.seed,
+        "peft": args.peft,
+    }
+
+
+def checkpoint_step(folder: str | Path) -> int:
+    """The optimizer step a ``step_N`` / ``epoch_N`` checkpoint folder was saved at."""
+    state = Path(folder) / STATE_FILE
+    if not state.is_file():
+        raise ValueError(f"{folder} is not a checkpoint of a recipe run (no {STATE_FILE}).")
+    return int(json.loads(state.read_text())["completed_steps"])
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    candidates = [p for p in output_dir.glob("*_*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return max(candidates, key=checkpoint_step) if candidates else None
+
+
+def default_lora_targets(model: nn.Module, is_transformer: bool) -> list[str]:
+    """Attention query/value projections for ViTs; the last two convolutions for CNNs."""
+    names = [name for name, _ in model.named_modules()]
+    if is_transformer:
+        for group in (["q_proj", "v_proj"], ["query", "value"], ["qkv"]):
+            if any(name.endswith(group[0]) for name in names):
+                return group
+        raise ValueError("no attention projections found for LoRA; pass --lora_target_modules.")
+    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    if not convs:
+        raise ValueError("no convolutions found for LoRA; pass --lora_target_modules.")
+    return convs[-2:]
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets: list[str] | None = None) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters; its classifier head stays fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    probe = adapt(model)
+    probe.remove()
+    head = probe.head_name.split(".")[-1]
+    targets = targets or default_lora_targets(model, probe.is_transformer)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, modules_to_save=[head])
+    return get_peft_model(model, config)
+
+
+def _make_optimizer(args: RecipeArguments, model: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum)
+    return torch.optim.AdamW(groups, lr=args.learning_rate)
+
+
+def _atomic_save_state(accelerator: Any, folder: Path, state: dict[str, Any]) -> None:
+    """``save_state`` into a temporary folder, renamed into place: a crash never leaves half a checkpoint."""
+    staging = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Any, model: nn.Module, adapter: Any, loader: DataLoader, masking_samples: int, seed: int
+) -> dict[str, float]:
+    """Accuracy over the whole validation set and the masking test on a per-process subset."""
+    from .evaluation.masking_curve import faithfulness_gap, masking_curve
+
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        logits = adapter.logits(model, batch["pixel_values"])
+        predictions, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+        correct += int((predictions == labels).sum())
+        total += int(labels.numel())
+    metrics = {"eval_accuracy": correct / max(total, 1)}
+    if masking_samples > 0:
+        percentages = [float(p) for p in range(0, 101, 10)]
+        common = dict(percentages=percentages, max_images=masking_samples, device=accelerator.device)
+        inner = unwrap_model(model)  # no DDP for the masking test; LoRA layers live in the base model
+        by_saliency = masking_curve(inner, loader, order="saliency", **common)
+        by_random = masking_curve(inner, loader, order="random", seed=seed, **common)
+        values = accelerator.reduce(
+            torch.tensor([by_saliency.auc, by_random.auc], device=accelerator.device), reduction="mean"
+        )
+        auc, auc_random = (float(v) for v in values)
+        metrics.update(
+            eval_masking_auc=auc,
+            eval_masking_auc_random=auc_random,
+            eval_faithfulness_gap=faithfulness_gap(auc, auc_random),
+        )
+    model.train()
+    return metrics
+
+
+def train(
+    args: RecipeArguments,
+    method_args: Any,
+    model: nn.Module,
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None,
+    accelerator: Any,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` with SaliencyDecor under ``accelerator``; returns the final results."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    args.validate()
+    method_args.validate()
+    if method_args.consistency_grad == "both" and accelerator.num_processes > 1:
+        raise ValueError(
+            "consistency_grad='both' keeps two graphs alive and is not supported with several "
+            "processes; use 'detached'."
+        )
+    output_dir = Path(args.output_dir)
+    set_seed(args.seed)
+    if args.peft == "lora":
+        targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
+        model = apply_lora(model, args.lora_r, args.lora_alpha, targets)
+    example = train_dataset[0]["pixel_values"].unsqueeze(0)
+    adapter = adapt(model, feature_layer=method_args.feature_layer, example_inputs=example)
+    objective = SaliencyDecorLoss(adapter, **loss_kwargs(method_args, accelerator.num_processes))
+    if len(train_dataset) == 0:
+        raise ValueError("the training set is empty.")
+    train_loader = DataLoader(
+        train_dataset,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        drop_last=accelerator.num_processes > 1,
+    )
+    eval_loader = (
+        DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers)
+        if eval_dataset is not None and len(eval_dataset)
+        else None
+    )
+    optimizer = _make_optimizer(args, model)
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    epochs = math.ceil(max_steps / max(steps_per_epoch, 1))
+    # The prepared scheduler steps once per process at each optimizer step (accelerate's convention).
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    identity = _run_identity(args, method_args, accelerator.num_processes)
+    if args.with_tracking:
+        config = {
+            **{k: v for k, v in asdict(args).items() if isinstance(v, (int, float, str, bool))},
+            **{k: v for k, v in vars(method_args).items() if isinstance(v, (int, float, str, bool))},
+        }
+        accelerator.init_trackers("saliencydecor", config)
+
+    completed_steps, start_epoch, resume_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        folder = Path(args.resume_from_checkpoint)
+        if args.resume_from_checkpoint == "latest":
+            folder = _latest_checkpoint(output_dir)
+            if folder is None:
+                raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}.")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {folder} does not exist.")
+        saved = json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).is_file() else None
+        if saved is None or saved.get("identity") != json.loads(json.dumps(identity)):
+            raise ValueError(
+                f"{folder} is not a checkpoint of this run: it was saved with {saved and saved.get('identity')}, "
+                f"this run is {identity}."
+            )
+        accelerator.load_state(str(folder))
+        completed_steps = int(saved["completed_steps"])
+        start_epoch = completed_steps // steps_per_epoch
+        resume_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+        accelerator.print(f"resumed from {folder} at step {completed_steps}")
+
+    no_sync = functools.partial(accelerator.no_sync, model) if accelerator.num_processes > 1 else None
+    # The random mask fill draws from its own generator, reseeded from (seed, step, process):
+    # resuming reproduces the masks whatever else consumed the global RNG.
+    mask_generator = torch.Generator(device=accelerator.device)
+    objective.generator = mask_generator
+    micro_steps = completed_steps * args.gradient_accumulation_steps
+    progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
+    history: list[dict[str, float]] = []
+    running: dict[str, list[torch.Tensor]] = {}
+    model.train()
+    for epoch in range(start_epoch, epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        loader = train_loader
+        if epoch == start_epoch and resume_batches:
+            loader = accelerator.skip_first_batches(train_loader, resume_batches)
+        for batch in loader:
+            mask_generator.manual_seed((args.seed * 1_000_003 + micro_steps) * 1024 + accelerator.process_index)
+            micro_steps += 1
+            with accelerator.accumulate(model):
+                out = objective.step(
+                    model, batch["pixel_values"], batch["labels"], backward=accelerator.backward, no_sync=no_sync
+                )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in out.components().items():
+                running.setdefault(name, []).append(value)
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            if completed_steps % args.logging_steps == 0 or completed_steps == max_steps:
+                logs = {
+                    name: float(accelerator.reduce(torch.stack(values).float().mean(), reduction="mean"))
+                    for name, values in running.items()
+                }
+                logs["lr"] = scheduler.get_last_lr()[0]
+                running.clear()
+                history.append({"step": completed_steps, **logs})
+                progress.set_postfix(loss=f"{logs['loss']:.4f}")
+                if args.with_tracking:
+                    accelerator.log(logs, step=completed_steps)
+            if args.checkpointing_steps and args.checkpointing_steps.isdigit():
+                if completed_steps % int(args.checkpointing_steps) == 0:
+                    state = {"completed_steps": completed_steps, "identity": identity}
+                    _atomic_save_state(accelerator, output_dir / f"step_{completed_steps}", state)
+            if completed_steps >= max_steps:
+                break
+        if args.checkpointing_steps == "epoch":
+            state = {"completed_steps": completed_steps, "identity": identity}
+            _atomic_save_state(accelerator, output_dir / f"epoch_{epoch}", state)
+        if completed_steps >= max_steps:
+            break
+    progress.close()
+
+    results: dict[str, Any] = {"completed_steps": completed_steps, "history": history}
+    if history:
+        results["train_loss"] = history[-1]["loss"]
+    if eval_loader is not None:
+        metrics = evaluate(accelerator, model, adapter, eval_loader, args.eval_masking_samples, args.seed)
+        results.update(metrics)
+        if args.with_tracking:
+            accelerator.log(metrics, step=completed_steps)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        method_settings = {k: v for k, v in vars(method_args).items() if isinstance(v, (int, float, str, bool))}
+        method_settings["whiten_head_input"] = bool(objective.whitening is not None and adapter.tap.whiten_head_input)
+        _save_final(args, accelerator.unwrap_model(model), output_dir, results, command, method_settings)
+    accelerator.wait_for_everyone()
+    if args.with_tracking:
+        accelerator.end_training()
+    return results
+
+
+def _save_final(
+    args: RecipeArguments, model: nn.Module, output_dir: Path, results: dict, command: str | None, metadata: dict
+) -> None:
+    from .hub import export
+
+    (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
+    evaluation = {k.removeprefix("eval_"): v for k, v in results.items() if k.startswith("eval_")}
+    if "accuracy" in evaluation:
+        evaluation["accuracy"] = 100.0 * evaluation["accuracy"]
+    folder = export(
+        model,
+        output_dir / "model",
+        overwrite=True,
+        merge_adapter=not args.save_adapter,
+        evaluation=evaluation or None,
+        datasets=[args.dataset_name] if args.dataset_name else None,
+        base_model=args.model if "/" in args.model and not Path(args.model).exists() else None,
+        training_command=command,
+        metadata=metadata,
+    )
+    if args.push_to_hub:
+        from .hub import push
+
+        print("pushed:", push(folder, args.hub_model_id, private=args.hub_private_repo))

@@ -1,0 +1,360 @@
+"""The Accelerate recipes, run as users run them (subprocesses; torchrun for 2 CPU processes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import tiny_models
+
+ROOT = Path(__file__).resolve().parents[1]
+WNIDS = ["n01443537", "n01629819", "n01641577"]
+
+
+@pytest.fixture(scope="module")
+def tiny_imagenet(tmp_path_factory):
+    """A tiny fake ``tiny-imagenet-200`` in its raw layout: train/<wnid>/images, val/images + annotations."""
+    root = tmp_path_factory.mktemp("data") / "tiny-imagenet-200"
+    g = torch.Generator().manual_seed(0)
+
+    def image(k):
+        pixels = torch.full((20, 20, 3), 70.0 * k) + torch.rand(20, 20, 3, generator=g) * 60
+        return Image.fromarray(pixels.to(torch.uint8).numpy())
+
+    for k, wnid in enumerate(WNIDS):
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+        for i in range(8):
+            image(k).save(folder / f"{wnid}_{i}.JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    lines = []
+    for i in range(9):
+        k = (2 * i) % 3  # not in class order
+        image(k).save(root / "val" / "images" / f"val_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\t{WNIDS[k]}\t0\t0\t19\t19")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    (root / "wnids.txt").write_text("\n".join(WNIDS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    built = {}
+    for family in ("hf_vit", "hf_resnet", "timm_resnet", "timm_vit"):
+        tiny_models.build(family, root)
+        built[family] = root / family
+    return built
+
+
+def run(args, tmp_path, processes=1, check=True):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "true"
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+        ]
+    else:
+        command = [sys.executable]
+    result = subprocess.run(command + args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def recipe_args(model, data, output, *extra):
+    return [
+        "recipes/tiny_imagenet.py",
+        "--model",
+        str(model),
+        "--train_dir",
+        str(data / "train"),
+        "--validation_dir",
+        str(data / "val"),
+        "--output_dir",
+        str(output),
+        "--logging_steps",
+        "1",
+        "--eval_masking_samples",
+        "4",
+        "--group_size",
+        "8",
+        *extra,
+    ]
+
+
+def history(output):
+    return json.loads((Path(output) / "all_results.json").read_text())
+
+
+def test_raw_tiny_imagenet_layout__labels(tiny_imagenet):
+    from sd_plugin.data import folder_classes, image_folder_dataset
+
+    classes = folder_classes(tiny_imagenet / "train")
+    assert classes == WNIDS
+    identity = lambda image: torch.zeros(1)  # noqa: E731
+    train = image_folder_dataset(tiny_imagenet / "train", classes, identity)
+    val = image_folder_dataset(tiny_imagenet / "val", classes, identity)
+    assert len(train) == 24 and len(val) == 9
+    assert [label for _, label in train.samples] == [0] * 8 + [1] * 8 + [2] * 8
+    assert [label for _, label in val.samples] == [(2 * i) % 3 for i in range(9)]
+    assert all(path.name.startswith(WNIDS[label]) for path, label in train.samples)
+
+
+def test_two_processes__same_loss_and_gradients_as_one_process(tiny_imagenet, models, tmp_path):
+    common = [
+        "--max_train_steps",
+        "3",
+        "--mask_fill",
+        "mean",
+        "--optimizer",
+        "sgd",
+        "--learning_rate",
+        "0.1",
+        "--checkpointing_steps",
+        "2",
+    ]
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    run(recipe_args(models["hf_vit"], tiny_imagenet, one, "--per_device_train_batch_size", "8", *common), tmp_path)
+    result = run(
+        recipe_args(models["hf_vit"], tiny_imagenet, two, "--per_device_train_batch_size", "4", *common),
+        tmp_path,
+        processes=2,
+    )
+    assert "MULTI_CPU" in result.stderr + result.stdout or (two / "step_2").is_dir()
+    assert (two / "step_2" / "recipe_state.json").is_file()  # checkpoint written
+    losses_one = [h["loss"] for h in history(one)["history"]]
+    losses_two = [h["loss"] for h in history(two)["history"]]
+    decor_one = [h["loss_decor"] for h in history(one)["history"]]
+    decor_two = [h["loss_decor"] for h in history(two)["history"]]
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+    assert decor_two == pytest.approx(decor_one, rel=1e-3)  # whitening statistics reduced across processes
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    start = load_file(models["hf_vit"] / "model.safetensors")
+    moved = max((a[k] - start[k]).abs().max().item() for k in a if k in start and a[k].shape == start[k].shape)
+    assert moved > 1e-2
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4  # same gradients => same SGD steps
+
+
+def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
+    common = [
+        "--max_train_steps",
+        "5",
+        "--per_device_train_batch_size",
+        "8",
+        "--checkpointing_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+    ]  # mask_fill random: masks must replay too
+    full = tmp_path / "full"
+    run(recipe_args(models["hf_resnet"], tiny_imagenet, full, *common), tmp_path)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(full / "step_2", resumed / "step_2")
+    run(
+        recipe_args(models["hf_resnet"], tiny_imagenet, resumed, *common, "--resume_from_checkpoint", "latest"),
+        tmp_path,
+    )
+    uninterrupted = [h["loss"] for h in history(full)["history"]]
+    continued = [h["loss"] for h in history(resumed)["history"]]
+    assert [h["step"] for h in history(resumed)["history"]] == [3, 4, 5]
+    assert continued == pytest.approx(uninterrupted[2:], rel=1e-6, abs=1e-7)
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [
+        ("timm_resnet", ["--peft", "lora"]),
+        ("timm_vit", []),
+        ("hf_vit", ["--peft", "lora", "--save_adapter"]),
+    ],
+)
+def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra):
+    output = tmp_path / "out"
+    run(
+        recipe_args(
+            models[family],
+            tiny_imagenet,
+            output,
+            "--max_train_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            *extra,
+        ),
+        tmp_path,
+    )
+    results = history(output)
+    assert results["completed_steps"] == 2
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0 <= results["eval_masking_auc"] <= 10000
+    exported = output / "model"
+    assert (exported / "README.md").is_file()
+    if "--save_adapter" in extra:
+        assert (exported / "adapter_model.safetensors").is_file()
+    else:
+        assert (exported / "model.safetensors").is_file()
+
+
+def test_paper_cnn_recipe__digits(tmp_path):
+    output = tmp_path / "cnn"
+    run(
+        [
+            "recipes/paper_cnn.py",
+            "--dataset",
+            "digits",
+            "--output_dir",
+            str(output),
+            "--num_train_epochs",
+            "2",
+            "--eval_masking_samples",
+            "64",
+        ],
+        tmp_path,
+    )
+    results = history(output)
+    assert results["eval_accuracy"] > 0.5  # 10 classes, 2 epochs of SGD 0.01 on 1.4k digits
+    assert (output / "model" / "model.safetensors").is_file()
+
+
+def test_bad_input__clear_errors(tiny_imagenet, models, tmp_path):
+    from sd_plugin.data import folder_classes
+    from sd_plugin.loading import load_for_finetuning
+
+    with pytest.raises(FileNotFoundError, match="--model ./nowhere: the folder nowhere does not exist"):
+        load_for_finetuning("./nowhere", 3)
+    with pytest.raises(ValueError, match="could not be loaded: expected a Hub id"):
+        load_for_finetuning("nobody/not-a-model", 3)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class sub-folders with images"):
+        folder_classes(tmp_path / "empty")
+    result = run(
+        recipe_args(models["hf_vit"], tiny_imagenet, tmp_path / "x", "--max_train_steps", "1")[:1]
+        + [
+            "--model",
+            str(models["hf_vit"]),
+            "--dataset_name",
+            "nobody/no-such-dataset",
+            "--output_dir",
+            str(tmp_path / "x"),
+        ],
+        tmp_path,
+        check=False,
+    )
+    assert result.returncode != 0 and "--dataset_name 'nobody/no-such-dataset' could not be loaded" in result.stderr
+
+
+def test_bad_input__missing_label_column(models, tmp_path):
+    import datasets
+
+    rows = [{"image": Image.new("RGB", (16, 16))} for _ in range(4)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "nolabels"))
+    result = run(
+        [
+            "recipes/tiny_imagenet.py",
+            "--model",
+            str(models["hf_vit"]),
+            "--dataset_name",
+            str(tmp_path / "nolabels"),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        tmp_path,
+        check=False,
+    )
+    assert result.returncode != 0 and "no label column" in result.stderr
+
+
+def test_bad_input__checkpoint_from_another_run(tiny_imagenet, models, tmp_path):
+    output = tmp_path / "a"
+    run(
+        recipe_args(
+            models["hf_resnet"],
+            tiny_imagenet,
+            output,
+            "--max_train_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--checkpointing_steps",
+            "2",
+        ),
+        tmp_path,
+    )
+    result = run(
+        recipe_args(
+            models["hf_resnet"],
+            tiny_imagenet,
+            tmp_path / "b",
+            "--max_train_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "8",
+            "--method",
+            "sgt",
+            "--resume_from_checkpoint",
+            str(output / "step_2"),
+        ),
+        tmp_path,
+        check=False,
+    )
+    assert result.returncode != 0 and "is not a checkpoint of this run" in result.stderr
+
+
+DDP_SCRIPT = """
+import torch, torch.distributed as dist, functools
+from torch.nn.parallel import DistributedDataParallel as DDP
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+import sys; sys.path.insert(0, "tests")
+import tiny_models
+from sd_plugin import SaliencyDecorLoss, adapt
+model = tiny_models.TinyNet()
+objective = SaliencyDecorLoss(adapt(model, feature_layer="body"), method="saliencydecor", group_size=8,
+                              sync_whitening=True, mask_fill="mean")
+ddp = DDP(model)
+calls = []
+def count(state, bucket):
+    calls.append(1)
+    fut = torch.futures.Future(); fut.set_result(bucket.buffer()); return fut
+ddp.register_comm_hook(None, count)
+x = torch.randn(8, 3, 16, 16); y = torch.randint(0, 3, (8,))
+objective.step(ddp, x, y, no_sync=functools.partial(ddp.no_sync))
+with_no_sync = len(calls)
+calls.clear(); ddp.zero_grad()
+objective.step(ddp, x, y)
+for rank in range(dist.get_world_size()):
+    if rank == dist.get_rank():
+        print("ALLREDUCE", rank, with_no_sync, len(calls), flush=True)
+    dist.barrier()
+"""
+
+
+def test_two_pass_step__one_gradient_all_reduce_with_no_sync(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    result = run([str(script)], tmp_path, processes=2)
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("ALLREDUCE")]
+    assert len(lines) == 2
+    for _, _, with_no_sync, without in lines:
+        assert int(with_no_sync) == 1  # one bucket, reduced once per step
+        assert int(without) == 2  # without no_sync the clean backward would reduce too
