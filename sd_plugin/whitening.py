@@ -53,12 +53,14 @@ class _InverseSqrtEigh(torch.autograd.Function):
         return eigenvectors @ (inner * kernel) @ eigenvectors.transpose(-1, -2)
 
 
-def inverse_sqrt_psd(sigma: Tensor, method: str = "eigh", iterations: int = 5) -> Tensor:
+def inverse_sqrt_psd(sigma: Tensor, method: str = "eigh", iterations: int = 15) -> Tensor:
     """Inverse matrix square root of symmetric positive definite matrices ``(..., g, g)``.
 
     ``method="eigh"`` uses an eigendecomposition with a finite custom backward;
     ``method="newton_schulz"`` uses the coupled Newton-Schulz iteration (matrix products
-    only, differentiated by autograd), which converges for well-conditioned inputs.
+    only, differentiated by autograd); after trace normalisation it needs about
+    ``log2.25(trace / lambda_min)`` iterations, so the default 15 covers condition numbers
+    up to ~1e4 (measured: 5 iterations leave up to 24% error on real feature covariances).
 
     Example:
         >>> s = torch.tensor([[4.0, 0.0], [0.0, 9.0]])
@@ -118,6 +120,7 @@ class GroupZCA(nn.Module):
         eps: absolute ridge added to the shrunk covariance.
         momentum: update rate of the running mean and covariance used in eval mode.
         method: ``"eigh"`` (default) or ``"newton_schulz"`` for the inverse square root.
+        ns_iterations: Newton-Schulz iterations (``method="newton_schulz"`` only).
         sync_statistics: reduce batch statistics over ``torch.distributed`` processes
             (autograd-aware), so ``N`` processes with ``B/N`` equal one with ``B``.
 
@@ -140,6 +143,7 @@ class GroupZCA(nn.Module):
         momentum: float = 0.1,
         method: str = "eigh",
         sync_statistics: bool = False,
+        ns_iterations: int = 15,
     ) -> None:
         super().__init__()
         if num_features < 1:
@@ -165,6 +169,7 @@ class GroupZCA(nn.Module):
         self.eps = eps
         self.momentum = momentum
         self.method = method
+        self.ns_iterations = ns_iterations
         self.sync_statistics = sync_statistics
         self.track_running_stats = True
         # Set by ``ModelAdapter.attach_whitening``: where the whitening sits in the model.
@@ -210,7 +215,7 @@ class GroupZCA(nn.Module):
     def whitening_matrix(self, cov: Tensor | None = None) -> Tensor:
         """``W`` per group, ``(num_groups, g, g)``, from ``cov`` (default: running)."""
         cov = self.running_cov if cov is None else cov
-        return inverse_sqrt_psd(shrink_covariance(cov, self.shrinkage, self.eps), self.method)
+        return inverse_sqrt_psd(shrink_covariance(cov, self.shrinkage, self.eps), self.method, self.ns_iterations)
 
     def _batch_statistics(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         count = torch.tensor(float(f.shape[0]), device=f.device)

@@ -13,8 +13,12 @@ def correlated(batch: int, width: int, seed: int = 0, dtype=torch.float32) -> to
     return (torch.randn(batch, width, generator=g) @ mixing + 5.0).to(dtype)
 
 
-def test_forward__whitens_each_group_to_identity_covariance():
-    zca = GroupZCA(32, group_size=8, shrinkage=0.0, eps=0.0)
+METHODS = ["eigh", "newton_schulz"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward__whitens_each_group_to_identity_covariance(method):
+    zca = GroupZCA(32, group_size=8, shrinkage=0.0, eps=0.0, method=method, ns_iterations=25)
     z = zca(correlated(1024, 32)).double()
     for group in z.split(8, dim=1):
         centred = group - group.mean(0)
@@ -67,11 +71,12 @@ def test_backward__custom_eigh_gradient_equals_autograd_on_distinct_eigenvalues(
     torch.testing.assert_close(custom, sigma.grad)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "case",
     ["dead_units", "duplicated_features", "batch_smaller_than_group", "all_zero", "batch_of_one"],
 )
-def test_forward_backward__finite_on_degenerate_batches(case):
+def test_forward_backward__finite_on_degenerate_batches(case, method):
     f = correlated(32, 16)
     if case == "dead_units":
         f[:, :5] = 0.0
@@ -84,7 +89,7 @@ def test_forward_backward__finite_on_degenerate_batches(case):
     elif case == "batch_of_one":
         f = f[:1]
     f.requires_grad_(True)
-    zca = GroupZCA(16, group_size=8)
+    zca = GroupZCA(16, group_size=8, method=method)
     z = zca(f)
     (z.square().sum() + z.sum()).backward()
     assert torch.isfinite(z).all()
@@ -93,8 +98,9 @@ def test_forward_backward__finite_on_degenerate_batches(case):
     assert torch.isfinite(zca.running_cov).all()
 
 
-def test_eval__batch_of_one_and_independent_of_batch_composition():
-    zca = GroupZCA(16, group_size=8)
+@pytest.mark.parametrize("method", METHODS)
+def test_eval__batch_of_one_and_independent_of_batch_composition(method):
+    zca = GroupZCA(16, group_size=8, method=method)
     for seed in range(5):
         zca(correlated(64, 16, seed=seed))
     zca.eval()
@@ -106,11 +112,12 @@ def test_eval__batch_of_one_and_independent_of_batch_composition():
     torch.testing.assert_close(zca(batch.flip(0)).flip(0), full)
 
 
-def test_autocast_bf16__statistics_in_float32():
+@pytest.mark.parametrize("method", METHODS)
+def test_autocast_bf16__statistics_in_float32(method):
     zca = GroupZCA(16, group_size=8, shrinkage=0.0)
     f = correlated(256, 16)
     reference = zca(f)
-    zca_bf16 = GroupZCA(16, group_size=8, shrinkage=0.0)
+    zca_bf16 = GroupZCA(16, group_size=8, shrinkage=0.0, method=method, ns_iterations=25)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = zca_bf16(f.bfloat16())
     assert z.dtype == torch.bfloat16
@@ -157,3 +164,11 @@ def test_init__error_group_size_not_dividing():
 def test_forward__error_wrong_width():
     with pytest.raises(ValueError, match=r"\(B, 16\)"):
         GroupZCA(16, group_size=4)(torch.randn(4, 12))
+
+
+@pytest.mark.parametrize(("width", "group"), [(392, 8), (512, 16), (512, 32)])
+def test_newton_schulz__matches_eigh_on_real_feature_shapes(width, group):
+    f = correlated(128, width) * 0.1 + torch.randn(128, width)
+    eigh = GroupZCA(width, group_size=group)
+    newton = GroupZCA(width, group_size=group, method="newton_schulz")
+    torch.testing.assert_close(newton(f), eigh(f), rtol=1e-3, atol=1e-3)

@@ -38,7 +38,9 @@ def strip_sd_hooks(model: nn.Module) -> None:
 def block_diagonal_whitening(whitening: GroupZCA) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W, mu)`` in float64: the eval-mode whitening as one ``D x D`` block-diagonal matrix."""
     blocks = inverse_sqrt_psd(
-        shrink_covariance(whitening.running_cov.double(), whitening.shrinkage, whitening.eps), whitening.method
+        shrink_covariance(whitening.running_cov.double(), whitening.shrinkage, whitening.eps),
+        whitening.method,
+        whitening.ns_iterations,
     )
     return torch.block_diag(*blocks), whitening.running_mean.double()
 
