@@ -7,7 +7,7 @@ every model with ``sd_plugin.evaluation`` (accuracy on the full test set; maskin
 saliency and random order, their gap, deletion/insertion, sparseness and effective rank on a
 test subset), and writes ``results.json``, ``RESULTS.md`` and the figures.
 
-    python benchmarks/reproduce.py --quick                   # CPU: 12k training images, 3 epochs
+    python benchmarks/reproduce.py --quick                   # CPU: 12k training images, 6 epochs
     python benchmarks/reproduce.py                           # full: 60k images, 15 epochs (GPU)
     python benchmarks/reproduce.py --quick --dataset digits  # scikit-learn digits
 """
@@ -254,7 +254,7 @@ def write_report(output: Path, results: dict, command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CPU size (12k images, 3 epochs)")
+    parser.add_argument("--quick", action="store_true", help="CPU size (12k images, 6 epochs)")
     parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None)
@@ -263,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric-images", type=int, default=None)
     parser.add_argument("--output-dir", default="benchmarks/results/reproduce")
     args = parser.parse_args(argv)
-    epochs = args.epochs or (3 if args.quick else 15)
+    epochs = args.epochs or (6 if args.quick else 15)
     if args.dataset == "digits":
         epochs = args.epochs or (15 if args.quick else 40)
-    metric_images = args.metric_images or (2000 if args.quick else 10000)
+    metric_images = args.metric_images or (1000 if args.quick else 10000)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     train, test = load_data(args.dataset, args.quick)

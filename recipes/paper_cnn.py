@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
 from transformers import HfArgumentParser
 
 from sd_plugin.config import method_arguments_class
@@ -29,7 +28,7 @@ from sd_plugin.data import (
     load_digits_splits,
     load_fashion_mnist,
 )
-from sd_plugin.loop import RecipeArguments, train
+from sd_plugin.loop import RecipeArguments, make_accelerator, train
 from sd_plugin.models import PaperCNN
 
 
@@ -137,13 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         group_size=8,
     )
     paper, args, method_args = parser.parse_args_into_dataclasses(args=argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.with_tracking else None,
-        project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = make_accelerator(args)
     train_set, eval_set, in_chans, size, num_classes = build_data(paper, args, accelerator)
     torch.manual_seed(args.seed)
     model = build_model(paper, in_chans, size, num_classes)

@@ -21,13 +21,12 @@ import sys
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
 from transformers import HfArgumentParser
 
 from sd_plugin.config import method_arguments_class
 from sd_plugin.data import HFImageDataset, folder_classes, image_folder_dataset, image_transform
 from sd_plugin.loading import load_for_finetuning
-from sd_plugin.loop import RecipeArguments, train
+from sd_plugin.loop import RecipeArguments, make_accelerator, train
 
 DEFAULT_DATASET = "zh-plus/tiny-imagenet"
 
@@ -108,13 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((RecipeArguments, method_arguments_class()))
     parser.set_defaults(output_dir="outputs/tiny_imagenet")
     args, method_args = parser.parse_args_into_dataclasses(args=argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.with_tracking else None,
-        project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = make_accelerator(args)
     model, train_set, eval_set = build(args, accelerator)
     command = "accelerate launch recipes/tiny_imagenet.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     results = train(args, method_args, model, train_set, eval_set, accelerator, command=command)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .feature_tap import WHITENING_MODULE_NAME, FeatureTap
 from .whitening import GroupZCA
 
-__all__ = ["ModelAdapter", "adapt", "unwrap_model"]
+__all__ = ["ModelAdapter", "adapt", "library_of", "unwrap_model"]
 
 _HEAD_ATTRIBUTES = ("classifier", "head", "fc", "last_linear")
 
@@ -64,6 +64,16 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 def _is_timm_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
+
+
+def library_of(model: nn.Module) -> str:
+    """``"transformers"``, ``"timm"`` or ``"torch"``: which library's conventions ``model`` follows."""
+    base = unwrap_model(model)
+    if _is_transformers_model(base):
+        return "transformers"
+    if _is_timm_model(base):
+        return "timm"
+    return "torch"
 
 
 def _module_name(root: nn.Module, target: nn.Module) -> str:
@@ -245,12 +255,7 @@ def adapt(model: nn.Module, feature_layer: str | None = None, example_inputs: Te
             zero image of the size the model's config declares.
     """
     base = unwrap_model(model)
-    if _is_transformers_model(base):
-        library = "transformers"
-    elif _is_timm_model(base):
-        library = "timm"
-    else:
-        library = "torch"
+    library = library_of(base)
     if feature_layer is not None:
         modules = dict(base.named_modules())
         if feature_layer not in modules:

@@ -29,7 +29,7 @@ from .config import loss_kwargs
 from .features import adapt, unwrap_model
 from .loss import SaliencyDecorLoss
 
-__all__ = ["RecipeArguments", "train", "apply_lora", "checkpoint_step"]
+__all__ = ["RecipeArguments", "make_accelerator", "train", "apply_lora", "checkpoint_step"]
 
 STATE_FILE = "recipe_state.json"
 
@@ -104,6 +104,20 @@ class RecipeArguments:
             from .hub.push import validate_repo_id
 
             validate_repo_id(self.hub_model_id)
+
+
+def make_accelerator(args: RecipeArguments) -> Any:
+    """The ``Accelerator`` of a recipe: accumulation, precision, trackers, a seedable sampler."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
 
 
 def _run_identity(args: RecipeArguments, method_args: Any, num_processes: int) -> dict[str, Any]:

@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-
-import tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = ["n01443537", "n01629819", "n01641577"]

@@ -22,7 +22,7 @@ from torch import nn
 from ..masking import fill_values
 from .attribution import ATTRIBUTIONS, saliency_maps
 from .masking_curve import _maybe_progress, pixel_ranks, unpack_batch
-from .model_fn import LogitsFn, logits_fn
+from .model_fn import LogitsFn, prepare_for_evaluation
 
 __all__ = ["DeletionInsertion", "deletion_insertion", "rise_auc"]
 
@@ -94,14 +94,7 @@ def deletion_insertion(
         raise ValueError(f"target={target!r} is not supported; use 'prediction' or 'label'.")
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"attribution={attribution!r} is not supported; use one of {ATTRIBUTIONS}.")
-    if isinstance(model, nn.Module):
-        model.eval()
-        if device is None:
-            reference = next(model.parameters(), None)
-            device = reference.device if reference is not None else "cpu"
-    device = torch.device(device or "cpu")
-    forward = logits_fn(model)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    forward, device, generator = prepare_for_evaluation(model, device, seed)
     fractions = [i / steps for i in range(steps + 1)]
     deletion = torch.zeros(len(fractions), dtype=torch.float64, device=device)
     insertion = torch.zeros(len(fractions), dtype=torch.float64, device=device)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..masking import MASK_FILLS, fill_values, pixel_saliency
 from .attribution import ATTRIBUTIONS, saliency_maps
-from .model_fn import LogitsFn, logits_fn
+from .model_fn import LogitsFn, prepare_for_evaluation
 from .saliency import input_gradients
 
 __all__ = [
@@ -177,14 +177,7 @@ def masking_curve(
         raise ValueError(f"fill={fill!r} is not supported; use one of {MASK_FILLS}.")
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"attribution={attribution!r} is not supported; use one of {ATTRIBUTIONS}.")
-    if isinstance(model, nn.Module):
-        model.eval()
-        if device is None:
-            reference = next(model.parameters(), None)
-            device = reference.device if reference is not None else "cpu"
-    device = torch.device(device or "cpu")
-    forward = logits_fn(model)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    forward, device, generator = prepare_for_evaluation(model, device, seed)
     correct = torch.zeros(len(percentages), dtype=torch.long, device=device)
     seen = 0
     for batch in _maybe_progress(dataloader, progress, f"masking curve ({order})"):

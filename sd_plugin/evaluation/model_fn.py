@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..features import _extract_logits, _is_transformers_model, unwrap_model
 
-__all__ = ["LogitsFn", "logits_fn"]
+__all__ = ["LogitsFn", "logits_fn", "prepare_for_evaluation"]
 
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -27,3 +28,16 @@ def logits_fn(model: nn.Module | LogitsFn) -> LogitsFn:
     if _is_transformers_model(unwrap_model(model)):
         return lambda x: _extract_logits(model(pixel_values=x))
     return lambda x: _extract_logits(model(x))
+
+
+def prepare_for_evaluation(
+    model: nn.Module | LogitsFn, device: torch.device | str | None, seed: int
+) -> tuple[LogitsFn, torch.device, torch.Generator]:
+    """Eval mode, the device to run on (default: the model's), the forward and a seeded generator."""
+    if isinstance(model, nn.Module):
+        model.eval()
+        if device is None:
+            reference = next(model.parameters(), None)
+            device = reference.device if reference is not None else "cpu"
+    device = torch.device(device or "cpu")
+    return logits_fn(model), device, torch.Generator(device=device).manual_seed(seed)

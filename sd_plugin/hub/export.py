@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from ..features import _is_timm_model, _is_transformers_model, unwrap_model
+from ..features import library_of, unwrap_model
 from ..loading import METADATA_FILE, load_classifier, read_metadata, restore_whitening
 from .card import render_model_card
 from .folding import find_whitening, fold_whitening_into_head
@@ -175,12 +175,7 @@ def export(
         exported = exported.merge_and_unload()
     folded = fold_whitening_into_head(exported)
     base = unwrap_model(exported)
-    if _is_transformers_model(base):
-        library = "transformers"
-    elif _is_timm_model(base):
-        library = "timm"
-    else:
-        library = "torch"
+    library = library_of(base)
     metrics, comparisons, figure_paths, dataset_name, eval_command = _read_evaluation(evaluation)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
