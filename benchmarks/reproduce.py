@@ -136,6 +136,8 @@ def main_table(results: dict) -> list[str]:
 
 def verdicts(results: dict) -> list[str]:
     main = {m: e["summary"] for m, e in results["main"].items()}
+    if not {"baseline", "sgt", "saliencydecor"} <= set(main):
+        return ["- (main comparison not run)"]
     b, g, d = main["baseline"], main["sgt"], main["saliencydecor"]
     out = []
 
@@ -260,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="default: the first seed")
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--methods", nargs="*", default=list(MAIN_METHODS), help="main methods to run")
+    parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help="ablations to run")
     parser.add_argument("--metric-images", type=int, default=None)
     parser.add_argument("--output-dir", default="benchmarks/results/reproduce")
     args = parser.parse_args(argv)
@@ -312,18 +316,20 @@ def main(argv: list[str] | None = None) -> int:
                     figure_models[label] = model
             return {"runs": runs, "summary": summarize(runs)}
 
-        for method in MAIN_METHODS:
+        for method in args.methods:
             results["main"][method] = run({"method": method, "group_size": 8}, args.seeds, method)
             (output / "results.json").write_text(json.dumps(results, indent=2))
         if not args.no_ablations:
             ablation_seeds = args.ablation_seeds or args.seeds[:1]
             for name, values in ABLATIONS.items():
+                if name not in args.ablations:
+                    continue
                 results["ablations"][name] = {}
                 for value in values:
                     config = {"method": "saliencydecor", "group_size": 8, name: value}
                     results["ablations"][name][str(value)] = run(config, ablation_seeds, f"{name}={value}")
                 (output / "results.json").write_text(json.dumps(results, indent=2))
-        results["figures"] = write_figures(output, figure_models, test)
+        results["figures"] = write_figures(output, figure_models, test) if figure_models else []
     (output / "results.json").write_text(json.dumps(results, indent=2))
     write_report(output, results, command)
     print("\n".join(main_table(results)))

@@ -7,6 +7,11 @@ into the head's weight and bias, removes every SaliencyDecor hook and buffer, an
 safetensors weights, the config and preprocessing config, ``saliency_decor.json`` and a
 ``README.md`` model card. The folder is written next to ``path`` and renamed into place
 at the end, so an interrupted export never leaves a folder that looks complete.
+
+timm keeps no record of non-default constructor arguments (``img_size``, ``embed_dim``...):
+set them as ``model.sd_plugin_model_args = {...}`` before training/exporting a timm model
+built with them, so its ``config.json`` rebuilds it (checkpoint folders that already have a
+timm ``config.json`` with ``model_args`` pass them on).
 """
 
 from __future__ import annotations
