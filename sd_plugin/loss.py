@@ -98,7 +98,8 @@ class SaliencyDecorLoss:
         decor_weight: ``lambda``, weight of the decorrelation loss.
         consistency_weight: ``beta``, weight of the KL consistency loss.
         group_size: ZCA group size ``g`` (must divide the feature width).
-        whiten_head_input: whitened features feed the head (``None``: CNNs yes,
+        whiten_head_input: whitened features feed the head (default ``False``: only the
+            decorrelation loss reads them, see RESULTS.md; ``None``: CNNs yes,
             transformers no, as in the paper).
         decor_target: ``"whitened"`` (default) or ``"features"`` (pre-whitening).
         consistency_grad: ``"detached"`` (default) or ``"both"``.
@@ -121,7 +122,7 @@ class SaliencyDecorLoss:
         decor_weight: float = 0.01,
         consistency_weight: float = 1.0,
         group_size: int = 16,
-        whiten_head_input: bool | None = None,
+        whiten_head_input: bool | None = False,
         decor_target: str = "whitened",
         consistency_grad: str = "detached",
         masked_pass_updates_stats: bool = True,

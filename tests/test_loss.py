@@ -105,7 +105,11 @@ def test_step__masked_pass_running_statistics(updates):
     torch.manual_seed(0)
     model = tiny_models.TinyNet()
     loss = SaliencyDecorLoss(
-        adapt(model, feature_layer="body"), masked_pass_updates_stats=updates, group_size=8, mask_fill="zero"
+        adapt(model, feature_layer="body"),
+        masked_pass_updates_stats=updates,
+        group_size=8,
+        mask_fill="zero",
+        whiten_head_input=True,  # the whitening runs in the masked pass too
     )
     x, y = batch()
     bn = model.body[1]
