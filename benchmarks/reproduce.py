@@ -141,8 +141,16 @@ def verdicts(results: dict) -> list[str]:
     b, g, d = main["baseline"], main["sgt"], main["saliencydecor"]
     out = []
 
-    def line(claim: str, holds: bool, detail: str) -> None:
-        out.append(f"- {claim}: **{'reproduces' if holds else 'does not reproduce'}** ({detail}).")
+    def line(claim: str, holds: bool, detail: str, noise: str = "") -> None:
+        out.append(f"- {claim}: **{'reproduces' if holds else 'does not reproduce'}** ({detail}){noise}.")
+
+    def noise(key: str, *entries: dict) -> str:
+        """Flag mean differences smaller than the largest seed standard deviation."""
+        spread = max(e.get(key + "_std", 0.0) for e in entries)
+        means = [e[key] for e in entries]
+        if spread > 0 and max(means) - min(means) < spread:
+            return f"; the means differ by less than one seed standard deviation ({spread:.3g}): not significant"
+        return ""
 
     line(
         "SaliencyDecor accuracy ≥ baseline − 0.3 points",
@@ -266,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help="ablations to run")
     parser.add_argument("--metric-images", type=int, default=None)
     parser.add_argument("--output-dir", default="benchmarks/results/reproduce")
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args(argv)
     epochs = args.epochs or (6 if args.quick else 15)
     if args.dataset == "digits":
@@ -273,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     metric_images = args.metric_images or (1000 if args.quick else 10000)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads((output / "results.json").read_text())
+        write_report(output, results, results["meta"]["command"])
+        print("\n".join(verdicts(results)))
+        return 0
     train, test = load_data(args.dataset, args.quick)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     machine = (
