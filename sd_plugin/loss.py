@@ -202,9 +202,7 @@ class SaliencyDecorLoss:
         # With DDP the clean pass must not trigger a gradient all-reduce: its forward and
         # backward both run under ``no_sync``; the masked pass's backward syncs once.
         two_backwards = self.uses_masking and detached and no_sync is not None
-        clean_sync = no_sync() if two_backwards else contextlib.nullcontext()
-        clean_sync.__enter__()
-        try:
+        with no_sync() if two_backwards else contextlib.nullcontext():
             with tap.whitened_for_loss(self.uses_decorrelation):
                 tap.clear()
                 clean_logits = self.adapter.logits(model, inputs)
@@ -235,8 +233,6 @@ class SaliencyDecorLoss:
                 input_grad = inputs.grad
             else:
                 (input_grad,) = torch.autograd.grad(clean_objective, inputs, retain_graph=True)
-        finally:
-            clean_sync.__exit__(None, None, None)
         if input_grad is None:
             raise RuntimeError(
                 "the clean pass produced no input gradient; the model must be differentiable "
