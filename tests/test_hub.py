@@ -191,28 +191,18 @@ def test_card__without_evaluation_parses_back(tmp_path):
     assert "Not evaluated yet" in card.text
 
 
+def run_against(hub: FakeHub, args: list[str]) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` online against the loopback Hub with a token."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "PYTHONPATH")}
+    env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_TELEMETRY="1")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
 def test_push__through_huggingface_hub_to_a_loopback_endpoint(tmp_path):
     folder = export(train("hf_resnet", tmp_path).model, tmp_path / "exported")
     with FakeHub() as hub:
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "PYTHONPATH")}
-        env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_TELEMETRY="1")
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sd_plugin",
-                "push",
-                str(folder),
-                "--repo-id",
-                "alice/resnet-sd",
-                "--private",
-                "--create-pr",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=300,
+        result = run_against(
+            hub, ["-m", "sd_plugin", "push", str(folder), "--repo-id", "alice/resnet-sd", "--private", "--create-pr"]
         )
     assert result.returncode == 0, result.stderr[-3000:] + str(hub.unknown)
     assert "discussions/1" in result.stdout
@@ -245,16 +235,7 @@ print("URL", trainer.push_to_hub())
 
 def test_trainer_push_to_hub__timm_model_goes_through_push(tmp_path):
     with FakeHub() as hub:
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "PYTHONPATH")}
-        env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_TELEMETRY="1")
-        result = subprocess.run(
-            [sys.executable, "-c", PUSH_FROM_TRAINER, str(tmp_path / "out")],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=300,
-        )
+        result = run_against(hub, ["-c", PUSH_FROM_TRAINER, str(tmp_path / "out")])
     assert result.returncode == 0, result.stderr[-3000:] + str(hub.unknown)
     assert "URL http://" in result.stdout
     (commit,) = hub.commits
