@@ -19,18 +19,11 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from .distributed import sum_over_processes
+
 __all__ = ["decorrelation_loss", "decorrelation_floor"]
-
-
-def _sum_over_processes(tensor: Tensor, sync: bool) -> Tensor:
-    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 def decorrelation_loss(features: Tensor, eps: float = 1e-10, sync: bool = False) -> Tensor:
@@ -54,11 +47,11 @@ def decorrelation_loss(features: Tensor, eps: float = 1e-10, sync: bool = False)
     device_type = features.device.type if features.device.type in ("cuda", "cpu") else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):
         f = features.to(torch.promote_types(features.dtype, torch.float32))
-        count = _sum_over_processes(torch.tensor(float(batch), device=f.device, dtype=f.dtype), sync)
-        centred = f - _sum_over_processes(f.sum(0), sync) / count
-        variance = _sum_over_processes(centred.pow(2).sum(0), sync) / count
+        count = sum_over_processes(torch.tensor(float(batch), device=f.device, dtype=f.dtype), sync)
+        centred = f - sum_over_processes(f.sum(0), sync) / count
+        variance = sum_over_processes(centred.pow(2).sum(0), sync) / count
         standardised = centred / (variance + eps).sqrt()
-        corr = _sum_over_processes(standardised.T @ standardised, sync) / count
+        corr = sum_over_processes(standardised.T @ standardised, sync) / count
         off_diagonal = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
         return off_diagonal / width
 

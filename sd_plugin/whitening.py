@@ -21,9 +21,9 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from .distributed import sum_over_processes
 from .errors import NonFiniteLossError
 
 __all__ = ["GroupZCA", "inverse_sqrt_psd", "shrink_covariance"]
@@ -99,13 +99,6 @@ def shrink_covariance(sigma: Tensor, shrinkage: float, eps: float) -> Tensor:
     identity = torch.eye(size, dtype=sigma.dtype, device=sigma.device)
     trace = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     return (1.0 - shrinkage) * sigma + (shrinkage * trace / size + eps) * identity
-
-
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Autograd-aware sum over processes (identity when not distributed)."""
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 class GroupZCA(nn.Module):
@@ -218,18 +211,11 @@ class GroupZCA(nn.Module):
         return inverse_sqrt_psd(shrink_covariance(cov, self.shrinkage, self.eps), self.method, self.ns_iterations)
 
     def _batch_statistics(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        count = torch.tensor(float(f.shape[0]), device=f.device)
-        total = f.sum(0)
-        if self.sync_statistics and dist.is_available() and dist.is_initialized():
-            count = _all_reduce_sum(count)
-            total = _all_reduce_sum(total)
-            mean = total / count
-            centred = (f - mean).view(-1, self.num_groups, self.group_size)
-            scatter = _all_reduce_sum(torch.einsum("bgi,bgj->gij", centred, centred))
-        else:
-            mean = total / count
-            centred = (f - mean).view(-1, self.num_groups, self.group_size)
-            scatter = torch.einsum("bgi,bgj->gij", centred, centred)
+        sync = self.sync_statistics
+        count = sum_over_processes(torch.tensor(float(f.shape[0]), device=f.device, dtype=f.dtype), sync)
+        mean = sum_over_processes(f.sum(0), sync) / count
+        centred = (f - mean).view(-1, self.num_groups, self.group_size)
+        scatter = sum_over_processes(torch.einsum("bgi,bgj->gij", centred, centred), sync)
         return mean, scatter / count, count
 
     @torch.no_grad()
