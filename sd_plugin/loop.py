@@ -202,30 +202,28 @@ def evaluate(
     accelerator: Any, model: nn.Module, adapter: Any, loader: DataLoader, masking_samples: int, seed: int
 ) -> dict[str, float]:
     """Accuracy over the whole validation set and the masking test on a per-process subset."""
-    from .evaluation.masking_curve import faithfulness_gap, masking_curve
+    from .evaluation.masking_curve import masking_test_metrics
 
     model.eval()
-    correct = total = 0
+    counts = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (correct, total), no per-batch sync
     for batch in loader:
         logits = adapter.logits(model, batch["pixel_values"])
         predictions, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
-        correct += int((predictions == labels).sum())
-        total += int(labels.numel())
+        counts[0] += (predictions == labels).sum()
+        counts[1] += labels.numel()
+    correct, total = counts.tolist()
     metrics = {"eval_accuracy": correct / max(total, 1)}
     if masking_samples > 0:
-        percentages = [float(p) for p in range(0, 101, 10)]
-        common = dict(percentages=percentages, max_images=masking_samples, device=accelerator.device)
-        inner = unwrap_model(model)  # no DDP for the masking test; LoRA layers live in the base model
-        by_saliency = masking_curve(inner, loader, order="saliency", **common)
-        by_random = masking_curve(inner, loader, order="random", seed=seed, **common)
-        values = accelerator.reduce(
-            torch.tensor([by_saliency.auc, by_random.auc], device=accelerator.device), reduction="mean"
-        )
-        auc, auc_random = (float(v) for v in values)
         metrics.update(
-            eval_masking_auc=auc,
-            eval_masking_auc_random=auc_random,
-            eval_faithfulness_gap=faithfulness_gap(auc, auc_random),
+            masking_test_metrics(
+                unwrap_model(model),  # no DDP for the masking test; LoRA layers live in the base model
+                loader,
+                step=10.0,
+                max_images=masking_samples,
+                device=accelerator.device,
+                seed=seed,
+                mean_over_processes=functools.partial(accelerator.reduce, reduction="mean"),
+            )
         )
     model.train()
     return metrics

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections import defaultdict
@@ -265,31 +266,21 @@ class SaliencyDecorTrainer(Trainer):
         if accuracy_key not in metrics and int(counts[1]) > 0:
             metrics[accuracy_key] = float(counts[0]) / float(counts[1])
         if self.args.eval_masking_auc:
-            metrics.update(self._masking_metrics(dataloader, metric_key_prefix))
+            from .evaluation.masking_curve import masking_test_metrics
+
+            metrics.update(
+                masking_test_metrics(
+                    self.model,
+                    dataloader,
+                    step=self.args.eval_masking_step,
+                    max_images=self.args.eval_masking_samples,
+                    device=self.args.device,
+                    seed=self.args.seed,
+                    mean_over_processes=functools.partial(self.accelerator.reduce, reduction="mean"),
+                    prefix=metric_key_prefix,
+                )
+            )
         return output
-
-    def _masking_metrics(self, dataloader: Any, prefix: str) -> dict[str, float]:
-        from .evaluation.masking_curve import faithfulness_gap, masking_curve
-
-        step = self.args.eval_masking_step
-        percentages = sorted({min(100.0, i * step) for i in range(int(round(100 / step)) + 1)})
-        model = self.model
-        was_training = model.training
-        common = dict(percentages=percentages, max_images=self.args.eval_masking_samples, device=self.args.device)
-        try:
-            by_saliency = masking_curve(model, dataloader, order="saliency", **common)
-            by_random = masking_curve(model, dataloader, order="random", seed=self.args.seed, **common)
-        finally:
-            model.train(was_training)
-        values = torch.tensor([by_saliency.auc, by_random.auc], device=self.args.device)
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.reduce(values, reduction="mean")
-        auc, auc_random = (float(v) for v in values)
-        return {
-            f"{prefix}_masking_auc": auc,
-            f"{prefix}_masking_auc_random": auc_random,
-            f"{prefix}_faithfulness_gap": faithfulness_gap(auc, auc_random),
-        }
 
     def compute_loss(
         self,

@@ -22,7 +22,7 @@ import torch
 from ..data import load_eval_dataset
 from ..loading import load_classifier
 from .attribution import ATTRIBUTIONS, saliency_maps
-from .masking_curve import MaskingCurve
+from .masking_curve import MaskingCurve, percentages_every
 from .randomization import parameter_randomization
 from .report import evaluate_model, first_images
 
@@ -77,13 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _percentages(step: float) -> tuple[float, ...]:
-    if not 0 < step <= 100:
-        raise SystemExit(f"--step must be in (0, 100], got {step}.")
-    count = int(round(100 / step))
-    return tuple(min(100.0, i * step) for i in range(count + 1))
-
-
 def main(argv: list[str] | None = None) -> int:
     import shlex
 
@@ -106,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             model,
             dataset,
             batch_size=args.batch_size,
-            percentages=_percentages(args.step),
+            percentages=percentages_every(args.step),
             fill=args.fill,
             attribution=args.attribution,
             max_images=args.max_images,

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +38,8 @@ __all__ = [
     "remove_top_pixels",
     "pixel_ranks",
     "faithfulness_gap",
+    "percentages_every",
+    "masking_test_metrics",
 ]
 
 DEFAULT_PERCENTAGES: tuple[float, ...] = tuple(float(p) for p in range(0, 101, 5))
@@ -58,6 +60,18 @@ def faithfulness_gap(auc_saliency: float, auc_random: float) -> float:
     if auc_random <= 0:
         return 0.0
     return (auc_random - auc_saliency) / auc_random
+
+
+def percentages_every(step: float) -> tuple[float, ...]:
+    """Removal levels ``0, step, 2 step, ..., 100`` (percent).
+
+    Example:
+        >>> percentages_every(25)
+        (0.0, 25.0, 50.0, 75.0, 100.0)
+    """
+    if not 0 < step <= 100:
+        raise ValueError(f"step must be in (0, 100] percent, got {step}.")
+    return tuple(min(100.0, i * float(step)) for i in range(int(round(100 / step)) + 1))
 
 
 @dataclass
@@ -202,6 +216,41 @@ def masking_curve(
         raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
     accuracy = (correct.double() * 100.0 / seen).tolist()
     return MaskingCurve(percentages, accuracy, order=order, fill=fill, num_images=seen)
+
+
+def masking_test_metrics(
+    model: nn.Module,
+    dataloader: Iterable,
+    step: float = 10.0,
+    max_images: int | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    mean_over_processes: Callable[[Tensor], Tensor] | None = None,
+    prefix: str = "eval",
+) -> dict[str, float]:
+    """The masking test during training: ``{prefix}_masking_auc``, ``_masking_auc_random``, ``_faithfulness_gap``.
+
+    Runs the saliency- and random-order curves on the first ``max_images`` images (per
+    process); ``mean_over_processes`` (e.g. ``partial(accelerator.reduce, reduction="mean")``)
+    averages the AUCs across processes. Restores the model's train/eval mode.
+    """
+    percentages = percentages_every(step)
+    was_training = model.training
+    common = dict(percentages=percentages, max_images=max_images, device=device)
+    try:
+        by_saliency = masking_curve(model, dataloader, order="saliency", **common)
+        by_random = masking_curve(model, dataloader, order="random", seed=seed, **common)
+    finally:
+        model.train(was_training)
+    aucs = torch.tensor([by_saliency.auc, by_random.auc], device=device)
+    if mean_over_processes is not None:
+        aucs = mean_over_processes(aucs)
+    auc, auc_random = (float(v) for v in aucs)
+    return {
+        f"{prefix}_masking_auc": auc,
+        f"{prefix}_masking_auc_random": auc_random,
+        f"{prefix}_faithfulness_gap": faithfulness_gap(auc, auc_random),
+    }
 
 
 def _batch_correct(
