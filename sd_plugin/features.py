@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -150,7 +150,11 @@ class ModelAdapter:
     in_channels: int | None
     is_transformer: bool
     library: str
-    whitening: GroupZCA | None = field(default=None)
+
+    @property
+    def whitening(self) -> GroupZCA | None:
+        """The attached ``GroupZCA`` (held by the tap), or None."""
+        return self.tap.whitening
 
     def logits(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
         """Call ``model`` (this adapter's model or a wrapper of it) and return logits."""
@@ -216,7 +220,6 @@ class ModelAdapter:
             )
         self.tap.whitening = whitening
         self.tap.whiten_head_input = whiten_head_input
-        self.whitening = whitening
         # Recorded on the module so export can fold it without the adapter.
         whitening.feeds_head = bool(whiten_head_input)
         whitening.tap_module_name = self.head_name

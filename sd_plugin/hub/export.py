@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from ..features import library_of, unwrap_model
+from ..features import _is_peft, library_of, unwrap_model
 from ..loading import METADATA_FILE, load_classifier, read_metadata, restore_whitening
 from .card import render_model_card
 from .folding import find_whitening, fold_whitening_into_head
@@ -34,10 +34,6 @@ from .folding import find_whitening, fold_whitening_into_head
 __all__ = ["export", "REPO_ID_PLACEHOLDER"]
 
 REPO_ID_PLACEHOLDER = "<repo_id>"
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("peft.")
 
 
 def _load_source(source: Any) -> tuple[nn.Module, dict[str, Any], Any, Path | None]:
