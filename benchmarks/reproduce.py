@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer  # noqa: E402
 from sd_plugin.data import load_digits_splits, load_fashion_mnist  # noqa: E402
-from sd_plugin.evaluation import gradient_saliency, logits_fn, masking_curve  # noqa: E402
-from sd_plugin.evaluation.report import evaluate_model  # noqa: E402
+from sd_plugin.evaluation import masking_curve, saliency_maps  # noqa: E402
+from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
 from sd_plugin.models import PaperCNN  # noqa: E402
 
 MAIN_METHODS = ("baseline", "sgt", "decor", "saliencydecor")
@@ -95,12 +95,10 @@ def train_one(config: dict, seed: int, train, epochs: int, workdir: str):
 
 
 def evaluate(model, test, metric_images: int) -> dict:
-    device = next(model.parameters()).device
-    full = masking_curve(model, DataLoader(test, batch_size=500), percentages=[0, 100], device=device)
     subset = Subset(test, range(min(metric_images, len(test))))
     metrics = evaluate_model(model, subset, batch_size=250)
     metrics["accuracy_subset"] = metrics["accuracy"]
-    metrics["accuracy"] = full.clean_accuracy
+    metrics["accuracy"] = accuracy(model, DataLoader(test, batch_size=500))  # the whole test set
     return metrics
 
 
@@ -222,7 +220,7 @@ def write_figures(output: Path, models: dict, test) -> list[str]:
     maps, curves = {}, {}
     loader = DataLoader(Subset(test, range(min(1000, len(test)))), batch_size=250)
     for method, model in models.items():
-        maps[method] = gradient_saliency(logits_fn(model), images, labels)
+        maps[method] = saliency_maps(model, images, labels)
         curves[method] = [masking_curve(model, loader), masking_curve(model, loader, order="random")]
     classes = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
     captions = [classes[int(y)] if len(classes) > int(y) else str(int(y)) for y in labels]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .config import SaliencyDecorConfig
 from .data import TensorImageDataset, load_digits_splits
-from .evaluation import faithfulness_gap, gradient_saliency, logits_fn, masking_curve
+from .evaluation import faithfulness_gap, masking_curve, saliency_maps
 from .trainer import SaliencyDecorTrainer
 
 __all__ = ["build_demo_model", "run_demo", "main"]
@@ -108,7 +108,7 @@ def run_demo(
                 }
             )
             if seed == seeds[0]:
-                saliency[method] = gradient_saliency(logits_fn(model), examples, example_labels)
+                saliency[method] = saliency_maps(model, examples, example_labels)
                 curves[method] = [by_saliency, by_random]
         row = {"method": method, "seeds": list(seeds), "runs": runs}
         for key in ("accuracy", "masking_auc", "masking_auc_random", "faithfulness_gap", "train_seconds"):

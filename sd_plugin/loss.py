@@ -197,7 +197,8 @@ class SaliencyDecorLoss:
         tap = self.adapter.tap
         images = pixel_values.detach()
         detached = self.consistency_grad == "detached"
-        inputs = images.clone().requires_grad_(True) if self.uses_masking else images
+        # A second detached view (no copy) is the leaf that collects the input gradient.
+        inputs = pixel_values.detach().requires_grad_(True) if self.uses_masking else images
 
         # With DDP the clean pass must not trigger a gradient all-reduce: its forward and
         # backward both run under ``no_sync``; the masked pass's backward syncs once.

@@ -311,3 +311,10 @@ def test_trainer__reports_masking_auc_at_evaluation(tmp_path):
     assert 0 <= metrics["eval_masking_auc_random"] <= 10000
     assert "eval_faithfulness_gap" in metrics and 0 <= metrics["eval_accuracy"] <= 1
     assert any("eval_masking_auc" in entry for entry in trainer.state.log_history)
+
+
+def test_accuracy__equals_the_masking_curve_at_zero():
+    from sd_plugin.evaluation.report import accuracy
+
+    model, data = small_cnn(), loader(n=20)
+    assert accuracy(model, data) == masking_curve(model, data, percentages=[0, 100]).accuracy[0]

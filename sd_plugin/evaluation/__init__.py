@@ -1,16 +1,17 @@
 """Faithfulness and representation metrics for any image classifier."""
 
+from .attribution import saliency_maps
 from .masking_curve import DEFAULT_PERCENTAGES, MaskingCurve, faithfulness_gap, masking_auc, masking_curve
 from .model_fn import logits_fn
-from .saliency import gradient_saliency, input_gradients
+from .saliency import input_gradients
 
 __all__ = [
     "DEFAULT_PERCENTAGES",
     "MaskingCurve",
     "faithfulness_gap",
-    "gradient_saliency",
     "input_gradients",
     "logits_fn",
     "masking_auc",
     "masking_curve",
+    "saliency_maps",
 ]

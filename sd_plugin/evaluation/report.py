@@ -21,16 +21,32 @@ from torch.utils.data import DataLoader, Dataset
 from .attribution import saliency_maps
 from .deletion_insertion import deletion_insertion
 from .masking_curve import DEFAULT_PERCENTAGES, faithfulness_gap, masking_curve, unpack_batch
+from .model_fn import prepare_for_evaluation
 from .representation import effective_rank
 from .sparseness import sparseness
 
-__all__ = ["evaluate_model", "collect_features", "first_images"]
+__all__ = ["accuracy", "evaluate_model", "collect_features", "first_images"]
 
 
 def first_images(dataset: Dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``count`` images and labels of ``dataset`` as tensors."""
     loader = DataLoader(dataset, batch_size=count)
     return unpack_batch(next(iter(loader)))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy (%) of ``model`` over ``loader``: one no-grad forward per batch."""
+    forward, device, _ = prepare_for_evaluation(model, None, 0)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for batch in loader:
+        images, labels = unpack_batch(batch)
+        correct += (forward(images.to(device)).argmax(-1) == labels.to(device)).sum()
+        seen += labels.numel()
+    if seen == 0:
+        raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
+    return 100.0 * float(correct) / seen
 
 
 @torch.no_grad()

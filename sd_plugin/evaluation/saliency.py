@@ -1,4 +1,4 @@
-"""Gradient saliency maps, batched: ``|d CE(model(x), y) / d x|`` reduced over channels."""
+"""Input gradients of the true-label cross-entropy, batched (the raw material of gradient saliency)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..masking import pixel_saliency
 from .model_fn import LogitsFn
 
-__all__ = ["input_gradients", "gradient_saliency"]
+__all__ = ["input_gradients"]
 
 
 def input_gradients(forward: LogitsFn, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -26,9 +25,3 @@ def input_gradients(forward: LogitsFn, images: Tensor, labels: Tensor) -> tuple[
     if grad is None or not torch.is_tensor(grad):  # pragma: no cover - autograd returns a tensor
         raise RuntimeError("the model gives no gradient with respect to its input.")
     return grad, logits.detach()
-
-
-def gradient_saliency(forward: LogitsFn, images: Tensor, labels: Tensor) -> Tensor:
-    """``(B, H, W)`` channel-mean of ``|input gradient|`` at the true labels."""
-    grad, _ = input_gradients(forward, images, labels)
-    return pixel_saliency(grad)
