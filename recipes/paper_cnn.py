@@ -140,10 +140,6 @@ def main(argv: list[str] | None = None) -> dict:
     train_set, eval_set, in_chans, size, num_classes = build_data(paper, args, accelerator)
     torch.manual_seed(args.seed)
     model = build_model(paper, in_chans, size, num_classes)
-    if args.max_train_samples:
-        train_set = torch.utils.data.Subset(train_set, range(min(args.max_train_samples, len(train_set))))
-    if args.max_eval_samples and eval_set is not None:
-        eval_set = torch.utils.data.Subset(eval_set, range(min(args.max_eval_samples, len(eval_set))))
     command = "python recipes/paper_cnn.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     results = train(args, method_args, model, train_set, eval_set, accelerator, command=command)
     accelerator.print({k: v for k, v in results.items() if k != "history"})

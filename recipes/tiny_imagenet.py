@@ -85,22 +85,12 @@ def build(args: RecipeArguments, accelerator: Accelerator):
         transform = image_transform(model, _processor_source(args.model))
         train_set = HFImageDataset(train_split, transform)
         eval_set = HFImageDataset(eval_split, transform) if eval_split is not None else None
-    train_set = _truncate(train_set, args.max_train_samples)
-    eval_set = _truncate(eval_set, args.max_eval_samples)
     return model, train_set, eval_set
 
 
 def _processor_source(model: str) -> str | None:
     path = Path(model.removeprefix("local-dir:"))
     return str(path) if path.is_dir() else None
-
-
-def _truncate(dataset, limit):
-    if dataset is None or limit is None or limit >= len(dataset):
-        return dataset
-    from torch.utils.data import Subset
-
-    return Subset(dataset, range(limit))
 
 
 def main(argv: list[str] | None = None) -> dict:

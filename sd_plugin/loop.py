@@ -170,6 +170,15 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets: list[str]
     return get_peft_model(model, config)
 
 
+def _truncate(dataset: Dataset | None, limit: int | None) -> Dataset | None:
+    """The first ``limit`` examples (``--max_train_samples`` / ``--max_eval_samples``)."""
+    if dataset is None or limit is None or limit >= len(dataset):
+        return dataset
+    from torch.utils.data import Subset
+
+    return Subset(dataset, range(limit))
+
+
 def _make_optimizer(args: RecipeArguments, model: nn.Module) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
@@ -255,11 +264,13 @@ def train(
     if args.peft == "lora":
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
         model = apply_lora(model, args.lora_r, args.lora_alpha, targets)
+    train_dataset = _truncate(train_dataset, args.max_train_samples)
+    eval_dataset = _truncate(eval_dataset, args.max_eval_samples)
+    if len(train_dataset) == 0:
+        raise ValueError("the training set is empty.")
     example = train_dataset[0]["pixel_values"].unsqueeze(0)
     adapter = adapt(model, feature_layer=method_args.feature_layer, example_inputs=example)
     objective = SaliencyDecorLoss(adapter, **loss_kwargs(method_args, accelerator.num_processes))
-    if len(train_dataset) == 0:
-        raise ValueError("the training set is empty.")
     train_loader = DataLoader(
         train_dataset,
         batch_size=args.per_device_train_batch_size,
