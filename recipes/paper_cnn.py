@@ -22,11 +22,11 @@ from transformers import HfArgumentParser
 from sd_plugin.config import method_arguments_class
 from sd_plugin.data import (
     HFImageDataset,
-    TensorImageDataset,
     folder_classes,
     image_folder_dataset,
     load_digits_splits,
     load_fashion_mnist,
+    resize_and_scale,
 )
 from sd_plugin.loop import RecipeArguments, make_accelerator, train
 from sd_plugin.models import PaperCNN
@@ -43,27 +43,11 @@ class PaperArguments:
     )
 
 
-def _resize(dataset: TensorImageDataset, size: int) -> TensorImageDataset:
-    if dataset.images.shape[-1] == size:
-        return dataset
-    images = torch.nn.functional.interpolate(dataset.images, size=(size, size), mode="bilinear", align_corners=False)
-    return TensorImageDataset(images, dataset.labels)
-
-
 def build_data(paper: PaperArguments, args: RecipeArguments, accelerator: Accelerator):
     """``(train, eval, in_chans, image_size, num_classes)``."""
     if args.train_dir:
-        from torchvision.transforms import v2
-
         classes = folder_classes(args.train_dir)
-        transform = v2.Compose(
-            [
-                v2.PILToTensor(),
-                v2.Resize((32, 32), antialias=True),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize([0.5] * 3, [0.5] * 3),
-            ]
-        )
+        transform = resize_and_scale(32, 3)
         train_set = image_folder_dataset(args.train_dir, classes, transform)
         eval_set = image_folder_dataset(args.validation_dir, classes, transform) if args.validation_dir else None
         return train_set, eval_set, 3, 32, len(classes)
@@ -84,20 +68,7 @@ def build_data(paper: PaperArguments, args: RecipeArguments, accelerator: Accele
     mode = first[0][image_column].mode
     channels = 1 if mode == "L" else 3
     size = 28 if channels == 1 else 32
-    from torchvision.transforms import v2
-
-    transform = v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize((size, size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize([0.5] * channels, [0.5] * channels),
-        ]
-    )
-
-    def convert(image):
-        return transform(image.convert("L" if channels == 1 else "RGB"))
-
+    convert = resize_and_scale(size, channels)
     evaluation = next((s for s in ("test", "validation", "valid") if s in loaded), None)
     label_column = next(c for c in HFImageDataset.LABEL_COLUMNS if c in first.column_names)
     num_classes = len(first.features[label_column].names)

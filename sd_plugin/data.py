@@ -31,6 +31,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_eval_dataset",
     "image_transform",
+    "resize_and_scale",
 ]
 
 BUILTIN_DATASETS = ("digits", "fashion-mnist")
@@ -132,8 +133,14 @@ def image_transform(model: nn.Module, directory: str | Path | None = None) -> Ca
         transform = timm.data.create_transform(**config)
         return lambda image: transform(image.convert(mode))
     size = getattr(getattr(base, "config", None), "image_size", None) or 224
+    return resize_and_scale(size, channels)
+
+
+def resize_and_scale(size: int, channels: int) -> Callable[[Any], Tensor]:
+    """PIL image -> ``(channels, size, size)`` tensor in [-1, 1] (grey for 1 channel, else RGB)."""
     from torchvision.transforms import v2
 
+    mode = "RGB" if channels == 3 else "L"
     transform = v2.Compose(
         [
             v2.PILToTensor(),
