@@ -270,8 +270,7 @@ def adapt(model: nn.Module, feature_layer: str | None = None, example_inputs: Te
         module = modules[feature_layer]
         tap = FeatureTap(module, "output", feature_layer)
         head_name = feature_layer
-        num_features = _probe_num_features(model, base, tap, library, example_inputs)
-        num_classes = _probe_num_classes(model, base, library, example_inputs)
+        num_features, num_classes = _probe_sizes(model, base, tap, library, example_inputs)
     else:
         found = _find_head(base)
         if found is None:
@@ -288,7 +287,7 @@ def adapt(model: nn.Module, feature_layer: str | None = None, example_inputs: Te
         num_classes = _linear_out_features(head) or 0
         num_features = _head_in_features(head)
         if num_features is None:
-            num_features = _probe_num_features(model, base, tap, library, example_inputs)
+            num_features = _probe_sizes(model, base, tap, library, example_inputs)[0]
     return ModelAdapter(
         model=model,
         base_model=base,
@@ -338,15 +337,16 @@ def _probe_input(base: nn.Module, example_inputs: Tensor | None = None) -> Tenso
 
 
 @torch.no_grad()
-def _probe_num_features(
+def _probe_sizes(
     model: nn.Module, base: nn.Module, tap: FeatureTap, library: str, example_inputs: Tensor | None
-) -> int:
+) -> tuple[int, int]:
+    """``(num_features, num_classes)`` from one eval-mode forward of a probe batch."""
     was_training = base.training
     base.eval()
     try:
         tap.clear()
         x = _probe_input(base, example_inputs)
-        model(pixel_values=x) if library == "transformers" else model(x)
+        output = model(pixel_values=x) if library == "transformers" else model(x)
     except Exception as error:  # noqa: BLE001 - re-raised with context
         raise ValueError(
             f"could not run a probe forward to size the features at {tap.module_name!r}: {error}. "
@@ -356,16 +356,6 @@ def _probe_num_features(
         base.train(was_training)
     if tap.features is None:
         raise ValueError(f"the forward pass never reached {tap.module_name!r}; check feature_layer.")
-    return int(tap.features.shape[1])
-
-
-@torch.no_grad()
-def _probe_num_classes(model: nn.Module, base: nn.Module, library: str, example_inputs: Tensor | None) -> int:
-    was_training = base.training
-    base.eval()
-    try:
-        x = _probe_input(base, example_inputs)
-        output = model(pixel_values=x) if library == "transformers" else model(x)
-    finally:
-        base.train(was_training)
-    return int(_extract_logits(output).shape[-1])
+    features = int(tap.features.shape[1])
+    tap.clear()
+    return features, int(_extract_logits(output).shape[-1])
