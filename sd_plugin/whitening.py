@@ -165,6 +165,7 @@ class GroupZCA(nn.Module):
         self.ns_iterations = ns_iterations
         self.sync_statistics = sync_statistics
         self.track_running_stats = True
+        self._eval_cache: tuple[tuple, Tensor] | None = None
         # Set by ``ModelAdapter.attach_whitening``: where the whitening sits in the model.
         self.feeds_head = False
         self.tap_module_name: str | None = None
@@ -192,18 +193,33 @@ class GroupZCA(nn.Module):
                 mean, cov, count = self._batch_statistics(f)
                 if self.track_running_stats:
                     self._update_running(mean.detach(), cov.detach(), count.detach())
+                whitening = self._decompose(cov)
             else:
-                mean, cov = self.running_mean.to(f.dtype), self.running_cov.to(f.dtype)
-            try:
-                whitening = self.whitening_matrix(cov)
-            except torch.linalg.LinAlgError as error:
-                raise NonFiniteLossError(
-                    "GroupZCA could not decompose the feature covariance (the penultimate features contain "
-                    "NaN or inf): check the inputs for NaN and lower the learning rate."
-                ) from error
+                mean, whitening = self.running_mean.to(f.dtype), self._eval_whitening(f.dtype)
             centred = (f - mean).view(-1, self.num_groups, self.group_size)
             z = torch.einsum("bgi,gij->bgj", centred, whitening).reshape(-1, self.num_features)
         return z.to(features.dtype)
+
+    def _decompose(self, cov: Tensor) -> Tensor:
+        try:
+            return self.whitening_matrix(cov)
+        except torch.linalg.LinAlgError as error:
+            raise NonFiniteLossError(
+                "GroupZCA could not decompose the feature covariance (the penultimate features contain "
+                "NaN or inf): check the inputs for NaN and lower the learning rate."
+            ) from error
+
+    def _eval_whitening(self, dtype: torch.dtype) -> Tensor:
+        """Eval-mode ``W`` from the running covariance, decomposed once per buffer version.
+
+        ``W`` depends on buffers only, so it is a constant for any eval input; it is
+        recomputed when the buffer changes in place (training steps, ``load_state_dict``).
+        """
+        key = (self.running_cov._version, self.running_cov.data_ptr(), dtype)
+        if self._eval_cache is None or self._eval_cache[0] != key:
+            with torch.no_grad():
+                self._eval_cache = (key, self._decompose(self.running_cov.to(dtype)))
+        return self._eval_cache[1]
 
     def whitening_matrix(self, cov: Tensor | None = None) -> Tensor:
         """``W`` per group, ``(num_groups, g, g)``, from ``cov`` (default: running)."""

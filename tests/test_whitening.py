@@ -172,3 +172,22 @@ def test_newton_schulz__matches_eigh_on_real_feature_shapes(width, group):
     eigh = GroupZCA(width, group_size=group)
     newton = GroupZCA(width, group_size=group, method="newton_schulz")
     torch.testing.assert_close(newton(f), eigh(f), rtol=1e-3, atol=1e-3)
+
+
+def test_eval__whitening_matrix_cached_until_the_buffers_change():
+    zca = GroupZCA(16, group_size=8)
+    zca(correlated(64, 16, seed=1))
+    zca.eval()
+    x = correlated(6, 16, seed=2)
+    first = zca(x)
+    cached = zca._eval_cache[1]
+    torch.testing.assert_close(zca(x), first)
+    assert zca._eval_cache[1] is cached  # not decomposed again
+    zca.train()
+    zca(correlated(64, 16, seed=3))  # running statistics move
+    zca.eval()
+    expected = torch.einsum("bgi,gij->bgj", (x - zca.running_mean).view(6, 2, 8), zca.whitening_matrix())
+    torch.testing.assert_close(zca(x), expected.reshape(6, 16))
+    state = GroupZCA(16, group_size=8).state_dict()
+    zca.load_state_dict(state)  # identity statistics again
+    torch.testing.assert_close(zca(x), (x - 0.0) @ torch.eye(16) / (1.0 + 1e-5) ** 0.5, rtol=1e-4, atol=1e-4)
