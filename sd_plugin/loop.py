@@ -190,7 +190,7 @@ def _make_optimizer(args: RecipeArguments, model: nn.Module) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=args.learning_rate)
 
 
-def _atomic_save_state(accelerator: Any, folder: Path, state: dict[str, Any]) -> None:
+def _atomic_save_state(accelerator: Any, folder: Path, completed_steps: int, identity: dict[str, Any]) -> None:
     """``save_state`` into a temporary folder, renamed into place: a crash never leaves half a checkpoint."""
     staging = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process and staging.exists():
@@ -199,6 +199,7 @@ def _atomic_save_state(accelerator: Any, folder: Path, state: dict[str, Any]) ->
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        state = {"completed_steps": completed_steps, "identity": identity}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
@@ -371,13 +372,11 @@ def train(
                     accelerator.log(logs, step=completed_steps)
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():
                 if completed_steps % int(args.checkpointing_steps) == 0:
-                    state = {"completed_steps": completed_steps, "identity": identity}
-                    _atomic_save_state(accelerator, output_dir / f"step_{completed_steps}", state)
+                    _atomic_save_state(accelerator, output_dir / f"step_{completed_steps}", completed_steps, identity)
             if completed_steps >= max_steps:
                 break
         if args.checkpointing_steps == "epoch":
-            state = {"completed_steps": completed_steps, "identity": identity}
-            _atomic_save_state(accelerator, output_dir / f"epoch_{epoch}", state)
+            _atomic_save_state(accelerator, output_dir / f"epoch_{epoch}", completed_steps, identity)
         if completed_steps >= max_steps:
             break
     progress.close()
@@ -394,7 +393,7 @@ def train(
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         method_settings = {k: v for k, v in vars(method_args).items() if isinstance(v, (int, float, str, bool))}
-        method_settings["whiten_head_input"] = bool(objective.whitening is not None and adapter.tap.whiten_head_input)
+        method_settings.update(objective.settings())
         _save_final(args, accelerator.unwrap_model(model), output_dir, results, command, method_settings)
     accelerator.wait_for_everyone()
     if args.with_tracking:

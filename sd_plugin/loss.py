@@ -167,6 +167,28 @@ class SaliencyDecorLoss:
                 sync_statistics=sync_whitening,
             )
 
+    def settings(self) -> dict[str, object]:
+        """The method's settings as they act (``whiten_head_input`` resolved), for metadata and cards."""
+        settings: dict[str, object] = {
+            "method": self.method,
+            "mask_ratio": self.mask_ratio,
+            "mask_fill": self.mask_fill,
+            "decor_weight": self.decor_weight,
+            "consistency_weight": self.consistency_weight,
+            "decor_target": self.decor_target,
+            "consistency_grad": self.consistency_grad,
+            "masked_pass_updates_stats": self.masked_pass_updates_stats,
+            "whiten_head_input": bool(self.whitening is not None and self.adapter.tap.whiten_head_input),
+        }
+        if self.whitening is not None:
+            settings.update(
+                group_size=self.whitening.group_size,
+                whitening_shrinkage=self.whitening.shrinkage,
+                whitening_momentum=self.whitening.momentum,
+                whitening_method=self.whitening.method,
+            )
+        return settings
+
     def step(
         self,
         model: nn.Module | None,

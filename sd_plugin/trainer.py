@@ -169,9 +169,7 @@ class SaliencyDecorTrainer(Trainer):
         from .config import METHOD_FIELDS
 
         metadata = {name: getattr(self.args, name) for name in METHOD_FIELDS}
-        metadata["whiten_head_input"] = bool(self.sd_adapter.tap.whiten_head_input) and (
-            self.sd_adapter.whitening is not None
-        )
+        metadata.update(self.sd_loss.settings())
         metadata.update(
             library=self.sd_adapter.library,
             head_name=self.sd_adapter.head_name,
