@@ -15,6 +15,7 @@ test subset), and writes ``results.json``, ``RESULTS.md`` and the figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -92,6 +93,13 @@ def train_one(config: dict, seed: int, train, epochs: int, workdir: str):
     start = time.perf_counter()
     trainer.train()
     return model.eval(), time.perf_counter() - start
+
+
+def run_key(config: dict, seed: int) -> str:
+    """The same key for configs that differ only in settings left at their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SaliencyDecorConfig)}
+    effective = {k: v for k, v in config.items() if defaults.get(k, dataclasses.MISSING) != v}
+    return json.dumps(effective, sort_keys=True) + f" seed={seed}"
 
 
 def evaluate(model, test, metric_images: int) -> dict:
@@ -313,16 +321,23 @@ def main(argv: list[str] | None = None) -> int:
         "ablations": {},
     }
     figure_models = {}
+    finished: dict[str, dict] = {}  # an ablation value equal to the default reuses the main run
     with tempfile.TemporaryDirectory() as workdir:
 
         def run(config: dict, seeds: list[int], label: str) -> dict:
             runs = []
             for seed in seeds:
+                key = run_key(config, seed)
+                if key in finished:
+                    runs.append(finished[key])
+                    print(f"{label} seed {seed}: same run as before, reused", flush=True)
+                    continue
                 model, seconds = train_one(config, seed, train, epochs, workdir)
                 metrics = evaluate(model.to(device), test, metric_images)
                 metrics.update(seed=seed, train_seconds=seconds)
                 metrics.pop("curves", None)
                 runs.append(metrics)
+                finished[key] = metrics
                 print(
                     f"{label} seed {seed}: acc {metrics['accuracy']:.2f} AUC {metrics['masking_auc']:.0f} "
                     f"gap {metrics['faithfulness_gap']:.3f} ({seconds:.0f}s)",

@@ -2,7 +2,8 @@
 
 Same model weights, same batch, side by side in one run: median step time (forward,
 backward(s), optimizer step) after warm-up, the ratio to the plain step, the peak-memory
-ratio (CUDA), and the share of the whitening + decorrelation in the plain step.
+ratio (CUDA allocator; on CPU the profiler's allocation events plus the resident weights,
+optimizer state and batch), and the share of the whitening + decorrelation in the plain step.
 
     python benchmarks/step_cost.py --quick            # CPU size
     python benchmarks/step_cost.py                    # full size (GPU)
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine_description, median_seconds, peak_memory  # noqa: E402
+from common import machine_description, median_seconds, peak_memory, tensor_bytes  # noqa: E402
 
 from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer, decorrelation_loss  # noqa: E402
 from sd_plugin.models import PaperCNN  # noqa: E402
@@ -95,6 +96,11 @@ def cases(quick: bool) -> list[dict]:
     ]
 
 
+def resident_bytes(trainer, batch) -> int:
+    """Weights, buffers, optimizer state and the batch: what a step starts with."""
+    return tensor_bytes(trainer.model, list(trainer.optimizer.state.values()), batch)
+
+
 def make_step(trainer, batch):
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by train(); the step reads it
@@ -121,22 +127,22 @@ def run_case(case: dict, device: torch.device, warmup: int, repeats: int, output
     plain_trainer = Trainer(model=copy.deepcopy(reference), args=TrainingArguments(**common))
     plain_step = make_step(plain_trainer, batch)
     plain_time = median_seconds(plain_step, device, warmup, repeats)
-    plain_memory = peak_memory(plain_step, device)
+    plain_memory = peak_memory(plain_step, device, resident_bytes(plain_trainer, batch))
     rows = [
-        {"variant": "plain Trainer", "seconds": plain_time, "ratio": 1.0, "memory_ratio": 1.0 if plain_memory else None}
+        {"variant": "plain Trainer", "seconds": plain_time, "ratio": 1.0, "memory_ratio": 1.0}
     ]
     for label, overrides in VARIANTS:
         args = SaliencyDecorConfig(**common, group_size=case["group_size"], check_finite=False, **overrides)
         trainer = SaliencyDecorTrainer(model=copy.deepcopy(reference), args=args)
         step = make_step(trainer, batch)
         seconds = median_seconds(step, device, warmup, repeats)
-        memory = peak_memory(step, device)
+        memory = peak_memory(step, device, resident_bytes(trainer, batch))
         rows.append(
             {
                 "variant": label,
                 "seconds": seconds,
                 "ratio": seconds / plain_time,
-                "memory_ratio": memory / plain_memory if memory and plain_memory else None,
+                "memory_ratio": memory / plain_memory,
             }
         )
     width = trainer.sd_adapter.num_features
@@ -166,10 +172,9 @@ def format_results(results: list[dict], machine: str) -> str:
     lines.append("|---|---|---|---|---|")
     for result in results:
         for row in result["rows"]:
-            memory = f"{row['memory_ratio']:.2f}" if row["memory_ratio"] else "n/a (CPU)"
             lines.append(
                 f"| {result['case']} ({result['batch']}) | {row['variant']} | {1000 * row['seconds']:.1f} "
-                f"| {row['ratio']:.2f} | {memory} |"
+                f"| {row['ratio']:.2f} | {row['memory_ratio']:.2f} |"
             )
     lines.append("")
     lines.append(
