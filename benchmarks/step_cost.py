@@ -128,9 +128,7 @@ def run_case(case: dict, device: torch.device, warmup: int, repeats: int, output
     plain_step = make_step(plain_trainer, batch)
     plain_time = median_seconds(plain_step, device, warmup, repeats)
     plain_memory = peak_memory(plain_step, device, resident_bytes(plain_trainer, batch))
-    rows = [
-        {"variant": "plain Trainer", "seconds": plain_time, "ratio": 1.0, "memory_ratio": 1.0}
-    ]
+    rows = [{"variant": "plain Trainer", "seconds": plain_time, "ratio": 1.0, "memory_ratio": 1.0}]
     for label, overrides in VARIANTS:
         args = SaliencyDecorConfig(**common, group_size=case["group_size"], check_finite=False, **overrides)
         trainer = SaliencyDecorTrainer(model=copy.deepcopy(reference), args=args)

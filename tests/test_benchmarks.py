@@ -48,8 +48,8 @@ def test_step_cost__saliencydecor_memory_within_target_on_cpu(tmp_path):
 
 
 def test_reproduce__tiny_run_writes_tables_and_reuses_default_ablations(tmp_path, capsys):
-    argv = ["--dataset", "digits", "--epochs", "1", "--seeds", "0", "--methods", "baseline", "sgt",
-            "saliencydecor", "--ablations", "mask_ratio", "--metric-images", "40", "--output-dir", str(tmp_path)]
+    argv = "--dataset digits --epochs 1 --seeds 0 --methods baseline sgt saliencydecor".split()
+    argv += ["--ablations", "mask_ratio", "--metric-images", "40", "--output-dir", str(tmp_path)]
     assert reproduce.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["main"]) == {"baseline", "sgt", "saliencydecor"}
