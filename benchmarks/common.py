@@ -1,13 +1,15 @@
-"""Shared timing helpers for the benchmarks: warm-up, repeated runs, median, device sync."""
+"""Shared helpers of the benchmarks: timing (warm-up, median, device sync), peak memory, host syncs."""
 
 from __future__ import annotations
 
 import platform
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def synchronize(device: torch.device) -> None:
@@ -84,3 +86,48 @@ def machine_description(device: torch.device) -> str:
     else:
         name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     return f"{name}; torch {torch.__version__}"
+
+
+# Operators that make the host wait for the device on CUDA (seen on any device, so a CPU
+# run can count them): reading a value, data-dependent output sizes, linear-algebra error
+# checks, and tensors built from host data (a blocking host-to-device copy on a GPU).
+HOST_SYNC_OPS = {
+    "aten::_local_scalar_dense": ".item() / bool() / float() of a tensor",
+    "aten::is_nonzero": "bool() of a tensor",
+    "aten::equal": "torch.equal",
+    "aten::nonzero": "data-dependent size (nonzero, boolean indexing)",
+    "aten::masked_select": "data-dependent size",
+    "aten::_unique2": "data-dependent size",
+    "aten::unique_dim": "data-dependent size",
+    "aten::unique_consecutive": "data-dependent size",
+    "aten::_linalg_eigh": "eigh checks its error flag on the host",
+    "aten::_linalg_svd": "svd checks its error flag on the host",
+    "aten::linalg_inv_ex": "inverse error flag",
+    "aten::lift_fresh": "torch.tensor(host data): a blocking host-to-device copy on GPU",
+    "aten::lift_fresh_copy": "torch.tensor(host data): a blocking host-to-device copy on GPU",
+}
+
+
+class HostSyncAudit(TorchDispatchMode):
+    """Count the operators of ``HOST_SYNC_OPS`` that run inside the context (backward too).
+
+    Example:
+        >>> with HostSyncAudit() as audit:
+        ...     _ = float(torch.ones(2).sum())
+        >>> dict(audit.calls)
+        {'aten::_local_scalar_dense': 1}
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in HOST_SYNC_OPS:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())

@@ -3,7 +3,9 @@
 Same model weights, same batch, side by side in one run: median step time (forward,
 backward(s), optimizer step) after warm-up, the ratio to the plain step, the peak-memory
 ratio (CUDA allocator; on CPU the profiler's allocation events plus the resident weights,
-optimizer state and batch), and the share of the whitening + decorrelation in the plain step.
+optimizer state and batch), the operators in the step that make the host wait for a GPU
+(counted on any device by ``common.HostSyncAudit``), and the share of the whitening +
+decorrelation in the plain step.
 
     python benchmarks/step_cost.py --quick            # CPU size
     python benchmarks/step_cost.py                    # full size (GPU)
@@ -25,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine_description, median_seconds, peak_memory, tensor_bytes  # noqa: E402
+from common import HostSyncAudit, machine_description, median_seconds, peak_memory, tensor_bytes  # noqa: E402
 
 from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer, decorrelation_loss  # noqa: E402
 from sd_plugin.models import PaperCNN  # noqa: E402
@@ -36,6 +38,8 @@ VARIANTS = (
     ("decor", {"method": "decor"}),
     ("saliencydecor", {"method": "saliencydecor"}),
     ("saliencydecor (both)", {"method": "saliencydecor", "consistency_grad": "both"}),
+    ("saliencydecor (newton_schulz)", {"method": "saliencydecor", "whitening_method": "newton_schulz"}),
+    ("saliencydecor (check_finite)", {"method": "saliencydecor", "check_finite": True}),
 )
 
 
@@ -101,6 +105,14 @@ def resident_bytes(trainer, batch) -> int:
     return tensor_bytes(trainer.model, list(trainer.optimizer.state.values()), batch)
 
 
+def host_syncs(trainer, batch) -> int:
+    """Operators in one ``training_step`` (forward and backward) that make the host wait on a GPU."""
+    with HostSyncAudit() as audit:
+        trainer.training_step(trainer.model, dict(batch))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return audit.total
+
+
 def make_step(trainer, batch):
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by train(); the step reads it
@@ -128,9 +140,18 @@ def run_case(case: dict, device: torch.device, warmup: int, repeats: int, output
     plain_step = make_step(plain_trainer, batch)
     plain_time = median_seconds(plain_step, device, warmup, repeats)
     plain_memory = peak_memory(plain_step, device, resident_bytes(plain_trainer, batch))
-    rows = [{"variant": "plain Trainer", "seconds": plain_time, "ratio": 1.0, "memory_ratio": 1.0}]
+    rows = [
+        {
+            "variant": "plain Trainer",
+            "seconds": plain_time,
+            "ratio": 1.0,
+            "memory_ratio": 1.0,
+            "host_syncs": host_syncs(plain_trainer, batch),
+        }
+    ]
     for label, overrides in VARIANTS:
-        args = SaliencyDecorConfig(**common, group_size=case["group_size"], check_finite=False, **overrides)
+        settings = {"group_size": case["group_size"], "check_finite": False, **overrides}
+        args = SaliencyDecorConfig(**common, **settings)
         trainer = SaliencyDecorTrainer(model=copy.deepcopy(reference), args=args)
         step = make_step(trainer, batch)
         seconds = median_seconds(step, device, warmup, repeats)
@@ -141,6 +162,7 @@ def run_case(case: dict, device: torch.device, warmup: int, repeats: int, output
                 "seconds": seconds,
                 "ratio": seconds / plain_time,
                 "memory_ratio": memory / plain_memory,
+                "host_syncs": host_syncs(trainer, batch),
             }
         )
     width = trainer.sd_adapter.num_features
@@ -166,13 +188,13 @@ def run_case(case: dict, device: torch.device, warmup: int, repeats: int, output
 
 def format_results(results: list[dict], machine: str) -> str:
     lines = [f"Machine: {machine}", ""]
-    lines.append("| model (batch) | variant | step ms | × plain | peak memory × plain |")
-    lines.append("|---|---|---|---|---|")
+    lines.append("| model (batch) | variant | step ms | × plain | peak memory × plain | host syncs |")
+    lines.append("|---|---|---|---|---|---|")
     for result in results:
         for row in result["rows"]:
             lines.append(
                 f"| {result['case']} ({result['batch']}) | {row['variant']} | {1000 * row['seconds']:.1f} "
-                f"| {row['ratio']:.2f} | {row['memory_ratio']:.2f} |"
+                f"| {row['ratio']:.2f} | {row['memory_ratio']:.2f} | {row['host_syncs']} |"
             )
     lines.append("")
     lines.append(

@@ -47,7 +47,7 @@ def decorrelation_loss(features: Tensor, eps: float = 1e-10, sync: bool = False)
     device_type = features.device.type if features.device.type in ("cuda", "cpu") else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):
         f = features.to(torch.promote_types(features.dtype, torch.float32))
-        count = sum_over_processes(torch.tensor(float(batch), device=f.device, dtype=f.dtype), sync)
+        count = sum_over_processes(f.new_full((), batch), sync)  # no host-to-device copy
         centred = f - sum_over_processes(f.sum(0), sync) / count
         variance = sum_over_processes(centred.pow(2).sum(0), sync) / count
         standardised = centred / (variance + eps).sqrt()

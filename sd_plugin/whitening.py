@@ -228,7 +228,7 @@ class GroupZCA(nn.Module):
 
     def _batch_statistics(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sync = self.sync_statistics
-        count = sum_over_processes(torch.tensor(float(f.shape[0]), device=f.device, dtype=f.dtype), sync)
+        count = sum_over_processes(f.new_full((), f.shape[0]), sync)  # no host-to-device copy
         mean = sum_over_processes(f.sum(0), sync) / count
         centred = (f - mean).view(-1, self.num_groups, self.group_size)
         scatter = sum_over_processes(torch.einsum("bgi,bgj->gij", centred, centred), sync)

@@ -36,6 +36,20 @@ def test_tensor_bytes__counts_shared_tensors_once():
     assert common.tensor_bytes(module, {"batch": torch.zeros(5, dtype=torch.float64)}) == 4 * 110 + 8 * 5
 
 
+def test_host_sync_audit__counts_reads_eigh_and_host_data_in_backward_too():
+    x = torch.randn(4, 4, requires_grad=True)
+    with common.HostSyncAudit() as audit:
+        eigenvalues = torch.linalg.eigh(x @ x.T + torch.eye(4))[0]
+        eigenvalues.sum().backward()
+        _ = bool(x.grad.isfinite().all()), torch.tensor([1.0])
+    assert audit.calls["aten::_linalg_eigh"] == 1
+    assert audit.calls["aten::_local_scalar_dense"] == 1
+    assert audit.total == 3
+    with common.HostSyncAudit() as audit:
+        (x.new_full((), 3.0) * x).sum().backward()
+    assert audit.total == 0
+
+
 def test_step_cost__saliencydecor_memory_within_target_on_cpu(tmp_path):
     """DESIGN.md §6: peak memory <= 1.15x a plain Trainer step; the official structure is not."""
     case = next(c for c in step_cost.cases(quick=True) if c["name"].startswith("paper CNN"))
@@ -44,6 +58,11 @@ def test_step_cost__saliencydecor_memory_within_target_on_cpu(tmp_path):
     assert memory["baseline"] == pytest.approx(1.0, abs=0.05)
     assert memory["saliencydecor"] <= 1.15
     assert memory["saliencydecor (both)"] > 1.4  # the measurement tells the structures apart
+    syncs = {row["variant"]: row["host_syncs"] for row in result["rows"]}
+    assert syncs["plain Trainer"] == 0
+    assert syncs["saliencydecor (newton_schulz)"] == 0  # a step the host never waits on
+    assert syncs["saliencydecor"] == 1  # eigh's error check
+    assert syncs["saliencydecor (check_finite)"] == 3  # + one read before each backward
     assert set(result["whitening_seconds"]) == {"eigh", "newton_schulz"}
 
 
