@@ -140,6 +140,27 @@ def main_table(results: dict) -> list[str]:
     return lines
 
 
+# Two-sided 5% critical values of Student's t, by degrees of freedom (1-10).
+T_CRITICAL_5 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def paired(results: dict, first: str, second: str, key: str) -> str:
+    """``first - second`` per seed (same seed: same initialisation and data order) and a paired t-test."""
+    by_seed = {run["seed"]: run[key] for run in results["main"][second]["runs"]}
+    diffs = [run[key] - by_seed[run["seed"]] for run in results["main"][first]["runs"] if run["seed"] in by_seed]
+    if len(diffs) < 2:
+        return ""
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    higher = sum(d > 0 for d in diffs)
+    t = mean / (std / len(diffs) ** 0.5) if std > 0 else float("inf")
+    significant = len(diffs) - 1 <= len(T_CRITICAL_5) and abs(t) > T_CRITICAL_5[len(diffs) - 2]
+    verdict = "significant" if significant else "not significant"
+    return (
+        f"{first} − {second} per seed {mean:+.3g} ± {std:.2g}, higher in {higher} of {len(diffs)} seeds, "
+        f"paired t = {t:.2f}: {verdict} at 5%"
+    )
+
+
 def verdicts(results: dict) -> list[str]:
     main = {m: e["summary"] for m, e in results["main"].items()}
     if not {"baseline", "sgt", "saliencydecor"} <= set(main):
@@ -147,41 +168,35 @@ def verdicts(results: dict) -> list[str]:
     b, g, d = main["baseline"], main["sgt"], main["saliencydecor"]
     out = []
 
-    def line(claim: str, holds: bool, detail: str, noise: str = "") -> None:
-        out.append(f"- {claim}: **{'reproduces' if holds else 'does not reproduce'}** ({detail}){noise}.")
-
-    def noise(key: str, *entries: dict) -> str:
-        """Flag mean differences smaller than the largest seed standard deviation."""
-        spread = max(e.get(key + "_std", 0.0) for e in entries)
-        means = [e[key] for e in entries]
-        if spread > 0 and max(means) - min(means) < spread:
-            return f"; the means differ by less than one seed standard deviation ({spread:.3g}): not significant"
-        return ""
+    def line(claim: str, holds: bool, detail: str, *tests: str) -> None:
+        tests_text = "".join(f"; {test}" for test in tests if test)
+        out.append(f"- {claim}: **{'reproduces' if holds else 'does not reproduce'}** ({detail}){tests_text}.")
 
     line(
         "SaliencyDecor accuracy ≥ baseline − 0.3 points",
         d["accuracy"] >= b["accuracy"] - 0.3,
         f"{d['accuracy']:.2f} vs {b['accuracy']:.2f}",
-        noise("accuracy", d, b),
+        paired(results, "saliencydecor", "baseline", "accuracy"),
     )
     line(
         "SaliencyDecor faithfulness gap above baseline and SGT",
         d["faithfulness_gap"] > b["faithfulness_gap"] and d["faithfulness_gap"] > g["faithfulness_gap"],
         f"{d['faithfulness_gap']:.3f} vs {b['faithfulness_gap']:.3f} / {g['faithfulness_gap']:.3f}",
-        noise("faithfulness_gap", d, b, g),
+        paired(results, "saliencydecor", "baseline", "faithfulness_gap"),
+        paired(results, "saliencydecor", "sgt", "faithfulness_gap"),
     )
     line(
         "raw masking AUC ordering SaliencyDecor < SGT < baseline (paper: 3707 < 4458 < 5353)",
         d["masking_auc"] < g["masking_auc"] < b["masking_auc"],
         f"{d['masking_auc']:.0f} / {g['masking_auc']:.0f} / {b['masking_auc']:.0f}",
-        noise("masking_auc", d, g, b),
+        paired(results, "saliencydecor", "baseline", "masking_auc"),
     )
     if "decor" in main:
         line(
             "decorrelation alone (DBN-like) costs accuracy (paper: 81.4 vs 94.6)",
             main["decor"]["accuracy"] < b["accuracy"] - 1.0,
             f"{main['decor']['accuracy']:.2f} vs {b['accuracy']:.2f}",
-            noise("accuracy", main["decor"], b),
+            paired(results, "decor", "baseline", "accuracy"),
         )
     ablation = results.get("ablations", {})
     if "mask_ratio" in ablation:
