@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import HostSyncAudit, machine_description, median_seconds, peak_memory, tensor_bytes  # noqa: E402
 
-from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer, decorrelation_loss  # noqa: E402
+from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer, decorrelation_loss
+from sd_plugin.decorrelation import compiled_decorrelation_loss  # noqa: E402
 from sd_plugin.models import PaperCNN  # noqa: E402
 
 VARIANTS = (
@@ -39,6 +40,7 @@ VARIANTS = (
     ("saliencydecor", {"method": "saliencydecor"}),
     ("saliencydecor (both)", {"method": "saliencydecor", "consistency_grad": "both"}),
     ("saliencydecor (newton_schulz)", {"method": "saliencydecor", "whitening_method": "newton_schulz"}),
+    ("saliencydecor (compiled whitening)", {"method": "saliencydecor", "whitening_compile": True}),
     ("saliencydecor (check_finite)", {"method": "saliencydecor", "check_finite": True}),
 )
 
@@ -168,13 +170,18 @@ def run_case(case: dict, device: torch.device, warmup: int, repeats: int, output
     width = trainer.sd_adapter.num_features
     features = torch.randn(case["batch"], width, device=device, requires_grad=True)
     whitening_seconds = {}
-    for method in ("eigh", "newton_schulz"):
-        whitening = GroupZCA(width, group_size=case["group_size"], method=method).to(device)
+    for label, method, compiled in (
+        ("eigh", "eigh", False),
+        ("newton_schulz", "newton_schulz", False),
+        ("eigh compiled", "eigh", True),
+    ):
+        whitening = GroupZCA(width, group_size=case["group_size"], method=method, compiled=compiled).to(device)
+        loss_fn = compiled_decorrelation_loss() if compiled else decorrelation_loss
 
-        def whiten_and_decorrelate(whitening=whitening):
-            decorrelation_loss(whitening(features)).backward()
+        def whiten_and_decorrelate(whitening=whitening, loss_fn=loss_fn):
+            loss_fn(whitening(features)).backward()
 
-        whitening_seconds[method] = median_seconds(whiten_and_decorrelate, device, warmup, repeats)
+        whitening_seconds[label] = median_seconds(whiten_and_decorrelate, device, warmup, repeats)
     return {
         "case": case["name"],
         "batch": case["batch"],
@@ -198,16 +205,16 @@ def format_results(results: list[dict], machine: str) -> str:
             )
     lines.append("")
     lines.append(
-        "| model | D | g | whitening + decorrelation (fwd+bwd), eigh | share | Newton–Schulz (15 it.) | share |"
+        "| model | D | g | whitening + decorrelation (fwd+bwd): eigh | share | Newton–Schulz (15 it.) | share "
+        "| eigh, compiled | share |"
     )
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for result in results:
         ms, share = result["whitening_seconds"], result["whitening_share"]
-        lines.append(
-            f"| {result['case']} | {result['num_features']} | {result['group_size']} "
-            f"| {1000 * ms['eigh']:.2f} ms | {100 * share['eigh']:.1f}% "
-            f"| {1000 * ms['newton_schulz']:.2f} ms | {100 * share['newton_schulz']:.1f}% |"
+        cells = " | ".join(
+            f"{1000 * ms[k]:.2f} ms | {100 * share[k]:.1f}%" for k in ("eigh", "newton_schulz", "eigh compiled")
         )
+        lines.append(f"| {result['case']} | {result['num_features']} | {result['group_size']} | {cells} |")
     return "\n".join(lines)
 
 

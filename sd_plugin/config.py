@@ -25,7 +25,8 @@ Every ``TrainingArguments`` option keeps working (bf16, gradient accumulation,
   faithfulness gap below the baseline's). ``True`` is the paper's CNN Algorithm 1; ``None``
   picks the paper's rule (CNNs yes, ViTs no).
 - ``decor_target``: ``"whitened"`` (default) or ``"features"``.
-- ``whitening_shrinkage``, ``whitening_momentum``, ``whitening_method``, ``sync_whitening``.
+- ``whitening_shrinkage``, ``whitening_momentum``, ``whitening_method``, ``whitening_compile``,
+  ``sync_whitening``.
 
 > Evaluation
 
@@ -119,6 +120,13 @@ class SaliencyDecorConfig(TrainingArguments):
         default="eigh",
         metadata={"help": "Inverse square root: 'eigh' or 'newton_schulz'.", "choices": ["eigh", "newton_schulz"]},
     )
+    whitening_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the whitening and decorrelation loss into fused kernels (same values; the "
+            "first step compiles). Not with sync_whitening."
+        },
+    )
     sync_whitening: Optional[bool] = field(  # noqa: UP045
         default=None,
         metadata={"help": "All-reduce whitening statistics across processes (default: on when distributed)."},
@@ -179,6 +187,7 @@ def loss_kwargs(method_args: object, world_size: int = 1) -> dict:
         "whitening_shrinkage",
         "whitening_momentum",
         "whitening_method",
+        "whitening_compile",
     )
     return {**{name: getattr(method_args, name) for name in names}, "sync_whitening": bool(sync)}
 

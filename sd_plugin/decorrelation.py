@@ -18,12 +18,15 @@ Example:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from .distributed import sum_over_processes
 
-__all__ = ["decorrelation_loss", "decorrelation_floor"]
+__all__ = ["decorrelation_loss", "compiled_decorrelation_loss", "decorrelation_floor"]
 
 
 def decorrelation_loss(features: Tensor, eps: float = 1e-10, sync: bool = False) -> Tensor:
@@ -54,6 +57,12 @@ def decorrelation_loss(features: Tensor, eps: float = 1e-10, sync: bool = False)
         corr = sum_over_processes(standardised.T @ standardised, sync) / count
         off_diagonal = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
         return off_diagonal / width
+
+
+@functools.cache
+def compiled_decorrelation_loss() -> Callable[..., Tensor]:
+    """``decorrelation_loss`` under ``torch.compile`` (fused kernels; compiles on first use per shape)."""
+    return torch.compile(decorrelation_loss)
 
 
 def decorrelation_floor(batch_size: int, num_features: int) -> float:

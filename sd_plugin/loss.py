@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .consistency import consistency_loss
-from .decorrelation import decorrelation_loss
+from .decorrelation import compiled_decorrelation_loss, decorrelation_loss
 from .errors import NonFiniteLossError
 from .feature_tap import frozen_running_stats
 from .features import ModelAdapter
@@ -82,6 +82,18 @@ class SaliencyDecorOutput:
         return {name: value for name, value in values.items() if value is not None}
 
 
+def _retainable_compiled_backward() -> contextlib.AbstractContextManager:
+    """Compiled backwards built inside run with ``retain_graph=True`` too (no donated buffers).
+
+    A compiled backward is built at its first call; ``consistency_grad="both"`` retains the graph.
+    """
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "donated_buffer"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(donated_buffer=False)
+
+
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; allowed values are {allowed}.")
@@ -109,6 +121,9 @@ class SaliencyDecorLoss:
             NaN/inf, before its backward (costs one host sync per step).
         whitening_shrinkage, whitening_momentum, whitening_method: ``GroupZCA``'s
             ``shrinkage``, ``momentum`` and ``method``.
+        whitening_compile: ``torch.compile`` the whitening and the decorrelation loss
+            (fused kernels, the same values; the first step compiles). Not with
+            ``sync_whitening``.
         sync_whitening: all-reduce the whitening statistics across processes.
         generator: random generator of the ``"random"`` fill (reproducible masks).
     """
@@ -130,6 +145,7 @@ class SaliencyDecorLoss:
         whitening_shrinkage: float = 0.01,
         whitening_momentum: float = 0.1,
         whitening_method: str = "eigh",
+        whitening_compile: bool = False,
         sync_whitening: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -139,6 +155,11 @@ class SaliencyDecorLoss:
         _check_choice("consistency_grad", consistency_grad, CONSISTENCY_GRADS)
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
+        if whitening_compile and sync_whitening:
+            raise ValueError(
+                "whitening_compile=True does not support sync_whitening=True (multi-process statistics) yet; "
+                "set whitening_compile=False for distributed runs, or sync_whitening=False."
+            )
         for name, value in (("decor_weight", decor_weight), ("consistency_weight", consistency_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")
@@ -157,6 +178,8 @@ class SaliencyDecorLoss:
         self.uses_masking = method in ("sgt", "saliencydecor")
         self.uses_decorrelation = method in ("decor", "saliencydecor")
         self.whitening = None
+        self.whitening_compile = whitening_compile
+        self._decorrelation_loss = compiled_decorrelation_loss() if whitening_compile else decorrelation_loss
         if self.uses_decorrelation:
             self.whitening = adapter.attach_whitening(
                 group_size=group_size,
@@ -166,6 +189,7 @@ class SaliencyDecorLoss:
                 method=whitening_method,
                 sync_statistics=sync_whitening,
             )
+            self.whitening.compiled = whitening_compile  # also when the model already carried one
 
     def settings(self) -> dict[str, object]:
         """The method's settings as they act (``whiten_head_input`` resolved), for metadata and cards."""
@@ -213,6 +237,18 @@ class SaliencyDecorLoss:
                 (forward and backward) runs inside it, so the two-pass step all-reduces
                 the accumulated gradients once, in the masked pass's backward.
         """
+        with _retainable_compiled_backward() if self.whitening_compile else contextlib.nullcontext():
+            return self._step(model, pixel_values, labels, backward, loss_scale, no_sync)
+
+    def _step(
+        self,
+        model: nn.Module | None,
+        pixel_values: Tensor,
+        labels: Tensor,
+        backward: Callable[[Tensor], None] | None,
+        loss_scale: float,
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None,
+    ) -> SaliencyDecorOutput:
         model = self.adapter.model if model is None else model
         backward = backward or (lambda loss: loss.backward())
         self.adapter.check_batch(pixel_values, labels)
@@ -238,7 +274,7 @@ class SaliencyDecorLoss:
                 target = whitened if self.decor_target == "whitened" else features
                 if target is None:
                     raise RuntimeError(f"no features were recorded at {self.adapter.head_name!r}.")
-                loss_decor = decorrelation_loss(target, sync=self.sync_whitening)
+                loss_decor = self._decorrelation_loss(target, sync=self.sync_whitening)
                 clean_objective = loss_ce + self.decor_weight * loss_decor
             self._check_finite({"loss_ce": loss_ce, "loss_decor": loss_decor})
 

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -101,6 +103,19 @@ def shrink_covariance(sigma: Tensor, shrinkage: float, eps: float) -> Tensor:
     return (1.0 - shrinkage) * sigma + (shrinkage * trace / size + eps) * identity
 
 
+@functools.cache
+def _compiled_whiten_batch():
+    """One compiled function for every ``GroupZCA`` (a module attribute would break deepcopy and pickling)."""
+    return torch.compile(lambda module, f: module._whiten_batch(f))
+
+
+def _decomposition_error() -> NonFiniteLossError:
+    return NonFiniteLossError(
+        "GroupZCA could not decompose the feature covariance (the penultimate features contain "
+        "NaN or inf): check the inputs for NaN and lower the learning rate."
+    )
+
+
 class GroupZCA(nn.Module):
     """Group-wise ZCA whitening, ``(B, D) -> (B, D)``.
 
@@ -114,6 +129,9 @@ class GroupZCA(nn.Module):
         momentum: update rate of the running mean and covariance used in eval mode.
         method: ``"eigh"`` (default) or ``"newton_schulz"`` for the inverse square root.
         ns_iterations: Newton-Schulz iterations (``method="newton_schulz"`` only).
+        compiled: ``torch.compile`` the training-mode computation (statistics, running
+            update, inverse square root, whitening) into fused kernels; the first batch of
+            each shape compiles (seconds to a minute). Not with ``sync_statistics``.
         sync_statistics: reduce batch statistics over ``torch.distributed`` processes
             (autograd-aware), so ``N`` processes with ``B/N`` equal one with ``B``.
 
@@ -137,6 +155,7 @@ class GroupZCA(nn.Module):
         method: str = "eigh",
         sync_statistics: bool = False,
         ns_iterations: int = 15,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         if num_features < 1:
@@ -155,6 +174,11 @@ class GroupZCA(nn.Module):
             raise ValueError(f"momentum must be in (0, 1], got {momentum}.")
         if method not in ("eigh", "newton_schulz"):
             raise ValueError(f"method={method!r} is not supported; use 'eigh' or 'newton_schulz'.")
+        if compiled and sync_statistics:
+            raise ValueError(
+                "compiled=True is not supported with sync_statistics=True (cross-process statistics); "
+                "turn one of them off."
+            )
         self.num_features = num_features
         self.group_size = group_size
         self.num_groups = num_features // group_size
@@ -164,6 +188,7 @@ class GroupZCA(nn.Module):
         self.method = method
         self.ns_iterations = ns_iterations
         self.sync_statistics = sync_statistics
+        self.compiled = compiled
         self.track_running_stats = True
         self._eval_cache: tuple[tuple, Tensor] | None = None
         # Set by ``ModelAdapter.attach_whitening``: where the whitening sits in the model.
@@ -179,6 +204,7 @@ class GroupZCA(nn.Module):
         return (
             f"{self.num_features}, group_size={self.group_size}, shrinkage={self.shrinkage}, "
             f"eps={self.eps}, momentum={self.momentum}, method={self.method!r}"
+            + (", compiled=True" if self.compiled else "")
         )
 
     def forward(self, features: Tensor) -> Tensor:
@@ -190,24 +216,34 @@ class GroupZCA(nn.Module):
         with torch.autocast(device_type=device_type, enabled=False):
             f = features.to(torch.promote_types(features.dtype, torch.float32))
             if self.training:
-                mean, cov, count = self._batch_statistics(f)
-                if self.track_running_stats:
-                    self._update_running(mean.detach(), cov.detach(), count.detach())
-                whitening = self._decompose(cov)
+                try:
+                    z = self._training_forward()(f)
+                except torch.linalg.LinAlgError as error:
+                    raise _decomposition_error() from error
             else:
-                mean, whitening = self.running_mean.to(f.dtype), self._eval_whitening(f.dtype)
-            centred = (f - mean).view(-1, self.num_groups, self.group_size)
-            z = torch.einsum("bgi,gij->bgj", centred, whitening).reshape(-1, self.num_features)
+                z = self._whiten(f, self.running_mean.to(f.dtype), self._eval_whitening(f.dtype))
         return z.to(features.dtype)
+
+    def _training_forward(self):
+        """``_whiten_batch``, or its ``torch.compile``d form when ``compiled=True``."""
+        return functools.partial(_compiled_whiten_batch(), self) if self.compiled else self._whiten_batch
+
+    def _whiten_batch(self, f: Tensor) -> Tensor:
+        """Training mode: whiten with the batch statistics (and update the running ones)."""
+        mean, cov, count = self._batch_statistics(f)
+        if self.track_running_stats:
+            self._update_running(mean.detach(), cov.detach(), count.detach())
+        return self._whiten(f, mean, self.whitening_matrix(cov))
+
+    def _whiten(self, f: Tensor, mean: Tensor, whitening: Tensor) -> Tensor:
+        centred = (f - mean).view(-1, self.num_groups, self.group_size)
+        return torch.einsum("bgi,gij->bgj", centred, whitening).reshape(-1, self.num_features)
 
     def _decompose(self, cov: Tensor) -> Tensor:
         try:
             return self.whitening_matrix(cov)
         except torch.linalg.LinAlgError as error:
-            raise NonFiniteLossError(
-                "GroupZCA could not decompose the feature covariance (the penultimate features contain "
-                "NaN or inf): check the inputs for NaN and lower the learning rate."
-            ) from error
+            raise _decomposition_error() from error
 
     def _eval_whitening(self, dtype: torch.dtype) -> Tensor:
         """Eval-mode ``W`` from the running covariance, decomposed once per buffer version.

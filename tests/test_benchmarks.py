@@ -63,7 +63,9 @@ def test_step_cost__saliencydecor_memory_within_target_on_cpu(tmp_path):
     assert syncs["saliencydecor (newton_schulz)"] == 0  # a step the host never waits on
     assert syncs["saliencydecor"] == 1  # eigh's error check
     assert syncs["saliencydecor (check_finite)"] == 3  # + one read before each backward
-    assert set(result["whitening_seconds"]) == {"eigh", "newton_schulz"}
+    assert syncs["saliencydecor (compiled whitening)"] == 1  # the same eigh, inside the compiled graph
+    assert memory["saliencydecor (compiled whitening)"] <= 1.15
+    assert set(result["whitening_seconds"]) == {"eigh", "newton_schulz", "eigh compiled"}
 
 
 def test_reproduce__tiny_run_writes_tables_and_reuses_default_ablations(tmp_path, capsys):

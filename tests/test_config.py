@@ -52,3 +52,5 @@ def test_hf_argument_parser__every_method_field_is_a_flag(tmp_path):
 def test_method_kwargs__sync_whitening_off_single_process(tmp_path):
     kwargs = SaliencyDecorConfig(output_dir=str(tmp_path)).method_kwargs()
     assert kwargs["sync_whitening"] is False
+    assert kwargs["whitening_compile"] is False
+    assert SaliencyDecorConfig(output_dir=str(tmp_path), whitening_compile=True).method_kwargs()["whitening_compile"]

@@ -179,3 +179,30 @@ def test_step__error_channel_mismatch():
     loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8)
     with pytest.raises(ValueError, match="1 channels but the model expects 3"):
         loss.step(model, *batch(channels=1))
+
+
+@pytest.mark.parametrize("consistency_grad", ["detached", "both"])
+def test_step__whitening_compile_same_gradients_as_eager(consistency_grad):
+    results = []
+    for compile_whitening in (False, True):
+        torch.manual_seed(0)
+        model = tiny_models.TinyNet()
+        loss = SaliencyDecorLoss(
+            adapt(model, feature_layer="body"),
+            group_size=8,
+            consistency_grad=consistency_grad,
+            whitening_compile=compile_whitening,
+            generator=torch.Generator().manual_seed(1),
+        )
+        out = loss.step(model, *batch())
+        results.append((out.loss, grads(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for name, value in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_init__whitening_compile_refuses_synced_statistics():
+    with pytest.raises(ValueError, match="whitening_compile=True does not support sync_whitening"):
+        SaliencyDecorLoss(
+            adapt(tiny_models.TinyNet(), feature_layer="body"), whitening_compile=True, sync_whitening=True
+        )

@@ -87,6 +87,23 @@ def test_train__all_methods(tmp_path, family, method):
     assert hasattr(model, "saliency_decor_whitening") == (method in ("decor", "saliencydecor"))
 
 
+def test_train__whitening_compile_same_weights_and_whitening_statistics(tmp_path):
+    # "decor": the masks of "saliencydecor" rank pixels by gradient, so round-off can flip a near tie.
+    results = []
+    for compile_whitening in (False, True):
+        model = tiny_models.build("timm_resnet", tmp_path)
+        args = config(
+            tmp_path, method="decor", whitening_compile=compile_whitening, eval_strategy="steps", eval_steps=2
+        )
+        trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(1))
+        trainer.train()  # evaluates at steps 1 and 2: eval mode between compiled training steps
+        results.append((snapshot(model), model.saliency_decor_whitening.running_cov.clone()))
+    for name, value in results[0][0].items():
+        torch.testing.assert_close(results[1][0][name], value, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-4)
+    assert model.saliency_decor_whitening.compiled
+
+
 def test_evaluate__single_forward_without_grad(tmp_path):
     model = tiny_models.build("timm_resnet", tmp_path)
     trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path), eval_dataset=dataset(1))

@@ -191,3 +191,31 @@ def test_eval__whitening_matrix_cached_until_the_buffers_change():
     state = GroupZCA(16, group_size=8).state_dict()
     zca.load_state_dict(state)  # identity statistics again
     torch.testing.assert_close(zca(x), (x - 0.0) @ torch.eye(16) / (1.0 + 1e-5) ** 0.5, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled__same_whitening_gradients_and_running_statistics_as_eager(method):
+    from sd_plugin.decorrelation import compiled_decorrelation_loss, decorrelation_loss
+
+    eager = GroupZCA(32, group_size=8, method=method)
+    compiled = GroupZCA(32, group_size=8, method=method, compiled=True)
+    for seed in range(2):
+        x = correlated(48, 32, seed=seed)
+        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+        z_eager, z_compiled = eager(x_eager), compiled(x_compiled)
+        torch.testing.assert_close(z_compiled, z_eager, rtol=1e-4, atol=1e-4)
+        decorrelation_loss(z_eager).backward()
+        compiled_decorrelation_loss()(z_compiled).backward()
+        torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compiled.running_cov, eager.running_cov)
+    torch.testing.assert_close(compiled.running_mean, eager.running_mean)
+    assert int(compiled.num_batches_tracked) == 2
+    compiled.track_running_stats = False  # a frozen pass (another graph) leaves the buffers alone
+    before = compiled.running_cov.clone()
+    compiled(correlated(48, 32, seed=5))
+    torch.testing.assert_close(compiled.running_cov, before)
+
+
+def test_compiled__error_with_synced_statistics():
+    with pytest.raises(ValueError, match="sync_statistics"):
+        GroupZCA(16, group_size=8, compiled=True, sync_statistics=True)
