@@ -76,7 +76,7 @@ def test_backward__custom_eigh_gradient_equals_autograd_on_distinct_eigenvalues(
     "case",
     ["dead_units", "duplicated_features", "batch_smaller_than_group", "all_zero", "batch_of_one"],
 )
-def test_forward_backward__finite_on_degenerate_batches(case, method):
+def test_forward_backward__finite_on_degenerate_batches(case, method, compiled=False):
     f = correlated(32, 16)
     if case == "dead_units":
         f[:, :5] = 0.0
@@ -89,13 +89,19 @@ def test_forward_backward__finite_on_degenerate_batches(case, method):
     elif case == "batch_of_one":
         f = f[:1]
     f.requires_grad_(True)
-    zca = GroupZCA(16, group_size=8, method=method)
+    zca = GroupZCA(16, group_size=8, method=method, compiled=compiled)
     z = zca(f)
     (z.square().sum() + z.sum()).backward()
     assert torch.isfinite(z).all()
     assert torch.isfinite(f.grad).all()
     # Plain autograd through eigh would give NaN/inf here; ours must not.
     assert torch.isfinite(zca.running_cov).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled__finite_on_degenerate_batches(method):
+    for case in ("dead_units", "duplicated_features", "batch_smaller_than_group", "all_zero", "batch_of_one"):
+        test_forward_backward__finite_on_degenerate_batches(case, method, compiled=True)
 
 
 @pytest.mark.parametrize("method", METHODS)
