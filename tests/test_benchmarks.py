@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compile_support import needs_torch_compile
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -50,6 +51,7 @@ def test_host_sync_audit__counts_reads_eigh_and_host_data_in_backward_too():
     assert audit.total == 0
 
 
+@needs_torch_compile  # the step-cost table has a compiled-whitening row
 def test_step_cost__saliencydecor_memory_within_target_on_cpu(tmp_path):
     """DESIGN.md §6: peak memory <= 1.15x a plain Trainer step; the official structure is not."""
     case = next(c for c in step_cost.cases(quick=True) if c["name"].startswith("paper CNN"))

@@ -2,6 +2,7 @@ import pytest
 import tiny_models
 import torch
 import torch.nn.functional as F
+from compile_support import needs_torch_compile
 
 from sd_plugin import NonFiniteLossError, SaliencyDecorLoss, decorrelation_loss
 from sd_plugin.features import adapt
@@ -181,6 +182,7 @@ def test_step__error_channel_mismatch():
         loss.step(model, *batch(channels=1))
 
 
+@needs_torch_compile
 @pytest.mark.parametrize("consistency_grad", ["detached", "both"])
 def test_step__whitening_compile_same_gradients_as_eager(consistency_grad):
     results = []

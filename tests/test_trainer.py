@@ -4,6 +4,7 @@ import os
 import pytest
 import tiny_models
 import torch
+from compile_support import needs_torch_compile
 from transformers import TrainingArguments
 
 from sd_plugin import NonFiniteLossError, SaliencyDecorConfig, SaliencyDecorTrainer
@@ -87,6 +88,7 @@ def test_train__all_methods(tmp_path, family, method):
     assert hasattr(model, "saliency_decor_whitening") == (method in ("decor", "saliencydecor"))
 
 
+@needs_torch_compile
 def test_train__whitening_compile_same_weights_and_whitening_statistics(tmp_path):
     # "decor": the masks of "saliencydecor" rank pixels by gradient, so round-off can flip a near tie.
     results = []

@@ -2,6 +2,7 @@ import io
 
 import pytest
 import torch
+from compile_support import needs_torch_compile
 
 from sd_plugin import GroupZCA
 from sd_plugin.whitening import inverse_sqrt_psd, shrink_covariance
@@ -98,6 +99,7 @@ def test_forward_backward__finite_on_degenerate_batches(case, method, compiled=F
     assert torch.isfinite(zca.running_cov).all()
 
 
+@needs_torch_compile
 @pytest.mark.parametrize("method", METHODS)
 def test_compiled__finite_on_degenerate_batches(method):
     for case in ("dead_units", "duplicated_features", "batch_smaller_than_group", "all_zero", "batch_of_one"):
@@ -199,6 +201,7 @@ def test_eval__whitening_matrix_cached_until_the_buffers_change():
     torch.testing.assert_close(zca(x), (x - 0.0) @ torch.eye(16) / (1.0 + 1e-5) ** 0.5, rtol=1e-4, atol=1e-4)
 
 
+@needs_torch_compile
 @pytest.mark.parametrize("method", METHODS)
 def test_compiled__same_whitening_gradients_and_running_statistics_as_eager(method):
     from sd_plugin.decorrelation import compiled_decorrelation_loss, decorrelation_loss
