@@ -118,7 +118,7 @@ class SaliencyDecorLoss:
         masked_pass_updates_stats: the masked pass updates BatchNorm / whitening running
             statistics (the official SGT code does).
         check_finite: raise ``NonFiniteLossError`` naming the component when a loss is
-            NaN/inf, before its backward (costs one host sync per step).
+            NaN/inf, before its backward (two host reads per step).
         whitening_shrinkage, whitening_momentum, whitening_method: ``GroupZCA``'s
             ``shrinkage``, ``momentum`` and ``method``.
         whitening_compile: ``torch.compile`` the whitening and the decorrelation loss
