@@ -185,6 +185,8 @@ def test_step__error_channel_mismatch():
 @needs_torch_compile
 @pytest.mark.parametrize("consistency_grad", ["detached", "both"])
 def test_step__whitening_compile_same_gradients_as_eager(consistency_grad):
+    # mask_ratio=0: both passes and their backwards run, but no pixel ranking, which round-off
+    # differences in the input gradient could flip at a near tie.
     results = []
     for compile_whitening in (False, True):
         torch.manual_seed(0)
@@ -192,6 +194,7 @@ def test_step__whitening_compile_same_gradients_as_eager(consistency_grad):
         loss = SaliencyDecorLoss(
             adapt(model, feature_layer="body"),
             group_size=8,
+            mask_ratio=0.0,
             consistency_grad=consistency_grad,
             whitening_compile=compile_whitening,
             generator=torch.Generator().manual_seed(1),
