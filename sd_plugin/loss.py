@@ -82,18 +82,6 @@ class SaliencyDecorOutput:
         return {name: value for name, value in values.items() if value is not None}
 
 
-def _retainable_compiled_backward() -> contextlib.AbstractContextManager:
-    """Compiled backwards built inside run with ``retain_graph=True`` too (no donated buffers).
-
-    A compiled backward is built at its first call; ``consistency_grad="both"`` retains the graph.
-    """
-    import torch._functorch.config as functorch_config
-
-    if not hasattr(functorch_config, "donated_buffer"):
-        return contextlib.nullcontext()
-    return functorch_config.patch(donated_buffer=False)
-
-
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; allowed values are {allowed}.")
@@ -237,18 +225,6 @@ class SaliencyDecorLoss:
                 (forward and backward) runs inside it, so the two-pass step all-reduces
                 the accumulated gradients once, in the masked pass's backward.
         """
-        with _retainable_compiled_backward() if self.whitening_compile else contextlib.nullcontext():
-            return self._step(model, pixel_values, labels, backward, loss_scale, no_sync)
-
-    def _step(
-        self,
-        model: nn.Module | None,
-        pixel_values: Tensor,
-        labels: Tensor,
-        backward: Callable[[Tensor], None] | None,
-        loss_scale: float,
-        no_sync: Callable[[], contextlib.AbstractContextManager] | None,
-    ) -> SaliencyDecorOutput:
         model = self.adapter.model if model is None else model
         backward = backward or (lambda loss: loss.backward())
         self.adapter.check_batch(pixel_values, labels)
