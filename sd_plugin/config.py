@@ -57,7 +57,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from .loss import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS
+from .loss import COMPILE_WITH_BOTH_ERROR, CONSISTENCY_GRADS, DECOR_TARGETS, METHODS
 from .masking import MASK_FILLS
 
 __all__ = ["SaliencyDecorConfig", "METHOD_FIELDS", "loss_kwargs", "method_arguments_class"]
@@ -124,7 +124,7 @@ class SaliencyDecorConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "torch.compile the whitening and decorrelation loss into fused kernels (same values; the "
-            "first step compiles). Not with sync_whitening."
+            "first step compiles). Not with sync_whitening, nor with consistency_grad='both'."
         },
     )
     sync_whitening: Optional[bool] = field(  # noqa: UP045
@@ -240,3 +240,5 @@ def _validate_method_fields(config: SaliencyDecorConfig) -> None:
         raise ValueError(f"eval_masking_step={config.eval_masking_step} must be in (0, 100].")
     if not 0.0 < config.whitening_momentum <= 1.0:
         raise ValueError(f"whitening_momentum={config.whitening_momentum} must be in (0, 1].")
+    if config.whitening_compile and config.consistency_grad == "both" and config.method == "saliencydecor":
+        raise ValueError(COMPILE_WITH_BOTH_ERROR)

@@ -62,9 +62,6 @@ def decorrelation_loss(features: Tensor, eps: float = 1e-10, sync: bool = False)
 @functools.cache
 def compiled_decorrelation_loss() -> Callable[..., Tensor]:
     """``decorrelation_loss`` under ``torch.compile`` (fused kernels; compiles on first use per shape)."""
-    from .whitening import allow_retained_compiled_backward
-
-    allow_retained_compiled_backward()
     return torch.compile(decorrelation_loss)
 
 

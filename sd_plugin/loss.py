@@ -56,6 +56,12 @@ __all__ = [
 
 METHODS = ("baseline", "sgt", "decor", "saliencydecor")
 CONSISTENCY_GRADS = ("detached", "both")
+COMPILE_WITH_BOTH_ERROR = (
+    "whitening_compile=True does not support consistency_grad='both': that step back-propagates "
+    "the clean pass twice (retain_graph), which compiled backwards do not do reliably (wrong "
+    "gradients were seen on some machines). Use consistency_grad='detached' (the default) or "
+    "whitening_compile=False."
+)
 DECOR_TARGETS = ("whitened", "features")
 
 
@@ -111,7 +117,7 @@ class SaliencyDecorLoss:
             ``shrinkage``, ``momentum`` and ``method``.
         whitening_compile: ``torch.compile`` the whitening and the decorrelation loss
             (fused kernels, the same values; the first step compiles). Not with
-            ``sync_whitening``.
+            ``sync_whitening``, nor with ``consistency_grad="both"``.
         sync_whitening: all-reduce the whitening statistics across processes.
         generator: random generator of the ``"random"`` fill (reproducible masks).
     """
@@ -148,6 +154,8 @@ class SaliencyDecorLoss:
                 "whitening_compile=True does not support sync_whitening=True (multi-process statistics) yet; "
                 "set whitening_compile=False for distributed runs, or sync_whitening=False."
             )
+        if whitening_compile and consistency_grad == "both" and method == "saliencydecor":
+            raise ValueError(COMPILE_WITH_BOTH_ERROR)
         for name, value in (("decor_weight", decor_weight), ("consistency_weight", consistency_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")

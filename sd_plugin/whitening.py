@@ -103,23 +103,9 @@ def shrink_covariance(sigma: Tensor, shrinkage: float, eps: float) -> Tensor:
     return (1.0 - shrinkage) * sigma + (shrinkage * trace / size + eps) * identity
 
 
-def allow_retained_compiled_backward() -> None:
-    """Let compiled backwards run with ``retain_graph=True`` (``consistency_grad="both"``).
-
-    Sets ``torch._functorch.config.donated_buffer = False`` for the process, once the compiled
-    whitening is first used: a backward compiled with donated buffers refuses a retained graph,
-    and backwards are compiled lazily, wherever they first run. Donation only saves memory.
-    """
-    import torch._functorch.config as functorch_config
-
-    if hasattr(functorch_config, "donated_buffer"):
-        functorch_config.donated_buffer = False
-
-
 @functools.cache
 def _compiled_whiten_batch():
     """One compiled function for every ``GroupZCA`` (a module attribute would break deepcopy and pickling)."""
-    allow_retained_compiled_backward()
     return torch.compile(lambda module, f: module._whiten_batch(f))
 
 
@@ -145,7 +131,9 @@ class GroupZCA(nn.Module):
         ns_iterations: Newton-Schulz iterations (``method="newton_schulz"`` only).
         compiled: ``torch.compile`` the training-mode computation (statistics, running
             update, inverse square root, whitening) into fused kernels; the first batch of
-            each shape compiles (seconds to a minute). Not with ``sync_statistics``.
+            each shape compiles (seconds to a minute). Not with ``sync_statistics``; back-
+            propagate each forward once (torch refuses ``retain_graph`` on compiled graphs
+            with donated buffers).
         sync_statistics: reduce batch statistics over ``torch.distributed`` processes
             (autograd-aware), so ``N`` processes with ``B/N`` equal one with ``B``.
 

@@ -54,3 +54,10 @@ def test_method_kwargs__sync_whitening_off_single_process(tmp_path):
     assert kwargs["sync_whitening"] is False
     assert kwargs["whitening_compile"] is False
     assert SaliencyDecorConfig(output_dir=str(tmp_path), whitening_compile=True).method_kwargs()["whitening_compile"]
+
+
+def test_post_init__whitening_compile_with_consistency_grad_both_refused(tmp_path):
+    with pytest.raises(ValueError, match="does not support consistency_grad='both'"):
+        SaliencyDecorConfig(output_dir=str(tmp_path), whitening_compile=True, consistency_grad="both")
+    # without the masking+decorrelation step there is no retained graph, so the pair is accepted
+    SaliencyDecorConfig(output_dir=str(tmp_path), method="decor", whitening_compile=True, consistency_grad="both")
