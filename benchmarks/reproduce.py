@@ -10,6 +10,7 @@ test subset), and writes ``results.json``, ``RESULTS.md`` and the figures.
     python benchmarks/reproduce.py --quick                   # CPU: 12k training images, 6 epochs
     python benchmarks/reproduce.py                           # full: 60k images, 15 epochs (GPU)
     python benchmarks/reproduce.py --quick --dataset digits  # scikit-learn digits
+    python benchmarks/reproduce.py --seeds 0 1 2 3 4 --reuse OUT  # OUT's finished runs are not retrained
 """
 
 from __future__ import annotations
@@ -100,6 +101,51 @@ def run_key(config: dict, seed: int) -> str:
     defaults = {f.name: f.default for f in dataclasses.fields(SaliencyDecorConfig)}
     effective = {k: v for k, v in config.items() if defaults.get(k, dataclasses.MISSING) != v}
     return json.dumps(effective, sort_keys=True) + f" seed={seed}"
+
+
+def main_config(method: str) -> dict:
+    return {"method": method, "group_size": 8}
+
+
+def ablation_config(name: str, value: object) -> dict:
+    return {**main_config("saliencydecor"), name: value}
+
+
+SETUP_KEYS = ("dataset", "quick", "epochs", "train_images", "test_images", "metric_images")
+
+
+def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
+    """Finished runs recorded in earlier output folders, by ``run_key``, when their setup equals ``meta``'s.
+
+    Lets a run that was stopped, or one that adds seeds or ablations, reuse what is already trained:
+    training is deterministic for a given seed, so a reused run is the run this command would train.
+    """
+    found: dict[str, dict] = {}
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--reuse {folder}: no results.json there; pass the output folder of an earlier run."
+            )
+        earlier = json.loads(path.read_text())
+        differing = [
+            f"{k}={earlier['meta'].get(k)!r} here {meta[k]!r}" for k in SETUP_KEYS if earlier["meta"].get(k) != meta[k]
+        ]
+        if differing:
+            raise ValueError(
+                f"--reuse {folder}: its runs have another setup ({', '.join(differing)}); "
+                "reuse only runs of the same dataset, size, epochs and --metric-images."
+            )
+        for method, entry in earlier["main"].items():
+            for run in entry["runs"]:
+                found[run_key(main_config(method), run["seed"])] = run
+        for name, entries in earlier.get("ablations", {}).items():
+            typed = {str(value): value for value in ABLATIONS.get(name, [])}
+            for label, entry in entries.items():
+                if label in typed:
+                    for run in entry["runs"]:
+                        found[run_key(ablation_config(name, typed[label]), run["seed"])] = run
+    return found
 
 
 def evaluate(model, test, metric_images: int) -> dict:
@@ -300,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric-images", type=int, default=None)
     parser.add_argument("--output-dir", default="benchmarks/results/reproduce")
     parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
+    parser.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="output folders of earlier runs with the same setup: their finished runs are not trained again",
+    )
     args = parser.parse_args(argv)
     epochs = args.epochs or (6 if args.quick else 15)
     if args.dataset == "digits":
@@ -335,8 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         "main": {},
         "ablations": {},
     }
+    if args.reuse:
+        results["meta"]["reused_from"] = args.reuse
     figure_models = {}
-    finished: dict[str, dict] = {}  # an ablation value equal to the default reuses the main run
+    # an ablation value equal to the default reuses the main run; --reuse adds earlier folders' runs
+    finished: dict[str, dict] = earlier_runs(args.reuse, results["meta"])
     with tempfile.TemporaryDirectory() as workdir:
 
         def run(config: dict, seeds: list[int], label: str) -> dict:
@@ -363,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"runs": runs, "summary": summarize(runs)}
 
         for method in args.methods:
-            results["main"][method] = run({"method": method, "group_size": 8}, args.seeds, method)
+            results["main"][method] = run(main_config(method), args.seeds, method)
             (output / "results.json").write_text(json.dumps(results, indent=2))
         if not args.no_ablations:
             ablation_seeds = args.ablation_seeds or args.seeds[:1]
@@ -372,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 results["ablations"][name] = {}
                 for value in values:
-                    config = {"method": "saliencydecor", "group_size": 8, name: value}
+                    config = ablation_config(name, value)
                     results["ablations"][name][str(value)] = run(config, ablation_seeds, f"{name}={value}")
                 (output / "results.json").write_text(json.dumps(results, indent=2))
         results["figures"] = write_figures(output, figure_models, test) if figure_models else []
