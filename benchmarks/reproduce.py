@@ -118,7 +118,8 @@ def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
     """Finished runs recorded in earlier output folders, by ``run_key``, when their setup equals ``meta``'s.
 
     Lets a run that was stopped, or one that adds seeds or ablations, reuse what is already trained:
-    training is deterministic for a given seed, so a reused run is the run this command would train.
+    on one machine training is deterministic for a given seed (on the CPU a retrained seed matched
+    to the last digit, RESULTS.md §1), so a reused run is the run this command would train.
     """
     found: dict[str, dict] = {}
     for folder in folders:
@@ -129,7 +130,9 @@ def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
             )
         earlier = json.loads(path.read_text())
         differing = [
-            f"{k}={earlier['meta'].get(k)!r} here {meta[k]!r}" for k in SETUP_KEYS if earlier["meta"].get(k) != meta[k]
+            f"{k}: {earlier['meta'].get(k)!r} there, {meta[k]!r} here"
+            for k in SETUP_KEYS
+            if earlier["meta"].get(k) != meta[k]
         ]
         if differing:
             raise ValueError(

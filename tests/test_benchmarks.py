@@ -87,17 +87,17 @@ def test_reproduce__tiny_run_writes_tables_and_reuses_default_ablations(tmp_path
 
 def test_reproduce__reuse_trains_only_missing_seeds_and_refuses_other_setups(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = "--dataset digits --epochs 1 --methods baseline --no-ablations --metric-images 40".split()
-    assert reproduce.main([*common, "--seeds", "0", "--output-dir", str(first)]) == 0
+    setup = "--dataset digits --epochs 1 --methods baseline --no-ablations --metric-images 40".split()
+    assert reproduce.main([*setup, "--seeds", "0", "--output-dir", str(first)]) == 0
     capsys.readouterr()
-    assert reproduce.main([*common, "--seeds", "0", "1", "--output-dir", str(second), "--reuse", str(first)]) == 0
+    assert reproduce.main([*setup, "--seeds", "0", "1", "--output-dir", str(second), "--reuse", str(first)]) == 0
     out = capsys.readouterr().out
     assert "baseline seed 0: same run as before, reused" in out
     assert "baseline seed 1: acc" in out  # trained here
     runs = json.loads((second / "results.json").read_text())["main"]["baseline"]["runs"]
     assert runs[0] == json.loads((first / "results.json").read_text())["main"]["baseline"]["runs"][0]
     assert [run["seed"] for run in runs] == [0, 1]
-    with pytest.raises(ValueError, match=r"--reuse .*first: its runs have another setup \(epochs=1 here 2\)"):
+    with pytest.raises(ValueError, match=r"--reuse .*first: its runs have another setup \(epochs: 1 there, 2 here\)"):
         reproduce.main(
-            [*common[:2], "--epochs", "2", *common[4:], "--output-dir", str(tmp_path / "x"), "--reuse", str(first)]
+            [*setup[:2], "--epochs", "2", *setup[4:], "--output-dir", str(tmp_path / "x"), "--reuse", str(first)]
         )
