@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import HostSyncAudit, machine_description, median_seconds, peak_memory, tensor_bytes  # noqa: E402
 
-from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer, decorrelation_loss
+from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer, decorrelation_loss  # noqa: E402
 from sd_plugin.decorrelation import compiled_decorrelation_loss  # noqa: E402
 from sd_plugin.models import PaperCNN  # noqa: E402
 

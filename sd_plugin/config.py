@@ -57,7 +57,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from .loss import COMPILE_WITH_BOTH_ERROR, CONSISTENCY_GRADS, DECOR_TARGETS, METHODS
+from .loss import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS, check_whitening_compile
 from .masking import MASK_FILLS
 
 __all__ = ["SaliencyDecorConfig", "METHOD_FIELDS", "loss_kwargs", "method_arguments_class"]
@@ -240,5 +240,4 @@ def _validate_method_fields(config: SaliencyDecorConfig) -> None:
         raise ValueError(f"eval_masking_step={config.eval_masking_step} must be in (0, 100].")
     if not 0.0 < config.whitening_momentum <= 1.0:
         raise ValueError(f"whitening_momentum={config.whitening_momentum} must be in (0, 1].")
-    if config.whitening_compile and config.consistency_grad == "both" and config.method == "saliencydecor":
-        raise ValueError(COMPILE_WITH_BOTH_ERROR)
+    check_whitening_compile(config.whitening_compile, config.method, config.consistency_grad)

@@ -56,13 +56,22 @@ __all__ = [
 
 METHODS = ("baseline", "sgt", "decor", "saliencydecor")
 CONSISTENCY_GRADS = ("detached", "both")
-COMPILE_WITH_BOTH_ERROR = (
-    "whitening_compile=True does not support consistency_grad='both': that step back-propagates "
-    "the clean pass twice (retain_graph), which compiled backwards do not do reliably (wrong "
-    "gradients were seen on some machines). Use consistency_grad='detached' (the default) or "
-    "whitening_compile=False."
-)
 DECOR_TARGETS = ("whitened", "features")
+
+
+def check_whitening_compile(whitening_compile: bool, method: str, consistency_grad: str) -> None:
+    """Refuse ``whitening_compile`` where the step back-propagates a compiled graph twice.
+
+    ``consistency_grad="both"`` keeps the clean graph (``retain_graph``) for a second backward;
+    compiled backwards gave wrong gradients there on some machines.
+    """
+    if whitening_compile and consistency_grad == "both" and method == "saliencydecor":
+        raise ValueError(
+            "whitening_compile=True does not support consistency_grad='both': that step back-propagates "
+            "the clean pass twice (retain_graph), which compiled backwards do not do reliably (wrong "
+            "gradients were seen on some machines). Use consistency_grad='detached' (the default) or "
+            "whitening_compile=False."
+        )
 
 
 @dataclass
@@ -154,8 +163,7 @@ class SaliencyDecorLoss:
                 "whitening_compile=True does not support sync_whitening=True (multi-process statistics) yet; "
                 "set whitening_compile=False for distributed runs, or sync_whitening=False."
             )
-        if whitening_compile and consistency_grad == "both" and method == "saliencydecor":
-            raise ValueError(COMPILE_WITH_BOTH_ERROR)
+        check_whitening_compile(whitening_compile, method, consistency_grad)
         for name, value in (("decor_weight", decor_weight), ("consistency_weight", consistency_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")
