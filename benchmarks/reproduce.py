@@ -44,6 +44,7 @@ ABLATIONS = {
     "decor_target": ["whitened", "features"],
     "consistency_grad": ["detached", "both"],
     "group_size": [8, 28],
+    "decor_liveness_weight": [0.0, 2.0],
 }
 SUMMARY_KEYS = (
     "accuracy",
@@ -54,8 +55,12 @@ SUMMARY_KEYS = (
     "insertion_auc",
     "sparseness",
     "effective_rank",
+    "live_features",
     "train_seconds",
 )
+# The decorrelation loss these runs were trained with: runs of folders that record another one
+# (or none: before the liveness hinge) are reused only where no decorrelation term was trained.
+DECORRELATION_OBJECTIVE = "off-diagonal + liveness diagonal (Barlow Twins), decor_weight 0.001"
 
 
 def load_data(name: str, quick: bool):
@@ -139,10 +144,15 @@ def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
                 f"--reuse {folder}: its runs have another setup ({', '.join(differing)}); "
                 "reuse only runs of the same dataset, size, epochs and --metric-images."
             )
+        same_objective = earlier["meta"].get("decorrelation_objective") == DECORRELATION_OBJECTIVE
         for method, entry in earlier["main"].items():
+            if method in ("decor", "saliencydecor") and not same_objective:
+                continue
             for run in entry["runs"]:
+                if method == "baseline" and "live_features" not in run:
+                    continue  # the collapse check compares every seed with the baseline's live features
                 found[run_key(main_config(method), run["seed"])] = run
-        for name, entries in earlier.get("ablations", {}).items():
+        for name, entries in earlier.get("ablations", {}).items() if same_objective else ():
             typed = {str(value): value for value in ABLATIONS.get(name, [])}
             for label, entry in entries.items():
                 if label in typed:
@@ -166,6 +176,7 @@ def summarize(runs: list[dict]) -> dict:
         if values:
             summary[key] = statistics.fmean(values)
             summary[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[key + "_min"] = min(values)
     return summary
 
 
@@ -176,17 +187,27 @@ def fmt(summary: dict, key: str, digits: int) -> str:
 def main_table(results: dict) -> list[str]:
     lines = [
         "| method | accuracy % | masking AUC (saliency) ↓ | masking AUC (random) | faithfulness gap ↑ | deletion ↓ "
-        "| insertion ↑ | sparseness | effective rank | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| insertion ↑ | sparseness | effective rank | live features (min) | worst-seed accuracy | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, entry in results["main"].items():
         s = entry["summary"]
         lines.append(
             f"| {method} | {fmt(s, 'accuracy', 2)} | {fmt(s, 'masking_auc', 0)} | {fmt(s, 'masking_auc_random', 0)} "
             f"| {fmt(s, 'faithfulness_gap', 3)} | {fmt(s, 'deletion_auc', 3)} | {fmt(s, 'insertion_auc', 3)} "
-            f"| {fmt(s, 'sparseness', 3)} | {fmt(s, 'effective_rank', 1)} | {s['train_seconds']:.0f} |"
+            f"| {fmt(s, 'sparseness', 3)} | {fmt(s, 'effective_rank', 1)} | {live(entry)} "
+            f"| {s.get('accuracy_min', float('nan')):.2f} | {s['train_seconds']:.0f} |"
         )
     return lines
+
+
+def live(entry: dict) -> str:
+    """Live penultimate features on the metric images: mean over seeds and the worst seed, of the width."""
+    runs = [run for run in entry["runs"] if "live_features" in run]
+    if not runs:
+        return "–"
+    counts = [run["live_features"] * run["num_features"] for run in runs]
+    return f"{statistics.fmean(counts):.0f} ({min(counts):.0f}) of {runs[0]['num_features']}"
 
 
 # Two-sided 5% critical values of Student's t, by degrees of freedom (1-10).
@@ -240,6 +261,20 @@ def verdicts(results: dict) -> list[str]:
         f"{d['masking_auc']:.0f} / {g['masking_auc']:.0f} / {b['masking_auc']:.0f}",
         paired(results, "saliencydecor", "baseline", "masking_auc"),
     )
+    for method in ("decor", "saliencydecor"):
+        if method in main and "live_features" in main[method] and "live_features" in b:
+            by_seed = {run["seed"]: run["live_features"] for run in results["main"]["baseline"]["runs"]}
+            lost = [
+                run["seed"]
+                for run in results["main"][method]["runs"]
+                if run["seed"] in by_seed and run["live_features"] < by_seed[run["seed"]]
+            ]
+            line(
+                f"{method} keeps every penultimate feature the baseline keeps (no dimensional collapse)",
+                not lost,
+                f"live features {live(results['main'][method])} vs baseline {live(results['main']['baseline'])}"
+                + (f"; fewer in seeds {lost}" if lost else ""),
+            )
     if "decor" in main:
         line(
             "decorrelation alone (DBN-like) costs accuracy (paper: 81.4 vs 94.6)",
@@ -271,14 +306,17 @@ def ablation_tables(results: dict) -> list[str]:
         lines += [
             f"**{name}** (SaliencyDecor, other settings default)",
             "",
-            "| value | accuracy % | masking AUC | AUC random | gap | effective rank | train s |",
-            "|---|---|---|---|---|---|---|",
+            "| value | accuracy % | worst seed | masking AUC | AUC random | gap | effective rank | live features (min) "
+            "| train s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for value, entry in values.items():
             s = entry["summary"]
+            worst = s.get("accuracy_min", float("nan"))
             lines.append(
-                f"| {value} | {fmt(s, 'accuracy', 2)} | {fmt(s, 'masking_auc', 0)} | {fmt(s, 'masking_auc_random', 0)} "
-                f"| {fmt(s, 'faithfulness_gap', 3)} | {fmt(s, 'effective_rank', 1)} | {s['train_seconds']:.0f} |"
+                f"| {value} | {fmt(s, 'accuracy', 2)} | {worst:.2f} | {fmt(s, 'masking_auc', 0)} "
+                f"| {fmt(s, 'masking_auc_random', 0)} | {fmt(s, 'faithfulness_gap', 3)} "
+                f"| {fmt(s, 'effective_rank', 1)} | {live(entry)} | {s['train_seconds']:.0f} |"
             )
         lines.append("")
     return lines
@@ -385,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_images": len(train),
             "test_images": len(test),
             "metric_images": metric_images,
+            "decorrelation_objective": DECORRELATION_OBJECTIVE,
             "machine": machine,
             "command": command,
         },
@@ -421,8 +460,10 @@ def main(argv: list[str] | None = None) -> int:
                     figure_models[label] = model
             return {"runs": runs, "summary": summarize(runs)}
 
-        for method in args.methods:
+        for method in args.methods:  # trained in the order given, reported in MAIN_METHODS order
             results["main"][method] = run(main_config(method), args.seeds, method)
+            order = [m for m in MAIN_METHODS if m in results["main"]]
+            results["main"] = {m: results["main"][m] for m in order + [m for m in results["main"] if m not in order]}
             (output / "results.json").write_text(json.dumps(results, indent=2))
         if not args.no_ablations:
             ablation_seeds = args.ablation_seeds or args.seeds[:1]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .collapse import CollapseMonitor
 from .config import loss_kwargs
 from .features import adapt, unwrap_model
 from .loss import SaliencyDecorLoss
@@ -336,6 +337,7 @@ def train(
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
     history: list[dict[str, float]] = []
     running: dict[str, list[torch.Tensor]] = {}
+    collapse_monitor = CollapseMonitor()
     model.train()
     for epoch in range(start_epoch, epochs):
         if hasattr(train_loader, "set_epoch"):
@@ -367,6 +369,7 @@ def train(
                 logs["lr"] = scheduler.get_last_lr()[0]
                 running.clear()
                 history.append({"step": completed_steps, **logs})
+                collapse_monitor.check(logs, step=completed_steps)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}")
                 if args.with_tracking:
                     accelerator.log(logs, step=completed_steps)

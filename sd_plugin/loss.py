@@ -25,7 +25,7 @@ Example:
     >>> loss = SaliencyDecorLoss(adapt(model), group_size=8)
     >>> out = loss.step(model, torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,)))
     >>> sorted(out.components())
-    ['loss', 'loss_ce', 'loss_decor', 'loss_kl', 'masked_accuracy']
+    ['live_features', 'loss', 'loss_ce', 'loss_decor', 'loss_kl', 'masked_accuracy']
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .collapse import live_feature_fraction
 from .consistency import consistency_loss
 from .decorrelation import compiled_decorrelation_loss, decorrelation_loss
 from .errors import NonFiniteLossError
@@ -84,6 +85,7 @@ class SaliencyDecorOutput:
     loss_decor: Tensor | None
     logits: Tensor
     masked_accuracy: Tensor | None = None
+    live_features: Tensor | None = None
 
     def components(self) -> dict[str, Tensor]:
         """The scalar components present for this method, by log name."""
@@ -93,6 +95,7 @@ class SaliencyDecorOutput:
             "loss_kl": self.loss_kl,
             "loss_decor": self.loss_decor,
             "masked_accuracy": self.masked_accuracy,
+            "live_features": self.live_features,
         }
         return {name: value for name, value in values.items() if value is not None}
 
@@ -110,13 +113,15 @@ class SaliencyDecorLoss:
         method: ``"baseline"``, ``"sgt"``, ``"decor"`` or ``"saliencydecor"``.
         mask_ratio: fraction ``k`` of least salient pixels replaced, in ``[0, 1)``.
         mask_fill: ``"random"``, ``"mean"``, ``"zero"`` or ``"blur"``.
-        decor_weight: ``lambda``, weight of the decorrelation loss.
+        decor_weight: ``lambda``, weight of the decorrelation loss (paper 0.01; 0.001 by measurement).
         consistency_weight: ``beta``, weight of the KL consistency loss.
         group_size: ZCA group size ``g`` (must divide the feature width).
         whiten_head_input: whitened features feed the head (default ``False``: only the
             decorrelation loss reads them, see RESULTS.md; ``None``: CNNs yes,
             transformers no, as in the paper).
         decor_target: ``"whitened"`` (default) or ``"features"`` (pre-whitening).
+        decor_liveness_weight: cost of a dead feature in the decorrelation loss
+            (``decorrelation_loss``'s ``liveness_weight``; 0: the paper's term alone).
         consistency_grad: ``"detached"`` (default) or ``"both"``.
         masked_pass_updates_stats: the masked pass updates BatchNorm / whitening running
             statistics (the official SGT code does).
@@ -137,11 +142,12 @@ class SaliencyDecorLoss:
         method: str = "saliencydecor",
         mask_ratio: float = 0.25,
         mask_fill: str = "random",
-        decor_weight: float = 0.01,
+        decor_weight: float = 0.001,
         consistency_weight: float = 1.0,
         group_size: int = 16,
         whiten_head_input: bool | None = False,
         decor_target: str = "whitened",
+        decor_liveness_weight: float = 2.0,
         consistency_grad: str = "detached",
         masked_pass_updates_stats: bool = True,
         check_finite: bool = True,
@@ -164,7 +170,12 @@ class SaliencyDecorLoss:
                 "set whitening_compile=False for distributed runs, or sync_whitening=False."
             )
         check_whitening_compile(whitening_compile, method, consistency_grad)
-        for name, value in (("decor_weight", decor_weight), ("consistency_weight", consistency_weight)):
+        weights = (
+            ("decor_weight", decor_weight),
+            ("consistency_weight", consistency_weight),
+            ("decor_liveness_weight", decor_liveness_weight),
+        )
+        for name, value in weights:
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")
         self.adapter = adapter
@@ -174,6 +185,7 @@ class SaliencyDecorLoss:
         self.decor_weight = decor_weight
         self.consistency_weight = consistency_weight
         self.decor_target = decor_target
+        self.decor_liveness_weight = decor_liveness_weight
         self.consistency_grad = consistency_grad
         self.masked_pass_updates_stats = masked_pass_updates_stats
         self.check_finite = check_finite
@@ -204,6 +216,7 @@ class SaliencyDecorLoss:
             "decor_weight": self.decor_weight,
             "consistency_weight": self.consistency_weight,
             "decor_target": self.decor_target,
+            "decor_liveness_weight": self.decor_liveness_weight,
             "consistency_grad": self.consistency_grad,
             "masked_pass_updates_stats": self.masked_pass_updates_stats,
             "whiten_head_input": bool(self.whitening is not None and self.adapter.tap.whiten_head_input),
@@ -266,9 +279,12 @@ class SaliencyDecorLoss:
                 target = whitened if self.decor_target == "whitened" else features
                 if target is None:
                     raise RuntimeError(f"no features were recorded at {self.adapter.head_name!r}.")
-                loss_decor = self._decorrelation_loss(target, sync=self.sync_whitening)
+                loss_decor = self._decorrelation_loss(
+                    target, sync=self.sync_whitening, liveness_weight=self.decor_liveness_weight
+                )
                 clean_objective = loss_ce + self.decor_weight * loss_decor
             self._check_finite({"loss_ce": loss_ce, "loss_decor": loss_decor})
+            live = live_feature_fraction(features) if features is not None and features.shape[0] > 1 else None
 
             if not self.uses_masking:
                 backward(clean_objective * loss_scale)
@@ -278,6 +294,7 @@ class SaliencyDecorLoss:
                     loss_kl=None,
                     loss_decor=None if loss_decor is None else loss_decor.detach(),
                     logits=clean_logits.detach(),
+                    live_features=live,
                 )
             if detached:
                 backward(clean_objective * loss_scale)
@@ -315,6 +332,7 @@ class SaliencyDecorLoss:
             loss_decor=None if loss_decor is None else loss_decor.detach(),
             logits=clean_logits.detach(),
             masked_accuracy=masked_accuracy,
+            live_features=live,
         )
 
     def _check_finite(self, components: dict[str, Tensor | None]) -> None:

@@ -4,7 +4,8 @@ Swap ``Trainer`` for ``SaliencyDecorTrainer`` and ``TrainingArguments`` for
 ``SaliencyDecorConfig``; the datasets yield ``pixel_values`` and ``labels`` as for any
 image classifier. Each training step runs ``SaliencyDecorLoss`` (clean pass, saliency
 mask, masked pass); evaluation is a plain forward under ``no_grad``. The loss components
-``loss_ce``, ``loss_kl``, ``loss_decor`` and ``masked_accuracy`` are logged at every
+``loss_ce``, ``loss_kl``, ``loss_decor``, ``masked_accuracy`` and ``live_features`` (the fraction
+of penultimate features alive in the batch, ``sd_plugin.collapse``) are logged at every
 logging step through the configured ``report_to`` loggers.
 
 Example:
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
+from .collapse import CollapseMonitor
 from .config import SaliencyDecorConfig
 from .features import ModelAdapter, adapt
 from .loading import METADATA_FILE, WHITENING_FILE
@@ -86,6 +88,7 @@ class SaliencyDecorTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self._sd_metrics: dict[str, list[Tensor]] = defaultdict(list)
+        self._collapse_monitor = CollapseMonitor()
         self._eval_counts: Tensor | None = None  # (correct, total) during an evaluation loop
 
     # -- data -------------------------------------------------------------------------
@@ -135,6 +138,7 @@ class SaliencyDecorTrainer(Trainer):
                     mean = self.accelerator.reduce(mean, reduction="mean")
                 logs[name] = round(float(mean), 6)
             self._sd_metrics.clear()
+            self._collapse_monitor.check(logs, step=self.state.global_step)
         super().log(logs, start_time)
 
     # -- checkpoints ------------------------------------------------------------------

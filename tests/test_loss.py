@@ -35,7 +35,7 @@ def test_step__forward_passes_and_components(method, passes):
     out = loss.step(model, *batch())
     handle.remove()
     assert len(calls) == passes
-    expected = {"loss", "loss_ce"}
+    expected = {"loss", "loss_ce", "live_features"}
     if method in ("sgt", "saliencydecor"):
         expected |= {"loss_kl", "masked_accuracy"}
     if method in ("decor", "saliencydecor"):

@@ -232,6 +232,7 @@ def test_paper_cnn_recipe__digits(tmp_path):
     )
     results = history(output)
     assert results["eval_accuracy"] > 0.25  # 10 classes (chance 0.1), 2 epochs of SGD 0.01 on 1.4k digits
+    assert all(0.5 < entry["live_features"] <= 1.0 for entry in results["history"])  # logged, no collapse
     assert (output / "model" / "model.safetensors").is_file()
 
 

@@ -50,7 +50,7 @@ def assert_trained(trainer, before, method):
     assert changed, "no parameter changed"
     logged = [entry for entry in trainer.state.log_history if "loss_ce" in entry]
     assert logged, trainer.state.log_history
-    expected = {"loss_ce"}
+    expected = {"loss_ce", "live_features"}
     if method in ("sgt", "saliencydecor"):
         expected |= {"loss_kl", "masked_accuracy"}
     if method in ("decor", "saliencydecor"):

@@ -37,6 +37,7 @@ COLUMNS = (
     ("insertion_auc", "ins", "{:.3f}"),
     ("sparseness", "gini", "{:.3f}"),
     ("effective_rank", "erank", "{:.1f}"),
+    ("live_features", "live", "{:.0%}"),
 )
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..collapse import live_feature_fraction
 from .attribution import saliency_maps
 from .deletion_insertion import deletion_insertion
 from .masking_curve import DEFAULT_PERCENTAGES, faithfulness_gap, masking_curve, unpack_batch
@@ -87,7 +88,7 @@ def evaluate_model(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy, masking AUC (saliency, random, gap), deletion/insertion, sparseness, effective rank."""
+    """Accuracy, masking AUC (saliency, random, gap), deletion/insertion, sparseness, effective rank, live features."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size)
     common = dict(max_images=max_images, seed=seed, progress=progress)
@@ -109,6 +110,7 @@ def evaluate_model(
         "insertion_auc": rise.insertion_auc,
         "sparseness": float(sparseness(maps).mean()),
         "effective_rank": float(effective_rank(features)),
+        "live_features": float(live_feature_fraction(features)),
         "num_features": int(features.shape[1]),
         "num_images": by_saliency.num_images,
         "curves": {"saliency": by_saliency.to_dict(), "random": by_random.to_dict(), "rise": rise.to_dict()},

@@ -29,6 +29,7 @@ METRIC_LABELS = {
     "insertion_auc": ("insertion_auc", "RISE insertion AUC (higher = better)"),
     "sparseness": ("sparseness", "saliency sparseness (Gini)"),
     "effective_rank": ("effective_rank", "feature effective rank"),
+    "live_features": ("live_features", "fraction of penultimate features alive"),
 }
 _HYPERPARAMETERS = (
     "method",
@@ -40,6 +41,7 @@ _HYPERPARAMETERS = (
     "group_size",
     "whiten_head_input",
     "decor_target",
+    "decor_liveness_weight",
     "whitening_shrinkage",
     "whitening_momentum",
     "whitening_method",
