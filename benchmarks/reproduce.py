@@ -112,6 +112,24 @@ def main_config(method: str) -> dict:
     return {"method": method, "group_size": 8}
 
 
+def selected_ablations(requests: list[str]) -> dict[str, list]:
+    """``--ablations`` entries (``NAME`` or ``NAME=V1,V2``) as ``{name: values}``, in the order given."""
+    selected: dict[str, list] = {}
+    for request in requests:
+        name, _, wanted = request.partition("=")
+        if name not in ABLATIONS:
+            raise ValueError(f"--ablations {request}: unknown ablation {name!r}; choose among {list(ABLATIONS)}.")
+        values = ABLATIONS[name]
+        if wanted:
+            by_label = {str(value): value for value in values}
+            unknown = [label for label in wanted.split(",") if label not in by_label]
+            if unknown:
+                raise ValueError(f"--ablations {request}: {name} has the values {list(by_label)}, not {unknown}.")
+            values = [by_label[label] for label in wanted.split(",")]
+        selected[name] = values
+    return selected
+
+
 def ablation_config(name: str, value: object) -> dict:
     return {**main_config("saliencydecor"), name: value}
 
@@ -149,8 +167,6 @@ def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
             if method in ("decor", "saliencydecor") and not same_objective:
                 continue
             for run in entry["runs"]:
-                if method == "baseline" and "live_features" not in run:
-                    continue  # the collapse check compares every seed with the baseline's live features
                 found[run_key(main_config(method), run["seed"])] = run
         for name, entries in earlier.get("ablations", {}).items() if same_objective else ():
             typed = {str(value): value for value in ABLATIONS.get(name, [])}
@@ -261,20 +277,23 @@ def verdicts(results: dict) -> list[str]:
         f"{d['masking_auc']:.0f} / {g['masking_auc']:.0f} / {b['masking_auc']:.0f}",
         paired(results, "saliencydecor", "baseline", "masking_auc"),
     )
+    baseline_live = {
+        run["seed"]: run["live_features"] for run in results["main"]["baseline"]["runs"] if "live_features" in run
+    }
     for method in ("decor", "saliencydecor"):
-        if method in main and "live_features" in main[method] and "live_features" in b:
-            by_seed = {run["seed"]: run["live_features"] for run in results["main"]["baseline"]["runs"]}
-            lost = [
-                run["seed"]
-                for run in results["main"][method]["runs"]
-                if run["seed"] in by_seed and run["live_features"] < by_seed[run["seed"]]
-            ]
-            line(
-                f"{method} keeps every penultimate feature the baseline keeps (no dimensional collapse)",
-                not lost,
-                f"live features {live(results['main'][method])} vs baseline {live(results['main']['baseline'])}"
-                + (f"; fewer in seeds {lost}" if lost else ""),
-            )
+        runs = [run for run in results["main"].get(method, {}).get("runs", []) if "live_features" in run]
+        if not runs:
+            continue
+        # each seed against the baseline of the same seed; against the full width where the baseline
+        # run predates the live-feature count (reused from an earlier folder)
+        lost = [run["seed"] for run in runs if run["live_features"] < baseline_live.get(run["seed"], 1.0)]
+        reference = f"baseline {live(results['main']['baseline'])}" if baseline_live else "the full width"
+        line(
+            f"{method} keeps every penultimate feature the baseline keeps (no dimensional collapse)",
+            not lost,
+            f"live features {live(results['main'][method])} vs {reference}"
+            + (f"; fewer in seeds {lost}" if lost else ""),
+        )
     if "decor" in main:
         line(
             "decorrelation alone (DBN-like) costs accuracy (paper: 81.4 vs 94.6)",
@@ -283,14 +302,14 @@ def verdicts(results: dict) -> list[str]:
             paired(results, "decor", "baseline", "accuracy"),
         )
     ablation = results.get("ablations", {})
-    if "mask_ratio" in ablation:
+    if "mask_ratio" in ablation and len(ablation["mask_ratio"]) == 3:
         acc = {k: v["summary"]["accuracy"] for k, v in ablation["mask_ratio"].items()}
         line(
             "mask ratio 0.25 gives the best accuracy (paper: 95.12 > 94.96 > 94.75)",
             acc["0.25"] >= max(acc.values()),
             ", ".join(f"{k}: {v:.2f}" for k, v in acc.items()) + "; one seed",
         )
-    if "decor_weight" in ablation:
+    if "decor_weight" in ablation and len(ablation["decor_weight"]) == 3:
         acc = {k: v["summary"]["accuracy"] for k, v in ablation["decor_weight"].items()}
         line(
             "decorrelation weight 0.001 ≥ 0.01 ≥ 0.1 in accuracy",
@@ -383,7 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="default: the first seed")
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--methods", nargs="*", default=list(MAIN_METHODS), help="main methods to run")
-    parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help="ablations to run")
+    parser.add_argument(
+        "--ablations",
+        nargs="*",
+        default=list(ABLATIONS),
+        help="ablations to run, in this order: NAME (all its values) or NAME=V1,V2 (some of them)",
+    )
     parser.add_argument("--metric-images", type=int, default=None)
     parser.add_argument("--output-dir", default="benchmarks/results/reproduce")
     parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
@@ -467,9 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             (output / "results.json").write_text(json.dumps(results, indent=2))
         if not args.no_ablations:
             ablation_seeds = args.ablation_seeds or args.seeds[:1]
-            for name, values in ABLATIONS.items():
-                if name not in args.ablations:
-                    continue
+            for name, values in selected_ablations(args.ablations).items():
                 results["ablations"][name] = {}
                 for value in values:
                     config = ablation_config(name, value)

@@ -101,3 +101,33 @@ def test_reproduce__reuse_trains_only_missing_seeds_and_refuses_other_setups(tmp
         reproduce.main(
             [*setup[:2], "--epochs", "2", *setup[4:], "--output-dir", str(tmp_path / "x"), "--reuse", str(first)]
         )
+
+
+def test_reproduce__runs_of_an_older_decorrelation_objective_are_not_reused(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    setup = "--dataset digits --epochs 1 --seeds 0 --methods baseline decor --metric-images 40".split()
+    setup += ["--ablations", "decor_liveness_weight=0.0"]
+    assert reproduce.main([*setup, "--output-dir", str(first)]) == 0
+    results = json.loads((first / "results.json").read_text())
+    assert list(results["ablations"]["decor_liveness_weight"]) == ["0.0"]
+    assert "live features" in (first / "RESULTS.md").read_text()
+    # the same folder as an earlier version wrote it: no objective recorded
+    del results["meta"]["decorrelation_objective"]
+    (first / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
+    argv = [*setup[:-2], "--no-ablations", "--output-dir", str(second), "--reuse", str(first)]
+    assert reproduce.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "baseline seed 0: same run as before, reused" in out
+    assert "decor seed 0: acc" in out  # retrained with this version's decorrelation loss
+
+
+def test_reproduce__ablation_values_are_checked():
+    assert reproduce.selected_ablations(["decor_weight=0.01,0.001", "mask_ratio"]) == {
+        "decor_weight": [0.01, 0.001],
+        "mask_ratio": [0.25, 0.5, 0.75],
+    }
+    with pytest.raises(ValueError, match=r"decor_weight has the values \['0.001', '0.01', '0.1'\], not \['0.5'\]"):
+        reproduce.selected_ablations(["decor_weight=0.5"])
+    with pytest.raises(ValueError, match="unknown ablation 'lr'"):
+        reproduce.selected_ablations(["lr"])
