@@ -45,7 +45,11 @@ ABLATIONS = {
     "consistency_grad": ["detached", "both"],
     "group_size": [8, 28],
     "decor_liveness_weight": [0.0, 2.0],
+    "decor_objective": ["paper", "default"],
 }
+# ``decor_objective`` sets two fields at once: the paper's decorrelation term alone at the paper's
+# weight (this package's default before the liveness diagonal) against today's default.
+OBJECTIVES = {"paper": {"decor_liveness_weight": 0.0, "decor_weight": 0.01}, "default": {}}
 SUMMARY_KEYS = (
     "accuracy",
     "masking_auc",
@@ -131,6 +135,8 @@ def selected_ablations(requests: list[str]) -> dict[str, list]:
 
 
 def ablation_config(name: str, value: object) -> dict:
+    if name == "decor_objective":
+        return {**main_config("saliencydecor"), **OBJECTIVES[str(value)]}
     return {**main_config("saliencydecor"), name: value}
 
 

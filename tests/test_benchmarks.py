@@ -131,3 +131,8 @@ def test_reproduce__ablation_values_are_checked():
         reproduce.selected_ablations(["decor_weight=0.5"])
     with pytest.raises(ValueError, match="unknown ablation 'lr'"):
         reproduce.selected_ablations(["lr"])
+    paper = reproduce.ablation_config("decor_objective", "paper")
+    assert (paper["decor_liveness_weight"], paper["decor_weight"]) == (0.0, 0.01)
+    assert reproduce.run_key(reproduce.ablation_config("decor_objective", "default"), 0) == reproduce.run_key(
+        reproduce.main_config("saliencydecor"), 0
+    )
