@@ -75,6 +75,7 @@ def test_step__gradients_equal_hand_written_objective(consistency_grad):
         group_size=8,
         consistency_grad=consistency_grad,
         whiten_head_input=True,
+        decor_weight=0.01,
     )
     model.saliency_decor_whitening.double()
     x, y = batch()
