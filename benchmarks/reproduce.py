@@ -238,8 +238,13 @@ T_CRITICAL_5 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 
 
 def paired(results: dict, first: str, second: str, key: str) -> str:
     """``first - second`` per seed (same seed: same initialisation and data order) and a paired t-test."""
-    by_seed = {run["seed"]: run[key] for run in results["main"][second]["runs"]}
-    diffs = [run[key] - by_seed[run["seed"]] for run in results["main"][first]["runs"] if run["seed"] in by_seed]
+    return paired_runs(first, results["main"][first]["runs"], second, results["main"][second]["runs"], key)
+
+
+def paired_runs(first: str, first_runs: list[dict], second: str, second_runs: list[dict], key: str) -> str:
+    """``paired`` for two lists of runs, named ``first`` and ``second``."""
+    by_seed = {run["seed"]: run[key] for run in second_runs if key in run}
+    diffs = [run[key] - by_seed[run["seed"]] for run in first_runs if run["seed"] in by_seed and key in run]
     if len(diffs) < 2:
         return ""
     mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
@@ -325,6 +330,23 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
+def ablation_pairs(results: dict) -> list[str]:
+    """Per-seed tests between the two values of each two-valued ablation run with several seeds."""
+    lines = []
+    for name, values in results.get("ablations", {}).items():
+        if len(values) != 2:
+            continue
+        (first, first_entry), (second, second_entry) = values.items()
+        tests = []
+        for key, label in (("accuracy", "accuracy"), ("faithfulness_gap", "gap"), ("live_features", "live fraction")):
+            test = paired_runs(f"{name}={first}", first_entry["runs"], f"{name}={second}", second_entry["runs"], key)
+            if test:
+                tests.append(f"{label}: {test}")
+        if tests:
+            lines.append(f"- **{name}**: " + "; ".join(tests) + ".")
+    return lines
+
+
 def ablation_tables(results: dict) -> list[str]:
     lines = []
     for name, values in results.get("ablations", {}).items():
@@ -391,6 +413,8 @@ def write_report(output: Path, results: dict, command: str) -> None:
         "## Ablations",
         "",
         *ablation_tables(results),
+        *ablation_pairs(results),
+        "",
         "## Figures (seed of the first run)",
         "",
         *[f"![{name}]({name})" for name in results.get("figures", [])],

@@ -136,3 +136,24 @@ def test_reproduce__ablation_values_are_checked():
     assert reproduce.run_key(reproduce.ablation_config("decor_objective", "default"), 0) == reproduce.run_key(
         reproduce.main_config("saliencydecor"), 0
     )
+
+
+def test_reproduce__two_valued_ablations_are_tested_per_seed():
+    def runs(accuracies):
+        return [
+            {"seed": seed, "accuracy": a, "faithfulness_gap": 0.3, "live_features": 1.0}
+            for seed, a in enumerate(accuracies)
+        ]
+
+    results = {
+        "ablations": {
+            "decor_objective": {
+                "paper": {"runs": runs([80.0, 81.0, 79.0])},
+                "default": {"runs": runs([81.0, 82.5, 80.0])},
+            },
+            "mask_ratio": {"0.25": {"runs": runs([1.0, 2.0])}},
+        }
+    }
+    (line,) = reproduce.ablation_pairs(results)
+    assert line.startswith("- **decor_objective**: accuracy: decor_objective=paper − decor_objective=default per seed")
+    assert "-1.17 ± 0.29, higher in 0 of 3 seeds, paired t = -7.00: significant at 5%" in line
