@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
@@ -25,8 +24,6 @@ from torch import Tensor
 __all__ = ["DEAD_STD_RATIO", "CollapseMonitor", "FeatureCollapseWarning", "live_feature_fraction"]
 
 DEAD_STD_RATIO = 1e-3
-
-logger = logging.getLogger(__name__)
 
 
 class FeatureCollapseWarning(UserWarning):
@@ -80,5 +77,4 @@ class CollapseMonitor:
             "method='sgt'; `live_features` in the logs tracks it."
         )
         warnings.warn(message, FeatureCollapseWarning, stacklevel=2)
-        logger.warning(message)
         return True
