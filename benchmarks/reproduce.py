@@ -248,6 +248,8 @@ def paired_runs(first: str, first_runs: list[dict], second: str, second_runs: li
     if len(diffs) < 2:
         return ""
     mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    if not any(diffs):
+        return f"{first} − {second}: equal in all {len(diffs)} seeds"
     higher = sum(d > 0 for d in diffs)
     t = mean / (std / len(diffs) ** 0.5) if std > 0 else float("inf")
     significant = len(diffs) - 1 <= len(T_CRITICAL_5) and abs(t) > T_CRITICAL_5[len(diffs) - 2]
