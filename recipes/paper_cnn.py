@@ -4,7 +4,8 @@
     accelerate launch recipes/paper_cnn.py --dataset cifar10 --arch resnet18 --num_train_epochs 30
 
 Defaults follow the paper: SGD (momentum 0.9), learning rate 0.01 with cosine annealing, batch
-128, mask ratio 0.25, decorrelation weight 0.01, consistency weight 1. ``--dataset`` takes
+128, mask ratio 0.25, consistency weight 1; the decorrelation weight is the package's 0.001 (the
+paper's 0.01 with ``--decor_weight 0.01 --decor_liveness_weight 0``, RESULTS.md §0). ``--dataset`` takes
 ``fashion-mnist`` (Debian's local IDX files), ``digits`` (scikit-learn), a Hub id with
 ``img``/``image`` and ``label`` columns (``cifar10``, ``mnist``), or ``--train_dir`` image folders.
 """
