@@ -63,7 +63,7 @@ SUMMARY_KEYS = (
     "train_seconds",
 )
 # The decorrelation loss these runs were trained with: runs of folders that record another one
-# (or none: before the liveness hinge) are reused only where no decorrelation term was trained.
+# (or none: before the liveness diagonal) are reused only where no decorrelation term was trained.
 DECORRELATION_OBJECTIVE = "off-diagonal + liveness diagonal (Barlow Twins), decor_weight 0.001"
 
 
@@ -433,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="default: the first seed")
     parser.add_argument("--no-ablations", action="store_true")
-    parser.add_argument("--methods", nargs="*", default=list(MAIN_METHODS), help="main methods to run")
+    parser.add_argument(
+        "--methods", nargs="*", default=list(MAIN_METHODS), choices=MAIN_METHODS, help="main methods to run"
+    )
     parser.add_argument(
         "--ablations",
         nargs="*",
@@ -518,8 +520,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for method in args.methods:  # trained in the order given, reported in MAIN_METHODS order
             results["main"][method] = run(main_config(method), args.seeds, method)
-            order = [m for m in MAIN_METHODS if m in results["main"]]
-            results["main"] = {m: results["main"][m] for m in order + [m for m in results["main"] if m not in order]}
+            results["main"] = {m: results["main"][m] for m in MAIN_METHODS if m in results["main"]}
             (output / "results.json").write_text(json.dumps(results, indent=2))
         if not args.no_ablations:
             ablation_seeds = args.ablation_seeds or args.seeds[:1]
