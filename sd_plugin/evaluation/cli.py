@@ -33,6 +33,8 @@ COLUMNS = (
     ("masking_auc", "AUC sal", "{:.0f}"),
     ("masking_auc_random", "AUC rand", "{:.0f}"),
     ("faithfulness_gap", "gap", "{:.3f}"),
+    ("masking_auc_least", "AUC LeRF", "{:.0f}"),
+    ("lerf_morf_gap", "LeRF-MoRF", "{:.3f}"),
     ("deletion_auc", "del", "{:.3f}"),
     ("insertion_auc", "ins", "{:.3f}"),
     ("sparseness", "gini", "{:.3f}"),

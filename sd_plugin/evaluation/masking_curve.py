@@ -31,6 +31,7 @@ from .model_fn import LogitsFn, prepare_for_evaluation
 from .saliency import input_gradients
 
 __all__ = [
+    "ORDERS",
     "DEFAULT_PERCENTAGES",
     "MaskingCurve",
     "masking_auc",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 DEFAULT_PERCENTAGES: tuple[float, ...] = tuple(float(p) for p in range(0, 101, 5))
+ORDERS = ("saliency", "least_salient", "random")
 
 
 def masking_auc(percentages: Sequence[float], accuracy: Sequence[float]) -> float:
@@ -171,7 +173,10 @@ def masking_curve(
             function. It is put in eval mode.
         dataloader: yields ``{"pixel_values", "labels"}`` dicts or ``(images, labels)``.
         percentages: removal levels in ``[0, 100]``, increasing.
-        order: ``"saliency"`` (pixels ranked by ``attribution``) or ``"random"``.
+        order: ``"saliency"`` (most salient pixels by ``attribution`` first, MoRF),
+            ``"least_salient"`` (least salient first, LeRF: a faithful map keeps the accuracy
+            high; together with MoRF under one fill, the shape of the mask cannot carry the
+            class, as ROAD argues) or ``"random"``.
         fill: replacement, one of ``MASK_FILLS`` (default ``"mean"``: per-channel image mean).
         max_batch_size: images per forward when masked copies of several levels are
             stacked (default: the dataloader's batch size, one level per forward, which
@@ -185,8 +190,8 @@ def masking_curve(
         progress: show a progress bar over batches.
     """
     percentages = _validate_percentages(percentages)
-    if order not in ("saliency", "random"):
-        raise ValueError(f"order={order!r} is not supported; use 'saliency' or 'random'.")
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is not supported; use one of {ORDERS}.")
     if fill not in MASK_FILLS:
         raise ValueError(f"fill={fill!r} is not supported; use one of {MASK_FILLS}.")
     if attribution not in ATTRIBUTIONS:
@@ -203,11 +208,13 @@ def masking_curve(
             images, labels = images[:remaining], labels[:remaining]
         images, labels = images.to(device), labels.to(device)
         clean_logits = None
-        if order == "saliency" and attribution == "gradient":
+        if order != "random" and attribution == "gradient":
             grad, clean_logits = input_gradients(forward, images, labels)  # the clean forward comes free
             scores = pixel_saliency(grad)
         else:
-            scores = saliency_maps(forward, images, labels, attribution if order == "saliency" else "random", generator)
+            scores = saliency_maps(forward, images, labels, attribution if order != "random" else "random", generator)
+        if order == "least_salient":
+            scores = -scores
         correct += _batch_correct(
             forward, images, labels, scores, percentages, fill, max_batch_size, generator, clean_logits
         )

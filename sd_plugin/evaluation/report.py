@@ -88,12 +88,20 @@ def evaluate_model(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy, masking AUC (saliency, random, gap), deletion/insertion, sparseness, effective rank, live features."""
+    """Accuracy, masking AUC (saliency, random, gap), deletion/insertion, sparseness, effective rank, live features.
+
+    Both removal orders run under one fill: most salient first (``masking_auc``, lower is
+    better) and least salient first (``masking_auc_least``, higher is better);
+    ``lerf_morf_gap = (AUC_least - AUC_saliency) / AUC_random`` is large only when the map
+    ranks the pixels that matter first and those that do not last, so a mask whose shape
+    alone gives the class away cannot score it (ROAD, Rong et al. 2022).
+    """
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size)
     common = dict(max_images=max_images, seed=seed, progress=progress)
     by_saliency = masking_curve(model, loader, percentages, "saliency", fill, attribution=attribution, **common)
     by_random = masking_curve(model, loader, percentages, "random", fill, **common)
+    by_least = masking_curve(model, loader, percentages, "least_salient", fill, attribution=attribution, **common)
     rise = deletion_insertion(model, loader, steps=deletion_steps, attribution=attribution, **common)
     images, labels = first_images(dataset, min(sparseness_images, len(dataset)))
     device = next(model.parameters()).device
@@ -106,6 +114,8 @@ def evaluate_model(
         "masking_auc_relative": by_saliency.relative_auc,
         "masking_auc_random": by_random.auc,
         "faithfulness_gap": faithfulness_gap(by_saliency.auc, by_random.auc),
+        "masking_auc_least": by_least.auc,
+        "lerf_morf_gap": (by_least.auc - by_saliency.auc) / by_random.auc if by_random.auc > 0 else 0.0,
         "deletion_auc": rise.deletion_auc,
         "insertion_auc": rise.insertion_auc,
         "sparseness": float(sparseness(maps).mean()),
@@ -113,5 +123,10 @@ def evaluate_model(
         "live_features": float(live_feature_fraction(features)),
         "num_features": int(features.shape[1]),
         "num_images": by_saliency.num_images,
-        "curves": {"saliency": by_saliency.to_dict(), "random": by_random.to_dict(), "rise": rise.to_dict()},
+        "curves": {
+            "saliency": by_saliency.to_dict(),
+            "least_salient": by_least.to_dict(),
+            "random": by_random.to_dict(),
+            "rise": rise.to_dict(),
+        },
     }

