@@ -239,7 +239,7 @@ def write_report(output: Path, results: dict) -> None:
     lines = [
         f"# Fine-tuning {meta['model']} on {meta['data']}",
         "",
-        f"Command: `{meta['command']}`  ",
+        *[f"Command: `{command}`  " for command in meta.get("commands", [meta["command"]])],
         f"Machine: {meta['machine']}  ",
         f"Setup: {meta['classes']} classes, {meta['train_images']} training images at {meta['image_size']} px "
         f"(random crop + flip), AdamW lr {meta['learning_rate']} wd {meta['weight_decay']} cosine, batch "
@@ -274,7 +274,7 @@ def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="image folder with train/ and test/ (or val/)")
+    parser.add_argument("--data", help="image folder with train/ and test/ (or val/)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id or local folder (timm or transformers)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3)
@@ -292,7 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     parser.add_argument("--output-dir", default="benchmarks/results/finetune")
     parser.add_argument("--reuse", nargs="+", default=[], metavar="DIR", help="earlier output folders of this setup")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild results.json's tables and RESULTS.md from its finished runs (--methods, --variants, --seeds)",
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        return report_only(args)
+    if not args.data:
+        parser.error("--data is required: an image folder made by benchmarks/natural_images.py")
     started = time.perf_counter()
     model_path = Path(args.model.removeprefix("local-dir:"))
     if args.model.startswith("local-dir:") and not model_path.is_dir():
@@ -391,6 +400,32 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table({**results["main"], **results["variants"]})))
     print("\n".join(comparisons(results)))
     print(f"\nRESULTS.md and results.json in {output}/")
+    return 0
+
+
+def report_only(args: argparse.Namespace) -> int:
+    """Tables and RESULTS.md from the finished runs of ``--output-dir`` (e.g. after a run cut short)."""
+    output = Path(args.output_dir)
+    results = json.loads((output / "results.json").read_text())
+    finished = results["finished"]
+    command = "python benchmarks/finetune.py " + " ".join(sys.argv[1:])
+    results["meta"]["commands"] = [*results["meta"].get("commands", [results["meta"]["command"]]), command]
+
+    def entry(config: dict, seeds: list[int]) -> dict | None:
+        runs = [finished[key] for seed in seeds if (key := run_key(config, seed)) in finished]
+        return {"runs": runs, "summary": summarize(runs)} if runs else None
+
+    results["main"] = {
+        m: e for m in args.methods if (e := entry(method_config(m, results["meta"]["group_size"]), args.seeds))
+    }
+    results["variants"] = {
+        text: e
+        for text in args.variants
+        if (e := entry(parse_variant(text, results["meta"]["group_size"]), args.variant_seeds or args.seeds))
+    }
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(output, results)
+    print("\n".join(table({**results["main"], **results["variants"]})))
     return 0
 
 
