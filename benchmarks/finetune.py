@@ -57,6 +57,7 @@ VARIANT_FIELDS = {
     "consistency_grad": str,
     "decor_liveness_weight": float,
     "mask_fill": str,
+    "saliency_target": str,
 }
 
 
@@ -128,13 +129,28 @@ def load_splits(data: Path, image_size: int, mean, std):
     return train, evaluation, classes, split.name
 
 
-def build_model(name: str, classes: list[str], seed: int):
+def build_model(name: str, classes: list[str], seed: int, image_size: int):
+    """The pretrained model with a new head; a timm model's ``pretrained_cfg`` says the training resolution.
+
+    So the saved folder carries the preprocessing it was trained with (``evaluate`` and timm's
+    ``resolve_data_config`` read it): resize to ``image_size / 0.875``, centre crop ``image_size``.
+    """
     torch.manual_seed(seed)  # the new head's initialisation
-    return load_for_finetuning(name, len(classes), classes)
+    model = load_for_finetuning(name, len(classes), classes)
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        model.pretrained_cfg = {
+            **model.pretrained_cfg,
+            "input_size": (3, image_size, image_size),
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "num_classes": len(classes),
+            "label_names": list(classes),
+        }
+    return model
 
 
-def train_one(config: dict, seed: int, model_name: str, classes, train, hyper: dict, workdir: str):
-    model = build_model(model_name, classes, seed)
+def train_one(config: dict, seed: int, model_name: str, classes, train, hyper: dict, workdir: str, save_to=None):
+    model = build_model(model_name, classes, seed, hyper["image_size"])
     train.reseed(seed)
     args = SaliencyDecorConfig(
         output_dir=workdir,
@@ -159,7 +175,10 @@ def train_one(config: dict, seed: int, model_name: str, classes, train, hyper: d
     trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=train)
     start = time.perf_counter()
     trainer.train()
-    return model.eval(), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if save_to is not None:
+        trainer.save_model(str(save_to))  # weights, timm config, whitening, saliency_decor.json
+    return model.eval(), seconds
 
 
 def metric_subset(evaluation, count: int) -> Subset:
@@ -291,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batch-size", type=int, default=100)
     parser.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     parser.add_argument("--output-dir", default="benchmarks/results/finetune")
+    parser.add_argument(
+        "--models-dir", default=None, help="also save each trained model to MODELS_DIR/<run>-seed<N> (for export)"
+    )
     parser.add_argument("--reuse", nargs="+", default=[], metavar="DIR", help="earlier output folders of this setup")
     parser.add_argument(
         "--report-only",
@@ -327,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "weight_decay": args.weight_decay,
         "warmup_steps": max(1, len(train) // args.batch_size // 2),
         "bf16": args.bf16,
+        "image_size": args.image_size,
     }
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -342,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             "metric_images": min(args.metric_images, len(evaluation)),
             "seeds": args.seeds,
             "group_size": args.group_size,
-            **{k: v for k, v in hyper.items() if k != "warmup_steps"},
+            **{k: v for k, v in hyper.items() if k not in ("warmup_steps", "image_size")},
             "machine": machine,
             "command": "python benchmarks/finetune.py " + " ".join(sys.argv[1:] if argv is None else argv),
         },
@@ -368,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                     if args.max_seconds and time.perf_counter() - started > args.max_seconds:
                         print(f"{label} seed {seed}: skipped, --max-seconds reached", flush=True)
                         continue
-                    model, seconds = train_one(config, seed, args.model, classes, train, hyper, workdir)
+                    save_to = None
+                    if args.models_dir:
+                        save_to = Path(args.models_dir) / f"{label.replace('=', '-')}-seed{seed}"
+                    model, seconds = train_one(config, seed, args.model, classes, train, hyper, workdir, save_to)
                     metrics = evaluate(model.to(device), evaluation, args.metric_images, args.eval_batch_size)
                     finished[key] = {**metrics, "seed": seed, "train_seconds": seconds}
                     print(

@@ -30,6 +30,8 @@ Every ``TrainingArguments`` option keeps working (bf16, gradient accumulation,
 - ``decor_liveness_weight``: what a dead feature costs in the decorrelation loss (default 2:
   killing a unit never lowers it; 0: the paper's off-diagonal term alone, which rewards
   dead units).
+- ``saliency_target``: what the masking saliency is the input gradient of: ``"objective"``
+  (default, free), ``"loss"`` (cross-entropy alone) or ``"logit"`` (true-class logit).
 - ``whitening_shrinkage``, ``whitening_momentum``, ``whitening_method``, ``whitening_compile``,
   ``sync_whitening``.
 
@@ -62,7 +64,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from .loss import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS, check_whitening_compile
+from .loss import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS, SALIENCY_TARGETS, check_whitening_compile
 from .masking import MASK_FILLS
 
 __all__ = ["SaliencyDecorConfig", "METHOD_FIELDS", "loss_kwargs", "method_arguments_class"]
@@ -123,6 +125,15 @@ class SaliencyDecorConfig(TrainingArguments):
         metadata={
             "help": "Cost of a dead (constant) feature in the decorrelation loss, >= 0. Default 2: killing a unit "
             "never lowers the loss; 0: the paper's off-diagonal term alone (it rewards dead units)."
+        },
+    )
+    saliency_target: str = field(
+        default="objective",
+        metadata={
+            "help": "What the masking saliency is the input gradient of: 'objective' (cross-entropy + weighted "
+            "decorrelation, free), 'loss' (cross-entropy alone) or 'logit' (true-class logit); the last two "
+            "cost one more backward to the input.",
+            "choices": list(SALIENCY_TARGETS),
         },
     )
     whitening_shrinkage: float = field(
@@ -197,6 +208,7 @@ def loss_kwargs(method_args: object, world_size: int = 1) -> dict:
         "whiten_head_input",
         "decor_target",
         "decor_liveness_weight",
+        "saliency_target",
         "consistency_grad",
         "masked_pass_updates_stats",
         "check_finite",
@@ -239,6 +251,7 @@ def _validate_method_fields(config: SaliencyDecorConfig) -> None:
     _choice("mask_fill", config.mask_fill, MASK_FILLS)
     _choice("consistency_grad", config.consistency_grad, CONSISTENCY_GRADS)
     _choice("decor_target", config.decor_target, DECOR_TARGETS)
+    _choice("saliency_target", config.saliency_target, SALIENCY_TARGETS)
     _choice("whitening_method", config.whitening_method, ("eigh", "newton_schulz"))
     if not 0.0 <= config.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio={config.mask_ratio} is out of range; use a fraction in [0, 1), e.g. 0.25.")

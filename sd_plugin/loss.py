@@ -50,6 +50,7 @@ __all__ = [
     "METHODS",
     "CONSISTENCY_GRADS",
     "DECOR_TARGETS",
+    "SALIENCY_TARGETS",
     "SaliencyDecorLoss",
     "SaliencyDecorOutput",
     "NonFiniteLossError",
@@ -58,6 +59,10 @@ __all__ = [
 METHODS = ("baseline", "sgt", "decor", "saliencydecor")
 CONSISTENCY_GRADS = ("detached", "both")
 DECOR_TARGETS = ("whitened", "features")
+# What the masking saliency is the input gradient of: the clean objective (cross-entropy plus the
+# weighted decorrelation term: free, its backward runs anyway), the cross-entropy alone, or the
+# true-class logit. The last two cost one more backward to the input when they differ from the first.
+SALIENCY_TARGETS = ("objective", "loss", "logit")
 
 
 def check_whitening_compile(whitening_compile: bool, method: str, consistency_grad: str) -> None:
@@ -122,6 +127,10 @@ class SaliencyDecorLoss:
         decor_target: ``"whitened"`` (default) or ``"features"`` (pre-whitening).
         decor_liveness_weight: cost of a dead feature in the decorrelation loss
             (``decorrelation_loss``'s ``liveness_weight``; 0: the paper's term alone).
+        saliency_target: what the masking saliency is the input gradient of: ``"objective"``
+            (default: the clean objective, cross-entropy + weighted decorrelation, whose backward
+            runs anyway), ``"loss"`` (cross-entropy alone, the paper's ``dL/dx``) or ``"logit"``
+            (the true-class logit). The last two add one backward to the input where they differ.
         consistency_grad: ``"detached"`` (default) or ``"both"``.
         masked_pass_updates_stats: the masked pass updates BatchNorm / whitening running
             statistics (the official SGT code does).
@@ -148,6 +157,7 @@ class SaliencyDecorLoss:
         whiten_head_input: bool | None = False,
         decor_target: str = "whitened",
         decor_liveness_weight: float = 2.0,
+        saliency_target: str = "objective",
         consistency_grad: str = "detached",
         masked_pass_updates_stats: bool = True,
         check_finite: bool = True,
@@ -162,6 +172,7 @@ class SaliencyDecorLoss:
         _check_choice("mask_fill", mask_fill, MASK_FILLS)
         _check_choice("decor_target", decor_target, DECOR_TARGETS)
         _check_choice("consistency_grad", consistency_grad, CONSISTENCY_GRADS)
+        _check_choice("saliency_target", saliency_target, SALIENCY_TARGETS)
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
         if whitening_compile and sync_whitening:
@@ -186,6 +197,7 @@ class SaliencyDecorLoss:
         self.consistency_weight = consistency_weight
         self.decor_target = decor_target
         self.decor_liveness_weight = decor_liveness_weight
+        self.saliency_target = saliency_target
         self.consistency_grad = consistency_grad
         self.masked_pass_updates_stats = masked_pass_updates_stats
         self.check_finite = check_finite
@@ -217,6 +229,7 @@ class SaliencyDecorLoss:
             "consistency_weight": self.consistency_weight,
             "decor_target": self.decor_target,
             "decor_liveness_weight": self.decor_liveness_weight,
+            "saliency_target": self.saliency_target,
             "consistency_grad": self.consistency_grad,
             "masked_pass_updates_stats": self.masked_pass_updates_stats,
             "whiten_head_input": bool(self.whitening is not None and self.adapter.tap.whiten_head_input),
@@ -296,11 +309,14 @@ class SaliencyDecorLoss:
                     logits=clean_logits.detach(),
                     live_features=live,
                 )
-            if detached:
+            saliency_of = self._saliency_target(clean_objective, loss_ce, clean_logits, labels)
+            if detached and saliency_of is clean_objective:
                 backward(clean_objective * loss_scale)
                 input_grad = inputs.grad
             else:
-                (input_grad,) = torch.autograd.grad(clean_objective, inputs, retain_graph=True)
+                (input_grad,) = torch.autograd.grad(saliency_of, inputs, retain_graph=True)
+                if detached:
+                    backward(clean_objective * loss_scale)
         if input_grad is None:
             raise RuntimeError(
                 "the clean pass produced no input gradient; the model must be differentiable "
@@ -334,6 +350,14 @@ class SaliencyDecorLoss:
             masked_accuracy=masked_accuracy,
             live_features=live,
         )
+
+    def _saliency_target(self, objective: Tensor, loss_ce: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+        """The scalar whose input gradient ranks the pixels (``saliency_target``)."""
+        if self.saliency_target == "logit":
+            return logits.float().gather(1, labels.view(-1, 1)).sum()
+        if self.saliency_target == "loss" and objective is not loss_ce:
+            return loss_ce
+        return objective
 
     def _check_finite(self, components: dict[str, Tensor | None]) -> None:
         if not self.check_finite:

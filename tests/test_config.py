@@ -16,6 +16,7 @@ from sd_plugin.config import METHOD_FIELDS
         ("consistency_weight", -1.0, r"consistency_weight=-1.0 is negative"),
         ("consistency_grad", "none", r"consistency_grad='none' is not supported"),
         ("decor_target", "logits", r"decor_target='logits' is not supported"),
+        ("saliency_target", "gradcam", r"saliency_target='gradcam' is not supported; allowed values are \('objective'"),
         ("group_size", 0, r"group_size=0 must be a positive divisor"),
         ("whitening_shrinkage", 2.0, r"whitening_shrinkage=2.0 must be in \[0, 1\]"),
     ],

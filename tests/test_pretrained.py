@@ -133,7 +133,7 @@ def test_finetune_benchmark__short_run_from_the_converted_model_reused_on_a_seco
     common = ["--data", str(data), "--model", f"local-dir:{converted['timm']}", "--image-size", "32"]
     common += ["--epochs", "1", "--batch-size", "8", "--metric-images", "4", "--output-dir", str(output)]
     finetune.main(
-        [*common, "--seeds", "0", "1", "--methods", "sgt", "saliencydecor"]
+        [*common, "--seeds", "0", "1", "--methods", "sgt", "saliencydecor", "--models-dir", str(tmp_path / "models")]
         + ["--variants", "whiten_head_input=True", "--variant-seeds", "0"]
     )
     results = json.loads((output / "results.json").read_text())
@@ -146,6 +146,15 @@ def test_finetune_benchmark__short_run_from_the_converted_model_reused_on_a_seco
     assert results["meta"]["eval_split"] == "test" and results["meta"]["train_images"] == 16
     report = (output / "RESULTS.md").read_text()
     assert "saliencydecor vs sgt" in report and "whiten_head_input=True" in report
+    # the saved model reloads as the model that was scored, with its training resolution in its config
+    from sd_plugin.evaluation.report import accuracy
+    from sd_plugin.loading import load_classifier
+
+    saved = load_classifier(tmp_path / "models" / "whiten_head_input-True-seed0")
+    assert saved.pretrained_cfg["input_size"] == [3, 32, 32]
+    _, evaluation, _, _ = finetune.load_splits(data, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    scored = results["variants"]["whiten_head_input=True"]["runs"][0]["accuracy"]
+    assert accuracy(saved, torch.utils.data.DataLoader(evaluation, batch_size=8)) == scored
     # a second call reuses every finished run (nothing is trained again) and rebuilds the same tables
     finetune.main([*common, "--seeds", "0", "1", "--methods", "sgt", "--max-seconds", "0.001", "--reuse", str(output)])
     again = json.loads((output / "results.json").read_text())

@@ -42,6 +42,7 @@ _HYPERPARAMETERS = (
     "whiten_head_input",
     "decor_target",
     "decor_liveness_weight",
+    "saliency_target",
     "whitening_shrinkage",
     "whitening_momentum",
     "whitening_method",
