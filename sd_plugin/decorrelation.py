@@ -73,8 +73,8 @@ def decorrelation_loss(
     batch, width = features.shape
     if batch < 2 and not sync:
         raise ValueError(
-            f"decorrelation_loss needs a batch of at least 2 samples, got {batch}; "
-            "increase the batch size (per_device_train_batch_size)."
+            f"decorrelation_loss needs a batch of at least 2 samples, got {batch} (a feature's correlation "
+            "needs two samples); skip the term for such batches or drop incomplete last batches."
         )
     if liveness_weight < 0:
         raise ValueError(f"liveness_weight must be >= 0, got {liveness_weight}.")

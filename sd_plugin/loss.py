@@ -31,7 +31,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -205,6 +206,7 @@ class SaliencyDecorLoss:
         self.sync_whitening = sync_whitening
         self.uses_masking = method in ("sgt", "saliencydecor")
         self.uses_decorrelation = method in ("decor", "saliencydecor")
+        self._warned: set[str] = set()
         self.whitening = None
         self.whitening_compile = whitening_compile
         self._decorrelation_loss = compiled_decorrelation_loss() if whitening_compile else decorrelation_loss
@@ -270,6 +272,49 @@ class SaliencyDecorLoss:
         model = self.adapter.model if model is None else model
         backward = backward or (lambda loss: loss.backward())
         self.adapter.check_batch(pixel_values, labels)
+        decorrelate = self.uses_decorrelation and self._batch_can_decorrelate(pixel_values.shape[0])
+        with self._whitening_on_running_statistics(self.uses_decorrelation and not decorrelate):
+            return self._step(model, pixel_values, labels, backward, loss_scale, no_sync, decorrelate)
+
+    def _batch_can_decorrelate(self, batch: int) -> bool:
+        """False (with one warning) for a batch of one sample; one warning for batches below ``2 x group_size``."""
+        if batch < 2 and not self.sync_whitening:
+            self._warn_once(
+                "single",
+                "a training batch of 1 sample (typically the last, incomplete batch): its decorrelation term is "
+                "skipped and the whitening uses its running statistics for it. Set dataloader_drop_last=True "
+                "(Trainer) to drop such batches.",
+            )
+            return False
+        group_size = self.whitening.group_size if self.whitening is not None else 0
+        if batch < 2 * group_size:
+            self._warn_once(
+                "small",
+                f"a training batch of {batch} samples is smaller than 2 x group_size ({2 * group_size}): each "
+                f"group's {group_size}x{group_size} covariance comes from fewer samples than it has entries, so the "
+                "whitening and the decorrelation term are noisy. Raise the batch size or lower group_size.",
+            )
+        return True
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+    @contextlib.contextmanager
+    def _whitening_on_running_statistics(self, enabled: bool) -> Iterator[None]:
+        whitening = self.whitening
+        if not enabled or whitening is None or not whitening.training:
+            yield
+            return
+        whitening.eval()
+        try:
+            yield
+        finally:
+            whitening.train()
+
+    def _step(self, model, pixel_values, labels, backward, loss_scale, no_sync, decorrelate) -> SaliencyDecorOutput:
+        """The passes of ``step`` (``decorrelate``: this batch gets the decorrelation term)."""
         tap = self.adapter.tap
         images = pixel_values.detach()
         detached = self.consistency_grad == "detached"
@@ -280,7 +325,7 @@ class SaliencyDecorLoss:
         # backward both run under ``no_sync``; the masked pass's backward syncs once.
         two_backwards = self.uses_masking and detached and no_sync is not None
         with no_sync() if two_backwards else contextlib.nullcontext():
-            with tap.whitened_for_loss(self.uses_decorrelation):
+            with tap.whitened_for_loss(decorrelate):
                 tap.clear()
                 clean_logits = self.adapter.logits(model, inputs)
                 features, whitened = tap.features, tap.whitened
@@ -288,7 +333,7 @@ class SaliencyDecorLoss:
             loss_ce = F.cross_entropy(clean_logits.float(), labels)
             loss_decor = None
             clean_objective = loss_ce
-            if self.uses_decorrelation:
+            if decorrelate:
                 target = whitened if self.decor_target == "whitened" else features
                 if target is None:
                     raise RuntimeError(f"no features were recorded at {self.adapter.head_name!r}.")

@@ -248,3 +248,36 @@ def test_init__whitening_compile_refuses_synced_statistics():
         SaliencyDecorLoss(
             adapt(tiny_models.TinyNet(), feature_layer="body"), whitening_compile=True, sync_whitening=True
         )
+
+
+def test_step__batch_of_one_skips_decorrelation_on_running_statistics():
+    torch.manual_seed(0)
+    model = tiny_models.TinyNet()
+    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8, whiten_head_input=True)
+    loss.step(model, *batch())  # a full batch sets the running statistics
+    whitening = model.saliency_decor_whitening
+    running = {k: v.clone() for k, v in whitening.state_dict().items()}
+    x, y = batch(seed=1)
+    model.zero_grad()
+    with pytest.warns(UserWarning, match="batch of 1 sample"):
+        out = loss.step(model, x[:1], y[:1])
+    assert out.loss_decor is None and torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert all(torch.equal(running[k], v) for k, v in whitening.state_dict().items())  # not updated by one sample
+    assert whitening.training  # restored after the step
+    # the head saw the features whitened with the running statistics (eval mode)
+    whitening.eval()
+    expected = model(x[:1])
+    whitening.train()
+    torch.testing.assert_close(out.logits, expected.detach())
+
+
+def test_step__batches_below_twice_the_group_size_warn_once():
+    torch.manual_seed(0)
+    model = tiny_models.TinyNet()
+    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8)
+    x, y = batch()
+    with pytest.warns(UserWarning, match=r"smaller than 2 x group_size \(16\)") as caught:
+        loss.step(model, x[:6], y[:6])
+        loss.step(model, x[:6], y[:6])
+    assert len([w for w in caught if "group_size" in str(w.message)]) == 1

@@ -267,3 +267,17 @@ def test_log_history_is_json_serialisable(tmp_path):
     trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path), train_dataset=dataset())
     trainer.train()
     json.dumps(trainer.state.log_history)
+
+
+@pytest.mark.parametrize("whiten_head_input", [False, True])
+def test_train__last_batch_of_one_sample_trains_with_one_warning(tmp_path, whiten_head_input):
+    """33 images at batch 16: the last batch holds one image (issue 11, item 2)."""
+    model = tiny_models.build("hf_resnet", tmp_path)
+    args = config(tmp_path, max_steps=-1, num_train_epochs=2, whiten_head_input=whiten_head_input)
+    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=dataset(n=33))
+    with pytest.warns(UserWarning, match="batch of 1 sample") as caught:
+        trainer.train()
+    assert sum("batch of 1 sample" in str(w.message) for w in caught) == 1  # once, though two epochs end so
+    whitening = model.saliency_decor_whitening
+    assert whitening.training and torch.isfinite(whitening.running_cov).all()
+    assert trainer.state.global_step == 6
