@@ -1,0 +1,96 @@
+"""The built wheel and sdist ship everything the package reads at run time (issue 11, item 1).
+
+A wheel install used to miss the model-card template (a symlink into the repository), so `export`,
+the end of a recipe run and `push` failed outside a source checkout.
+"""
+
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_FILES = ("sd_plugin/py.typed", "sd_plugin/hub/model_card.md")
+
+
+def build(kind: str, directory: Path) -> Path:
+    """``setuptools.build_meta`` as pip would call it (no network, the environment's setuptools)."""
+    code = f"from setuptools import build_meta; print(build_meta.build_{kind}({str(directory)!r}))"
+    name = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split()[-1]
+    return directory / name
+
+
+def trained_folder(tmp_path: Path) -> Path:
+    import tiny_models
+
+    model = tiny_models.build("hf_resnet", tmp_path)
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(32)]
+    args = SaliencyDecorConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        per_device_train_batch_size=16,
+        group_size=8,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model()
+    return tmp_path / "run"
+
+
+def test_wheel__installed_outside_the_repository_exports_a_model_with_its_card(tmp_path):
+    wheel = build("wheel", tmp_path / "dist")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert set(RUNTIME_FILES) <= names
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", str(site), wheel],
+        check=True,
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    where = subprocess.run(
+        [sys.executable, "-c", "import sd_plugin; print(sd_plugin.__file__)"],
+        cwd=outside,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert where.startswith(str(site)), where  # the installed copy, not the source tree
+    source = trained_folder(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "sd_plugin", "export", str(source), str(tmp_path / "exported")],
+        cwd=outside,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "SaliencyDecor" in card
+
+
+def test_sdist__holds_the_card_template_as_a_file():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        sdist = build("sdist", Path(directory))
+        with tarfile.open(sdist) as archive:
+            members = {m.name.split("/", 1)[1]: m for m in archive.getmembers() if "/" in m.name}
+    for name in RUNTIME_FILES:
+        assert name in members and members[name].isfile(), name
