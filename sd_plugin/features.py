@@ -150,6 +150,7 @@ class ModelAdapter:
     in_channels: int | None
     is_transformer: bool
     library: str
+    labels_checked: bool = False  # the first batch's labels were checked against num_classes
 
     @property
     def whitening(self) -> GroupZCA | None:
@@ -194,6 +195,16 @@ class ModelAdapter:
             )
         if labels.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {pixel_values.shape[0]} images.")
+        if not self.labels_checked and self.num_classes > 0 and labels.numel() > 0:
+            # once (the first batch): reading the labels waits for the device
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"labels range over [{low}, {high}] but the model's head has {self.num_classes} outputs "
+                    f"(labels 0..{self.num_classes - 1}); build the head with num_labels/num_classes equal to the "
+                    "dataset's number of classes."
+                )
+            self.labels_checked = True
 
     def attach_whitening(
         self, group_size: int = 16, whiten_head_input: bool | None = None, **whitening_kwargs: Any

@@ -281,3 +281,12 @@ def test_step__batches_below_twice_the_group_size_warn_once():
         loss.step(model, x[:6], y[:6])
         loss.step(model, x[:6], y[:6])
     assert len([w for w in caught if "group_size" in str(w.message)]) == 1
+
+
+def test_step__labels_beyond_the_head_are_refused_on_the_first_batch():
+    model = tiny_models.TinyNet()
+    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), method="sgt")
+    x, y = batch()
+    y[3] = 7  # the head has 3 outputs
+    with pytest.raises(ValueError, match=r"labels range over \[0, 7\] but the model's head has 3 outputs"):
+        loss.step(model, x, y)
