@@ -15,8 +15,13 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        from . import __version__
+
+        print(f"sd-plugin {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: python -m sd_plugin {" + ",".join(COMMANDS) + "} [options]")
+        print("usage: python -m sd_plugin {" + ",".join(COMMANDS) + "} [options]   (or --version)")
         print("  demo      baseline vs SGT vs SaliencyDecor on scikit-learn digits (offline)")
         print("  evaluate  accuracy, masking AUC, deletion/insertion, sparseness, effective rank of models")
         print("  export    a trained folder -> plain timm/transformers checkpoint + model card")

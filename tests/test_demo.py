@@ -27,3 +27,13 @@ def test_demo_cli__writes_models_figures_and_table(tmp_path, capsys):
     for name in ("saliency.png", "masking_curves.png", "gradient_boxplot.png"):
         assert (out / name).stat().st_size > 10_000
     assert "| method |" in format_table(results["rows"])
+
+
+def test_cli__version_and_usage(capsys):
+    from sd_plugin import __version__
+
+    assert cli(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"sd-plugin {__version__}"
+    assert cli(["--help"]) == 0
+    assert "convert-efficientnet-lite0" in capsys.readouterr().out
+    assert cli(["no-such-command"]) == 2
