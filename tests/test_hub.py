@@ -281,3 +281,29 @@ def test_bad_input__repo_id_overwrite_untrained_and_partial_folders(tmp_path):
         export(tied, tmp_path / "tied")
     assert not (tmp_path / "tied").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tied.")]
+
+
+def test_push__unreachable_hub_one_line_error_and_the_folder_byte_for_byte(tmp_path, monkeypatch):
+    """Issue 11, item 7: no traceback from the HTTP client, and the card is not rewritten locally."""
+    import socket
+
+    folder = export(train("hf_resnet", tmp_path).model, tmp_path / "exported")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with socket.socket() as probe:  # a local port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "PYTHONPATH")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_TOKEN="hf_test_token", HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    result = subprocess.run(
+        [sys.executable, "-m", "sd_plugin", "push", str(folder), "--repo-id", "alice/first"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "could not push" in result.stderr and "alice/first" in result.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -8,7 +8,11 @@ a token or a network the error says so, and the exported folder stays complete o
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .export import REPO_ID_PLACEHOLDER
@@ -46,6 +50,38 @@ def _check_folder(folder: Path) -> None:
         )
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection errors of the HTTP client huggingface_hub uses (httpx2 / httpx, or requests before 1.0)."""
+    import importlib
+
+    errors: list[type[BaseException]] = []
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def _staged_with_repo_id(folder: Path, repo_id: str) -> Iterator[Path]:
+    """A temporary mirror of ``folder`` (hard links, copies across devices) whose card names ``repo_id``."""
+    with tempfile.TemporaryDirectory(prefix="sd_plugin_push_") as scratch:
+        staged = Path(scratch) / folder.name
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            target = staged / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path == folder / "README.md":
+                text = path.read_text(encoding="utf-8").replace(REPO_ID_PLACEHOLDER, repo_id)
+                target.write_text(text, encoding="utf-8")
+                continue
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+        yield staged
+
+
 def push(
     folder: str | Path,
     repo_id: str,
@@ -68,19 +104,20 @@ def push(
             "no Hugging Face token: run `hf auth login` or set HF_TOKEN (a write token); "
             f"the exported folder {folder} is complete and can be pushed later."
         )
-    card = folder / "README.md"
-    text = card.read_text(encoding="utf-8")
-    if REPO_ID_PLACEHOLDER in text:
-        card.write_text(text.replace(REPO_ID_PLACEHOLDER, repo_id), encoding="utf-8")
+    # The card names the repository; it is filled in a staging copy (files hard-linked, not copied),
+    # so the folder stays as it was: a failed push, or a later push to another id, never publishes a
+    # stale id.
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, create_pr=create_pr
-        )
-    except (HfHubHTTPError, OSError) as error:
+        with _staged_with_repo_id(folder, repo_id) as staged:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.upload_folder(
+                folder_path=str(staged), repo_id=repo_id, commit_message=commit_message, create_pr=create_pr
+            )
+    except (HfHubHTTPError, OSError, *_network_errors()) as error:
+        first_line = str(error).splitlines()[0] if str(error) else ""
         raise PushError(
-            f"could not push {folder} to {repo_id} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            f"could not push {folder} to {repo_id} ({type(error).__name__}: {first_line}); "
             "check the network, HF_ENDPOINT and the token's write access. The folder is unchanged on disk."
-        ) from error
+        ) from None
     return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", info))
