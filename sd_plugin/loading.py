@@ -119,8 +119,8 @@ def restore_whitening(model: nn.Module, directory: str | Path) -> bool:
     """Re-attach the trained whitening to ``model`` when it fed the head; True if attached."""
     directory = Path(directory)
     metadata = read_metadata(directory)
-    if not metadata or not metadata.get("whiten_head_input"):
-        return False
+    if not metadata or not metadata.get("whiten_head_input") or metadata.get("whitening_folded_into_head"):
+        return False  # no whitening fed the head, or the export folded it into the head's weights
     whitening_path = directory / WHITENING_FILE
     if not whitening_path.is_file():
         raise FileNotFoundError(

@@ -307,3 +307,20 @@ def test_push__unreachable_hub_one_line_error_and_the_folder_byte_for_byte(tmp_p
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "could not push" in result.stderr and "alice/first" in result.stderr
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_export__folded_whitening_loads_with_the_package_loader_and_same_logits(tmp_path):
+    """Issue 11, item 4: an export whose whitening was folded into the head loads with ``load_classifier``
+    (what ``python -m sd_plugin evaluate`` uses) instead of asking for the whitening file."""
+    from sd_plugin.loading import load_classifier
+
+    trainer = train("hf_resnet", tmp_path)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = trainer.sd_adapter.logits(trainer.model.eval(), x)
+    folder = export(trainer, tmp_path / "exported")
+    assert json.loads((folder / "saliency_decor.json").read_text())["whiten_head_input"] is True
+    model = load_classifier(folder)
+    assert not hasattr(model, "saliency_decor_whitening")  # folded: nothing to re-attach
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).logits, expected, rtol=1e-4, atol=1e-4)
