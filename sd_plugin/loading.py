@@ -22,6 +22,7 @@ from .feature_tap import WHITENING_MODULE_NAME
 __all__ = [
     "METADATA_FILE",
     "WHITENING_FILE",
+    "weights_fingerprint",
     "load_classifier",
     "load_for_finetuning",
     "restore_whitening",
@@ -31,6 +32,27 @@ __all__ = [
 METADATA_FILE = "saliency_decor.json"
 WHITENING_FILE = "saliency_decor_whitening.safetensors"
 _WHITENING_PREFIX = WHITENING_MODULE_NAME + "."
+
+
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
+
+
+def weights_fingerprint(directory: str | Path) -> str | None:
+    """SHA-256 of a model folder's weight file (safetensors, adapter or shard index), or None.
+
+    Ties an evaluation to the weights it scored, wherever the folder is moved or copied.
+    """
+    import hashlib
+
+    for name in WEIGHT_FILES:
+        path = Path(directory) / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+    return None
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any] | None:

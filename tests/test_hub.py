@@ -179,6 +179,10 @@ def test_card__with_evaluation_results_and_figures_parses_back(tmp_path):
     assert "![figures/saliency.png](figures/saliency.png)" in card.text
     assert "python -m sd_plugin evaluate" in card.text and "python train.py" in card.text
     assert "b/run" in card.text  # the baseline column
+    # Issue 11, item 10: the same results attached to another model's folder are refused.
+    with pytest.raises(ValueError, match="has other weights than"):
+        export(tmp_path / "b" / "run", tmp_path / "wrong", evaluation=tmp_path / "eval" / "results.json")
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_card__without_evaluation_parses_back(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data import load_eval_dataset
-from ..loading import load_classifier
+from ..loading import load_classifier, weights_fingerprint
 from .attribution import ATTRIBUTIONS, saliency_maps
 from .masking_curve import MaskingCurve, percentages_every
 from .randomization import parameter_randomization
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
         metrics["source"] = path
+        if directory is not None:
+            metrics["weights_sha256"] = weights_fingerprint(directory)
         images, labels = first_images(dataset, min(6, len(dataset)))
         examples = (images, labels) if examples is None else examples
         saliency[name] = saliency_maps(model, images.to(args.device), labels.to(args.device), args.attribution).cpu()

@@ -143,6 +143,24 @@ def _read_evaluation(evaluation: Any) -> tuple[dict | None, dict[str, dict], lis
     return results, {}, figures, None, None
 
 
+def _check_evaluation_is_of(metrics: dict | None, source_dir: Path | None, evaluation: Any) -> None:
+    """Refuse results that ``evaluate`` computed for other weights than the folder being exported.
+
+    Checked where both sides are known: the first model of an ``evaluate`` results.json records the
+    SHA-256 of the weights it scored (``weights_sha256``), a trainer output folder has its own.
+    """
+    if metrics is None or source_dir is None or not metrics.get("weights_sha256"):
+        return
+    from ..loading import weights_fingerprint
+
+    here = weights_fingerprint(source_dir)
+    if here is not None and here != metrics["weights_sha256"]:
+        raise ValueError(
+            f"--evaluation {evaluation}: its first model ({metrics.get('source')}) has other weights than "
+            f"{source_dir}; run `python -m sd_plugin evaluate --model {source_dir} ...` and pass that results.json."
+        )
+
+
 def export(
     source: Any,
     path: str | Path,
@@ -178,6 +196,7 @@ def export(
     base = unwrap_model(exported)
     library = library_of(base)
     metrics, comparisons, figure_paths, dataset_name, eval_command = _read_evaluation(evaluation)
+    _check_evaluation_is_of(metrics, source_dir, evaluation)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
