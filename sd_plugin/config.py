@@ -165,14 +165,15 @@ class SaliencyDecorConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "At each evaluation also report eval_masking_auc, eval_masking_auc_random and "
-            "eval_faithfulness_gap (the paper's masking test) on the first eval_masking_samples images."
+            "eval_faithfulness_gap (the paper's masking test) on eval_masking_samples images drawn at random "
+            "(a fixed seed: the same images for every model) from the whole evaluation set."
         },
     )
     eval_masking_samples: int = field(
-        default=256, metadata={"help": "Images (per process) used by the masking test during evaluation."}
+        default=256, metadata={"help": "Images (a fixed random subset of the evaluation set) for the masking test."}
     )
     eval_masking_step: float = field(
-        default=10.0, metadata={"help": "Masking-test step in percent of pixels (0, 100]."}
+        default=5.0, metadata={"help": "Masking-test step in percent of pixels (0, 100]; 5 as in DESIGN.md §4."}
     )
     check_finite: bool = field(
         default=True,
@@ -265,7 +266,7 @@ def _validate_method_fields(config: SaliencyDecorConfig) -> None:
         raise ValueError(f"whitening_shrinkage={config.whitening_shrinkage} must be in [0, 1].")
     if getattr(config, "eval_masking_samples", 1) < 1:
         raise ValueError(f"eval_masking_samples={config.eval_masking_samples} must be >= 1.")
-    if not 0.0 < getattr(config, "eval_masking_step", 10.0) <= 100.0:
+    if not 0.0 < getattr(config, "eval_masking_step", 5.0) <= 100.0:
         raise ValueError(f"eval_masking_step={config.eval_masking_step} must be in (0, 100].")
     if not 0.0 < config.whitening_momentum <= 1.0:
         raise ValueError(f"whitening_momentum={config.whitening_momentum} must be in (0, 1].")

@@ -79,7 +79,9 @@ class RecipeArguments:
     report_to: str = field(default="all", metadata={"help": "Trackers (tensorboard, wandb, ...), or 'all'."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})  # noqa: UP045
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the validation set."})  # noqa: UP045
-    eval_masking_samples: int = field(default=256, metadata={"help": "Images per process for the masking test."})
+    eval_masking_samples: int = field(
+        default=256, metadata={"help": "Images (a fixed random subset of the validation set) for the masking test."}
+    )
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the exported model at the end."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "user/name on the Hub."})  # noqa: UP045
@@ -229,7 +231,7 @@ def evaluate(
             masking_test_metrics(
                 unwrap_model(model),  # no DDP for the masking test; LoRA layers live in the base model
                 loader,
-                step=10.0,
+                step=5.0,  # DESIGN.md §4, as the Trainer and `python -m sd_plugin evaluate`
                 max_images=masking_samples,
                 device=accelerator.device,
                 seed=seed,

@@ -334,3 +334,32 @@ def test_accuracy__equals_the_masking_curve_at_zero():
 
     model, data = small_cnn(), loader(n=20)
     assert accuracy(model, data) == masking_curve(model, data, percentages=[0, 100]).accuracy[0]
+
+
+class Recording(nn.Module):
+    """Class = image brightness (0 or 1); remembers the brightness of every clean image it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(10.0))
+        self.seen = []
+
+    def forward(self, x):
+        brightness = x.mean((1, 2, 3))
+        self.seen.append(brightness.detach())
+        return torch.stack([(0.5 - brightness) * self.scale, (brightness - 0.5) * self.scale], dim=1)
+
+
+def test_masking_test_metrics__random_subset_spread_over_a_class_sorted_set():
+    """Issue 11, item 3: the first N images of a class-sorted folder are all of one class."""
+    from sd_plugin.evaluation.masking_curve import masking_test_metrics
+
+    images = torch.cat([torch.zeros(50, 1, 4, 4), torch.ones(50, 1, 4, 4)])
+    labels = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.long)])
+    model = Recording()
+    masking_test_metrics(model, DataLoader(TensorDataset(images, labels), batch_size=8), max_images=10)
+    brightness = torch.cat(model.seen)
+    assert (brightness == 0).any() and (brightness == 1).any()
+    model.seen.clear()
+    masking_test_metrics(model, DataLoader(TensorDataset(images, labels), batch_size=8), max_images=10)
+    assert torch.equal(torch.cat(model.seen), brightness)  # the same images every time

@@ -32,6 +32,7 @@ from .saliency import input_gradients
 
 __all__ = [
     "ORDERS",
+    "spread_subset",
     "DEFAULT_PERCENTAGES",
     "MaskingCurve",
     "masking_auc",
@@ -225,10 +226,43 @@ def masking_curve(
     return MaskingCurve(percentages, accuracy, order=order, fill=fill, num_images=seen)
 
 
+SUBSET_SEED = 1234
+
+
+def spread_subset(dataloader: Iterable, count: int, seed: int = SUBSET_SEED) -> Iterable:
+    """A loader over ``count`` images drawn at random (``seed``) from ``dataloader``'s whole dataset.
+
+    The images keep their dataset order and the loader its batch size and collate function. A
+    loader without a sized, map-style dataset (or with at most ``count`` images) is returned as is.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> data = TensorDataset(torch.arange(100.0).view(100, 1), torch.arange(100) // 50)  # class-sorted
+        >>> labels = torch.cat([y for _, y in spread_subset(DataLoader(data, batch_size=8), 10)])
+        >>> len(labels), sorted(set(labels.tolist()))
+        (10, [0, 1])
+    """
+    from torch.utils.data import DataLoader, IterableDataset, Subset
+
+    dataset = getattr(dataloader, "dataset", None)
+    if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        return dataloader
+    if len(dataset) <= count:
+        return dataloader
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    indices = sorted(order[:count].tolist())
+    return DataLoader(
+        Subset(dataset, indices),
+        batch_size=getattr(dataloader, "batch_size", None) or 64,
+        collate_fn=getattr(dataloader, "collate_fn", None),
+        num_workers=getattr(dataloader, "num_workers", 0),
+    )
+
+
 def masking_test_metrics(
     model: nn.Module,
     dataloader: Iterable,
-    step: float = 10.0,
+    step: float = 5.0,
     max_images: int | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
@@ -237,12 +271,16 @@ def masking_test_metrics(
 ) -> dict[str, float]:
     """The masking test during training: ``{prefix}_masking_auc``, ``_masking_auc_random``, ``_faithfulness_gap``.
 
-    Runs the saliency- and random-order curves on the first ``max_images`` images (per
-    process); ``mean_over_processes`` (e.g. ``partial(accelerator.reduce, reduction="mean")``)
+    Runs the saliency- and random-order curves on ``max_images`` images drawn at random (fixed
+    seed ``SUBSET_SEED``: the same images for every model of a comparison) from the whole
+    evaluation set, not its first images, which in a class-sorted image folder are all of one
+    class; ``mean_over_processes`` (e.g. ``partial(accelerator.reduce, reduction="mean")``)
     averages the AUCs across processes. Restores the model's train/eval mode.
     """
     percentages = percentages_every(step)
     was_training = model.training
+    if max_images is not None:
+        dataloader = spread_subset(dataloader, max_images)
     common = dict(percentages=percentages, max_images=max_images, device=device)
     try:
         by_saliency = masking_curve(model, dataloader, order="saliency", **common)
