@@ -172,6 +172,12 @@ class HFImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def class_names(self) -> list[str] | None:
+        """The label column's class names (a ``ClassLabel`` feature), or None."""
+        feature = getattr(self.dataset, "features", {}).get(self.label_column)
+        names = getattr(feature, "names", None)
+        return list(names) if names else None
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.dataset[index]
         image = row[self.image_column]
@@ -183,10 +189,14 @@ def load_eval_dataset(
     name_or_path: str, split: str | None, model: nn.Module, model_directory: str | Path | None = None
 ) -> Dataset:
     """An evaluation set: a built-in name, a ``save_to_disk`` folder, an image folder or a Hub id."""
-    if name_or_path == "digits":
-        return load_digits_splits()[1 if split in (None, "test", "validation") else 0]
-    if name_or_path == "fashion-mnist":
-        return load_fashion_mnist("test" if split in (None, "test", "validation") else "train")
+    if name_or_path in BUILTIN_DATASETS:
+        test_split = split in (None, "test", "validation")
+        if name_or_path == "digits":
+            builtin = load_digits_splits()[1 if test_split else 0]
+        else:
+            builtin = load_fashion_mnist("test" if test_split else "train")
+        check_labels_fit(model, 10, None, name_or_path)
+        return with_channels(builtin, _model_channels(model))
     import datasets
 
     path = Path(name_or_path)
@@ -210,7 +220,79 @@ def load_eval_dataset(
         if chosen not in names:
             raise ValueError(f"split={chosen!r} is not in the dataset; its splits are {names}.")
         loaded = loaded[chosen]
-    return HFImageDataset(loaded, image_transform(model, model_directory))
+    evaluation_set = HFImageDataset(loaded, image_transform(model, model_directory))
+    names = evaluation_set.class_names()
+    count = len(names) if names else int(max(loaded[evaluation_set.label_column])) + 1
+    check_labels_fit(model, count, names, name_or_path)
+    return evaluation_set
+
+
+def _model_channels(model: nn.Module) -> int | None:
+    from .features import _expected_channels, unwrap_model
+
+    return _expected_channels(unwrap_model(model))
+
+
+def model_class_names(model: nn.Module) -> tuple[int | None, list[str] | None]:
+    """``(number of outputs, class names)`` a classifier declares (names None when generic, e.g. LABEL_0)."""
+    from .features import unwrap_model
+
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    timm_model = getattr(base, "timm_model", base)
+    count = getattr(config, "num_labels", None) or getattr(timm_model, "num_classes", None)
+    names = None
+    id2label = getattr(config, "id2label", None)
+    if id2label:
+        names = [str(id2label[i]) for i in sorted(id2label)]
+    elif isinstance(getattr(timm_model, "pretrained_cfg", None), dict):
+        names = timm_model.pretrained_cfg.get("label_names")
+    if names and all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        names = None
+    return (int(count) if count else None), (list(names) if names else None)
+
+
+def check_labels_fit(model: nn.Module, count: int, names: list[str] | None, dataset: str) -> None:
+    """Refuse an evaluation set whose classes are not the model's: names where both have them, else counts."""
+    model_count, model_names = model_class_names(model)
+    if names and model_names and list(names) != list(model_names):
+        raise ValueError(
+            f"dataset {dataset!r} has the classes {names[:5]}{'...' if len(names) > 5 else ''} but the model was "
+            f"trained for {model_names[:5]}{'...' if len(model_names) > 5 else ''}: the labels would not mean the "
+            "same thing. Evaluate on data with the model's classes, in its order."
+        )
+    if model_count is not None and count != model_count:
+        raise ValueError(
+            f"dataset {dataset!r} has {count} classes but the model has {model_count} outputs; evaluate on data "
+            "with the model's classes (a subset would be scored against the wrong labels)."
+        )
+
+
+class ChannelConverted(Dataset):
+    """``dataset`` with grey images repeated to 3 channels or RGB averaged to 1, to fit the model."""
+
+    def __init__(self, dataset: Dataset, channels: int) -> None:
+        self.dataset, self.channels = dataset, channels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = dict(self.dataset[index])
+        pixels = example["pixel_values"]
+        if pixels.shape[0] == 1 and self.channels == 3:
+            example["pixel_values"] = pixels.expand(3, *pixels.shape[1:]).clone()
+        elif pixels.shape[0] == 3 and self.channels == 1:
+            example["pixel_values"] = pixels.mean(0, keepdim=True)
+        return example
+
+
+def with_channels(dataset: Dataset, channels: int | None) -> Dataset:
+    """``dataset`` converted to ``channels`` when its images have another count (1 <-> 3)."""
+    if channels is None or len(dataset) == 0:
+        return dataset
+    have = dataset[0]["pixel_values"].shape[0]
+    return dataset if have == channels else ChannelConverted(dataset, channels)
 
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif")

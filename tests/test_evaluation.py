@@ -363,3 +363,44 @@ def test_masking_test_metrics__random_subset_spread_over_a_class_sorted_set():
     model.seen.clear()
     masking_test_metrics(model, DataLoader(TensorDataset(images, labels), batch_size=8), max_images=10)
     assert torch.equal(torch.cat(model.seen), brightness)  # the same images every time
+
+
+def image_folder(root, classes, per_class=2, size=16):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for label in classes:
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
+
+
+def test_evaluation_data__label_sets_that_do_not_match_the_model_are_refused(tmp_path):
+    """Issue 11, item 9: a 2-class folder scored by a 3-class model used to report 0.00% silently."""
+    from sd_plugin.data import load_eval_dataset
+
+    model = tiny_models.build("hf_resnet", tmp_path)  # 3 outputs, generic LABEL_i names
+    fits = load_eval_dataset(str(image_folder(tmp_path / "three", ["a", "b", "c"])), None, model)
+    assert len(fits) == 6
+    with pytest.raises(ValueError, match="has 2 classes but the model has 3 outputs"):
+        load_eval_dataset(str(image_folder(tmp_path / "two", ["a", "b"])), None, model)
+    model.config.id2label = {0: "cat", 1: "dog", 2: "fox"}
+    with pytest.raises(ValueError, match=r"has the classes \['a', 'b', 'c'\] but the model was trained for"):
+        load_eval_dataset(str(tmp_path / "three"), None, model)
+    with pytest.raises(ValueError, match="has 10 classes but the model has 3 outputs"):
+        load_eval_dataset("digits", None, model)
+
+
+def test_evaluation_data__grey_digits_fit_an_rgb_model(tmp_path):
+    from sd_plugin.data import load_eval_dataset
+    from sd_plugin.evaluation.report import evaluate_model
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model.append(torch.nn.Linear(4, 10))
+    data = load_eval_dataset("digits", None, model)
+    example = data[0]["pixel_values"]
+    assert example.shape[0] == 3 and torch.equal(example[0], example[2])
+    metrics = evaluate_model(model, torch.utils.data.Subset(data, range(8)), feature_layer="2", batch_size=4)
+    assert metrics["num_images"] == 8
