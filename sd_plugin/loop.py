@@ -124,13 +124,20 @@ def make_accelerator(args: RecipeArguments) -> Any:
 
 
 def _run_identity(args: RecipeArguments, method_args: Any, num_processes: int) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: data, model, batch, seed and every method field.
+
+    The method fields shape the state (``group_size`` the whitening buffers, ``method`` whether they
+    exist) or the trajectory (``mask_ratio``, weights), so a resume under other values is refused
+    up front instead of failing on a tensor shape or silently training another objective.
+    """
+    method_fields = {k: v for k, v in sorted(vars(method_args).items()) if isinstance(v, (int, float, str, bool))}
     return {
         "model": args.model,
         "dataset": args.dataset_name or [args.train_dir, args.validation_dir],
-        "method": method_args.method,
         "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes,
         "seed": args.seed,
         "peft": args.peft,
+        **method_fields,
     }
 
 
@@ -193,7 +200,9 @@ def _make_optimizer(args: RecipeArguments, model: nn.Module) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=args.learning_rate)
 
 
-def _atomic_save_state(accelerator: Any, folder: Path, completed_steps: int, identity: dict[str, Any]) -> None:
+def _atomic_save_state(
+    accelerator: Any, folder: Path, completed_steps: int, identity: dict[str, Any], history: list[dict[str, float]]
+) -> None:
     """``save_state`` into a temporary folder, renamed into place: a crash never leaves half a checkpoint."""
     staging = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process and staging.exists():
@@ -202,7 +211,7 @@ def _atomic_save_state(accelerator: Any, folder: Path, completed_steps: int, ide
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"completed_steps": completed_steps, "identity": identity}
+        state = {"completed_steps": completed_steps, "identity": identity, "history": history}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
@@ -310,6 +319,7 @@ def train(
         accelerator.init_trackers("saliencydecor", config)
 
     completed_steps, start_epoch, resume_batches = 0, 0, 0
+    history: list[dict[str, float]] = []  # the whole run's, also across a resume
     if args.resume_from_checkpoint:
         folder = Path(args.resume_from_checkpoint)
         if args.resume_from_checkpoint == "latest":
@@ -326,6 +336,7 @@ def train(
             )
         accelerator.load_state(str(folder))
         completed_steps = int(saved["completed_steps"])
+        history = list(saved.get("history", []))
         start_epoch = completed_steps // steps_per_epoch
         resume_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
         accelerator.print(f"resumed from {folder} at step {completed_steps}")
@@ -337,7 +348,6 @@ def train(
     objective.generator = mask_generator
     micro_steps = completed_steps * args.gradient_accumulation_steps
     progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
-    history: list[dict[str, float]] = []
     running: dict[str, list[torch.Tensor]] = {}
     collapse_monitor = CollapseMonitor()
     model.train()
@@ -377,11 +387,13 @@ def train(
                     accelerator.log(logs, step=completed_steps)
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():
                 if completed_steps % int(args.checkpointing_steps) == 0:
-                    _atomic_save_state(accelerator, output_dir / f"step_{completed_steps}", completed_steps, identity)
+                    _atomic_save_state(
+                        accelerator, output_dir / f"step_{completed_steps}", completed_steps, identity, history
+                    )
             if completed_steps >= max_steps:
                 break
         if args.checkpointing_steps == "epoch":
-            _atomic_save_state(accelerator, output_dir / f"epoch_{epoch}", completed_steps, identity)
+            _atomic_save_state(accelerator, output_dir / f"epoch_{epoch}", completed_steps, identity, history)
         if completed_steps >= max_steps:
             break
     progress.close()

@@ -174,10 +174,18 @@ def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
     )
     uninterrupted = [h["loss"] for h in history(full)["history"]]
     continued = [h["loss"] for h in history(resumed)["history"]]
-    assert [h["step"] for h in history(resumed)["history"]] == [3, 4, 5]
-    assert continued == pytest.approx(uninterrupted[2:], rel=1e-6, abs=1e-7)
+    # the whole run's history, the first steps carried by the checkpoint (issue 11, item 11)
+    assert [h["step"] for h in history(resumed)["history"]] == [1, 2, 3, 4, 5]
+    assert continued == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
     a, b = load_file(full / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # a method field that shapes the state is part of the run's identity: refused before loading
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copytree(full / "step_2", other / "step_2")
+    changed = [*common, "--group_size", "4", "--resume_from_checkpoint", "latest"]
+    refused = run(recipe_args(models["hf_resnet"], tiny_imagenet, other, *changed), tmp_path, check=False)
+    assert refused.returncode != 0 and "is not a checkpoint of this run" in refused.stderr
 
 
 @pytest.mark.parametrize(
