@@ -107,6 +107,24 @@ class RecipeArguments:
             from .hub.push import validate_repo_id
 
             validate_repo_id(self.hub_model_id)
+        if self.with_tracking:
+            self._warn_missing_trackers()
+
+    def _warn_missing_trackers(self) -> None:
+        """One warning per tracker named in --report_to whose package is not installed (it would log nothing)."""
+        import importlib.util
+        import warnings
+
+        packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+        for tracker in (t.strip() for t in self.report_to.split(",")):
+            modules = packages.get(tracker)
+            if modules and not any(importlib.util.find_spec(m) for m in modules):
+                warnings.warn(
+                    f"--with_tracking --report_to {tracker}: {modules[0]} is not installed, so nothing is logged "
+                    f"to it; `pip install {modules[0]}`.",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
 
 def make_accelerator(args: RecipeArguments) -> Any:

@@ -207,6 +207,7 @@ class SaliencyDecorLoss:
         self.uses_masking = method in ("sgt", "saliencydecor")
         self.uses_decorrelation = method in ("decor", "saliencydecor")
         self._warned: set[str] = set()
+        self._warn_if_head_frozen()
         self.whitening = None
         self.whitening_compile = whitening_compile
         self._decorrelation_loss = compiled_decorrelation_loss() if whitening_compile else decorrelation_loss
@@ -295,6 +296,25 @@ class SaliencyDecorLoss:
                 "whitening and the decorrelation term are noisy. Raise the batch size or lower group_size.",
             )
         return True
+
+    def _warn_if_head_frozen(self) -> None:
+        """One warning when every output layer (a Linear with ``num_classes`` outputs) is frozen.
+
+        The usual cause: LoRA on a new classifier without ``modules_to_save=[<head>]``, which leaves
+        the randomly initialised head untrained.
+        """
+        heads = [
+            (name, module)
+            for name, module in self.adapter.base_model.named_modules()
+            if isinstance(module, nn.Linear) and module.out_features == self.adapter.num_classes
+        ]
+        if heads and not any(p.requires_grad for _, module in heads for p in module.parameters()):
+            self._warn_once(
+                "frozen_head",
+                f"the classification head ({', '.join(name for name, _ in heads)}) has no trainable parameter: "
+                "it will keep its initial weights. With PEFT/LoRA add it to modules_to_save (e.g. "
+                f"LoraConfig(modules_to_save=[{heads[-1][0].rsplit('.', 1)[-1]!r}])).",
+            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -415,7 +435,9 @@ class SaliencyDecorLoss:
             return
         bad = [name for name, ok in zip(present, finite.tolist(), strict=True) if not ok]
         values = {name: float(present[name]) for name in bad}
+        advice = "Lower the learning rate or check the inputs for NaN"
+        if self.whitening is not None:  # only the decorrelation methods whiten
+            advice += ", or raise whitening_shrinkage"
         raise NonFiniteLossError(
-            f"non-finite loss component(s) {values}: training stopped before this step's update. "
-            "Lower the learning rate, check the inputs for NaN, or raise whitening shrinkage."
+            f"non-finite loss component(s) {values}: training stopped before this step's update. {advice}."
         )

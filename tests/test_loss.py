@@ -173,9 +173,10 @@ def test_step__nan_stops_with_component_name():
         loss.step(model, x, y)
     assert all(p.grad is None for p in model.parameters())  # stopped before any backward
     assert torch.isfinite(model.saliency_decor_whitening.running_cov).all()
-    baseline = SaliencyDecorLoss(adapt(tiny_models.TinyNet(), feature_layer="body"), method="baseline")
-    with pytest.raises(NonFiniteLossError, match="loss_ce"):
+    baseline = SaliencyDecorLoss(adapt(tiny_models.TinyNet(), feature_layer="body"), method="sgt")
+    with pytest.raises(NonFiniteLossError, match="loss_ce") as caught:
         baseline.step(None, x, y)
+    assert "shrinkage" not in str(caught.value)  # sgt has no whitening to advise on (issue 11, item 12)
 
 
 def test_step__bf16_autocast_finite():
@@ -290,3 +291,11 @@ def test_step__labels_beyond_the_head_are_refused_on_the_first_batch():
     y[3] = 7  # the head has 3 outputs
     with pytest.raises(ValueError, match=r"labels range over \[0, 7\] but the model's head has 3 outputs"):
         loss.step(model, x, y)
+
+
+def test_init__a_frozen_head_gets_one_warning():
+    """Issue 11, item 12: LoRA without the head in modules_to_save leaves the head untrained."""
+    model = tiny_models.TinyNet()
+    model.out.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"classification head \(out\) has no trainable parameter"):
+        SaliencyDecorLoss(adapt(model, feature_layer="body"), method="sgt")

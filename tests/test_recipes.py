@@ -366,3 +366,19 @@ def test_two_pass_step__one_gradient_all_reduce_with_no_sync(tmp_path):
     for _, _, with_no_sync, without in lines:
         assert int(with_no_sync) == 1  # one bucket, reduced once per step
         assert int(without) == 2  # without no_sync the clean backward would reduce too
+
+
+def test_recipe_arguments__tracker_without_its_package_gets_one_warning(monkeypatch):
+    """Issue 11, item 12: --with_tracking --report_to tensorboard without tensorboard logged nothing, silently."""
+    import importlib.util
+
+    from sd_plugin.loop import RecipeArguments
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name.startswith("tensorboard") else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.warns(UserWarning, match="tensorboard is not installed, so nothing is logged"):
+        RecipeArguments(with_tracking=True, report_to="tensorboard").validate()
