@@ -37,3 +37,14 @@ def test_cli__version_and_usage(capsys):
     assert cli(["--help"]) == 0
     assert "convert-efficientnet-lite0" in capsys.readouterr().out
     assert cli(["no-such-command"]) == 2
+
+
+def test_cli__evaluate_help_states_every_default(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["evaluate", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for shown in ("(default: 5.0)", "(default: mean)", "(default: gradient)", "(default: 64)", "(default: 0)"):
+        assert shown in text, shown

@@ -62,21 +62,32 @@ def _display_name(path: str, taken: set[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sd_plugin evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sd_plugin evaluate",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="model folder or Hub id")
     parser.add_argument("--compare", nargs="*", default=[], help="more models to score side by side")
     parser.add_argument("--dataset", required=True, help="'digits', 'fashion-mnist', a dataset folder or a Hub id")
     parser.add_argument("--split", default=None, help="dataset split (default: test/validation)")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--output-dir", required=True, help="where results.json and the figures go")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
     parser.add_argument("--step", type=float, default=5.0, help="masking-curve step in percent (0..100)")
-    parser.add_argument("--fill", default="mean", choices=["mean", "zero", "blur", "random"])
-    parser.add_argument("--attribution", default="gradient", choices=[a for a in ATTRIBUTIONS if a != "random"])
+    parser.add_argument(
+        "--fill", default="mean", choices=["mean", "zero", "blur", "random"], help="what replaces a removed pixel"
+    )
+    parser.add_argument(
+        "--attribution",
+        default="gradient",
+        choices=[a for a in ATTRIBUTIONS if a != "random"],
+        help="saliency method that ranks the pixels",
+    )
     parser.add_argument("--randomization", action="store_true", help="also run the parameter-randomisation check")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random order and fill")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
