@@ -404,3 +404,15 @@ def test_evaluation_data__grey_digits_fit_an_rgb_model(tmp_path):
     assert example.shape[0] == 3 and torch.equal(example[0], example[2])
     metrics = evaluate_model(model, torch.utils.data.Subset(data, range(8)), feature_layer="2", batch_size=4)
     assert metrics["num_images"] == 8
+
+
+def test_readme__saliency_maps_from_python_runs(tmp_path, monkeypatch):
+    """The README's snippet for looking at saliency maps runs as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- saliency-python -->")[1].split("<!-- /saliency-python -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "saliency.png").stat().st_size > 0

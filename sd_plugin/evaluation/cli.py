@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_eval_dataset
+from ..data import load_eval_dataset, model_class_names
 from ..loading import load_classifier, weights_fingerprint
 from .attribution import ATTRIBUTIONS, saliency_maps
 from .masking_curve import MaskingCurve, percentages_every
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     saliency: dict[str, torch.Tensor] = {}
     curves: dict[str, list[MaskingCurve]] = {}
-    examples = None
+    examples, class_names = None, None
     for path in [args.model, *args.compare]:
         name = _display_name(path, set(results))
         model = load_classifier(path).to(args.device)
@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         if directory is not None:
             metrics["weights_sha256"] = weights_fingerprint(directory)
         images, labels = first_images(dataset, min(6, len(dataset)))
-        examples = (images, labels) if examples is None else examples
+        if examples is None:
+            examples = (images, labels)
+            class_names = model_class_names(model)[1]
         saliency[name] = saliency_maps(model, images.to(args.device), labels.to(args.device), args.attribution).cpu()
         curves[name] = [MaskingCurve(**_curve_args(metrics["curves"][key])) for key in ("saliency", "random")]
         if args.randomization:
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics["randomization"] = check.to_dict()
         results[name] = metrics
         print(f"evaluated {name}: accuracy {metrics['accuracy']:.2f}%, masking AUC {metrics['masking_auc']:.0f}")
-    figures = _figures(output_dir, examples, saliency, curves)
+    figures = _figures(output_dir, examples, saliency, curves, class_names)
     (output_dir / "results.json").write_text(
         json.dumps(
             {
@@ -162,14 +164,24 @@ def _curve_args(curve: dict) -> dict:
     return {key: curve[key] for key in keys}
 
 
-def _figures(output_dir: Path, examples, saliency, curves) -> list[str]:
+def captions_for(labels, class_names: list[str] | None) -> list[str]:
+    """Row captions of the saliency grid: class names when the model has them, else ``label <i>``.
+
+    Example:
+        >>> captions_for(torch.tensor([1, 0]), ["cat", "dog"]), captions_for(torch.tensor([2]), None)
+        (['dog', 'cat'], ['label 2'])
+    """
+    return [class_names[int(y)] if class_names and int(y) < len(class_names) else f"label {int(y)}" for y in labels]
+
+
+def _figures(output_dir: Path, examples, saliency, curves, class_names: list[str] | None = None) -> list[str]:
     try:
         from .figures import gradient_boxplot, masking_curves_figure, saliency_grid
     except ImportError:  # pragma: no cover
         return []
     try:
         images, labels = examples
-        captions = [f"label {int(y)}" for y in labels]
+        captions = captions_for(labels, class_names)
         return [
             str(saliency_grid(images, saliency, output_dir / "saliency.png", labels=captions)),
             str(masking_curves_figure(curves, output_dir / "masking_curves.png")),
