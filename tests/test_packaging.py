@@ -83,6 +83,12 @@ def test_wheel__installed_outside_the_repository_exports_a_model_with_its_card(t
     assert result.returncode == 0, result.stderr
     card = (tmp_path / "exported" / "README.md").read_text()
     assert "SaliencyDecor" in card
+    # a recipe run to its end (the exported model/ with its card) on the installed package
+    recipe = [sys.executable, str(ROOT / "recipes" / "paper_cnn.py"), "--dataset", "digits"]
+    recipe += ["--output_dir", str(tmp_path / "recipe"), "--max_train_steps", "2", "--eval_masking_samples", "16"]
+    result = subprocess.run(recipe, cwd=outside, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "recipe" / "model" / "README.md").is_file()
 
 
 def test_sdist__holds_the_card_template_as_a_file():
