@@ -109,7 +109,13 @@ def load_classifier(name_or_path: str | Path, **kwargs: Any) -> nn.Module:
                 f"{path} has no config.json: it is not a transformers or timm model folder. "
                 "Pass a folder written by save_pretrained / sd_plugin.hub.export, or a Hub id."
             )
-        if _is_timm_config(config):
+        if config.get("architecture") == "sd_plugin.PaperCNN":
+            from .models import PaperCNN
+
+            model = PaperCNN.from_config(config)
+            state = {k: v for k, v in _load_state_dict(path).items() if not k.startswith(_WHITENING_PREFIX)}
+            model.load_state_dict(state, strict=True)
+        elif _is_timm_config(config):
             model = _load_timm_folder(path, config)
         else:
             from transformers import AutoModelForImageClassification

@@ -4,11 +4,17 @@ Two conv blocks (conv 5x5, ReLU, 2x2 max-pool), the flattened maps as penultimat
 and a linear head ``fc``. ``forward(pixel_values, labels=None)`` returns ``{"logits"}``
 (plus ``"loss"`` given labels), so a plain ``transformers.Trainer`` can train it too.
 
+Its folders (export, recipes) hold ``model.safetensors`` and a ``config.json`` with
+``architecture: "sd_plugin.PaperCNN"`` and the constructor arguments, which
+``sd_plugin.loading.load_classifier`` (and ``python -m sd_plugin evaluate``) read.
+
 Example:
     >>> import torch
     >>> model = PaperCNN.mnist()
     >>> model.num_features, tuple(model(torch.zeros(2, 1, 28, 28))["logits"].shape)
     (392, (2, 10))
+    >>> PaperCNN.from_config(model.config_dict()).config_dict() == model.config_dict()
+    True
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class PaperCNN(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.image_size = image_size
+        self.widths = tuple(widths)
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, widths[0], 5, padding=2),
             nn.ReLU(),
@@ -56,6 +63,28 @@ class PaperCNN(nn.Module):
     def cifar(cls, num_classes: int = 10) -> PaperCNN:
         """3x32x32 input, 512 features (8 maps of 8x8), as the paper's CIFAR-10 CNN."""
         return cls(3, num_classes, 32, (32, 8))
+
+    ARCHITECTURE = "sd_plugin.PaperCNN"
+
+    def config_dict(self) -> dict:
+        """What ``config.json`` records: the architecture name and the constructor arguments."""
+        model_args = {
+            "in_chans": self.in_chans,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "widths": list(self.widths),
+        }
+        return {"architecture": self.ARCHITECTURE, "model_args": model_args}
+
+    @classmethod
+    def from_config(cls, config: dict) -> PaperCNN:
+        """The (untrained) model a ``config_dict`` describes."""
+        if config.get("architecture") != cls.ARCHITECTURE:
+            raise ValueError(f"config architecture {config.get('architecture')!r} is not {cls.ARCHITECTURE!r}.")
+        model_args = dict(config.get("model_args") or {})
+        if "widths" in model_args:
+            model_args["widths"] = tuple(model_args["widths"])
+        return cls(**model_args)
 
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         logits = self.fc(self.features(pixel_values))

@@ -163,6 +163,9 @@ class SaliencyDecorTrainer(Trainer):
             json.dump(self.saliency_decor_metadata(), handle, indent=2)
         if self.sd_adapter.library == "timm" and not self._is_peft():
             _write_timm_config(self.sd_adapter.base_model, output_dir)
+        elif hasattr(self.sd_adapter.base_model, "config_dict"):  # sd_plugin.PaperCNN
+            with open(os.path.join(output_dir, "config.json"), "w") as handle:
+                json.dump(self.sd_adapter.base_model.config_dict(), handle, indent=2)
 
     def _is_peft(self) -> bool:
         return self.sd_adapter.model is not self.sd_adapter.base_model

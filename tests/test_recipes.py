@@ -242,6 +242,15 @@ def test_paper_cnn_recipe__digits(tmp_path):
     assert results["eval_accuracy"] > 0.25  # 10 classes (chance 0.1), 2 epochs of SGD 0.01 on 1.4k digits
     assert all(0.5 < entry["live_features"] <= 1.0 for entry in results["history"])  # logged, no collapse
     assert (output / "model" / "model.safetensors").is_file()
+    # the folder loads with the package's own loader (python -m sd_plugin evaluate), as its card shows
+    from sd_plugin.data import load_digits_splits
+    from sd_plugin.evaluation.report import accuracy
+    from sd_plugin.loading import load_classifier
+
+    model = load_classifier(output / "model")
+    test = torch.utils.data.DataLoader(load_digits_splits(image_size=28)[1], batch_size=256)
+    assert accuracy(model, test) / 100 == pytest.approx(results["eval_accuracy"], abs=1e-6)
+    assert "from sd_plugin.loading import load_classifier" in (output / "model" / "README.md").read_text()
 
 
 def test_bad_input__clear_errors(tiny_imagenet, models, tmp_path):

@@ -90,9 +90,14 @@ def _usage(library: str, model_class: str) -> str:
             f'model = AutoModelForImageClassification.from_pretrained("{REPO_ID_PLACEHOLDER}")  # or a local path\n'
             "model.eval()"
         )
+    if model_class == "PaperCNN":
+        return (
+            "from sd_plugin.loading import load_classifier  # pip install sd-plugin\n"
+            'model = load_classifier("PATH")  # this folder: PaperCNN(**config.json model_args) + model.safetensors'
+        )
     return (
         "from safetensors.torch import load_file\n"
-        f"model = {model_class}(...)  # the architecture it was trained with\n"
+        f"model = {model_class}(...)  # the architecture it was trained with (import it from your code)\n"
         'model.load_state_dict(load_file("model.safetensors"))'
     )
 
@@ -116,6 +121,8 @@ def _write_weights(model: nn.Module, library: str, folder: Path, metadata: dict,
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if hasattr(model, "config_dict"):  # sd_plugin.PaperCNN: load_classifier rebuilds it from this
+        (folder / "config.json").write_text(json.dumps(model.config_dict(), indent=2))
 
 
 def _save_processor(processor: Any, source_dir: Path | None, folder: Path) -> None:
