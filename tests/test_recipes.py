@@ -391,3 +391,18 @@ def test_recipe_arguments__tracker_without_its_package_gets_one_warning(monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.warns(UserWarning, match="tensorboard is not installed, so nothing is logged"):
         RecipeArguments(with_tracking=True, report_to="tensorboard").validate()
+
+
+def test_exported_model__keeps_the_source_preprocessor_config(tiny_imagenet, models, tmp_path):
+    """Issue 11, item 8: the preprocessing the model was trained with travels with it."""
+    import shutil
+
+    from transformers import ViTImageProcessor
+
+    source = tmp_path / "with_processor"
+    shutil.copytree(models["hf_resnet"], source)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(source)
+    output = tmp_path / "out"
+    run(recipe_args(source, tiny_imagenet, output, "--max_train_steps", "1"), tmp_path)
+    copied = json.loads((output / "model" / "preprocessor_config.json").read_text())
+    assert copied == json.loads((source / "preprocessor_config.json").read_text())
