@@ -328,3 +328,20 @@ def test_export__folded_whitening_loads_with_the_package_loader_and_same_logits(
     assert not hasattr(model, "saliency_decor_whitening")  # folded: nothing to re-attach
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=x).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("method", "said", "not_said"),
+    [
+        ("sgt", "saliency-guided training", "decorrelation"),
+        ("baseline", "plain cross-entropy", "masked"),
+        ("saliencydecor", "decorrelation term", "plain cross-entropy"),
+    ],
+)
+def test_card__describes_the_method_the_model_was_trained_with(method, said, not_said):
+    from sd_plugin.hub.card import render_model_card
+
+    card = render_model_card("m", "timm", {"method": method, "whiten_head_input": False})
+    method_section = card.split("## Method")[1].split("##")[0]
+    assert said in method_section and not_said not in method_section
+    assert f"(`method={method}`)" in card

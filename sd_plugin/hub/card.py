@@ -77,6 +77,24 @@ def _evaluation_table(evaluation: dict[str, Any] | None, comparisons: dict[str, 
     return "\n".join(lines)
 
 
+_PACKAGE = "[sd-plugin](https://pypi.org/project/sd-plugin/)"
+_MASKING = (
+    "a KL consistency between predictions on each image and on a copy whose least-salient pixels "
+    "(by input gradient) are masked"
+)
+_DECORRELATION = "a group-wise ZCA whitening / decorrelation term on the penultimate features"
+METHOD_DESCRIPTIONS = {
+    "saliencydecor": f"This model was fine-tuned with **SaliencyDecor** ({_PACKAGE}): cross-entropy, {_MASKING}, "
+    f"and {_DECORRELATION}.",
+    "sgt": f"This model was fine-tuned with **saliency-guided training** (SGT, the masking half of SaliencyDecor; "
+    f'{_PACKAGE} `method="sgt"`): cross-entropy and {_MASKING}.',
+    "decor": f"This model was fine-tuned with cross-entropy and {_DECORRELATION} (the decorrelation half of "
+    f'SaliencyDecor; {_PACKAGE} `method="decor"`).',
+    "baseline": f'This model was fine-tuned with plain cross-entropy ({_PACKAGE} `method="baseline"`), the '
+    "reference the other methods are compared with.",
+}
+
+
 def render_model_card(
     model_name: str,
     library_name: str,
@@ -120,12 +138,15 @@ def render_model_card(
         eval_results=eval_results or None,
     )
     method = metadata.get("method", "saliencydecor")
+    method_description = METHOD_DESCRIPTIONS.get(method, METHOD_DESCRIPTIONS["saliencydecor"])
     folded = metadata.get("whiten_head_input") and method in ("decor", "saliencydecor")
     inference_note = (
         "The whitening fed the classifier during training; it has been folded into the head's weight and "
         "bias, so this checkpoint is the plain architecture with no inference overhead."
         if folded
         else "The whitening only fed the decorrelation loss, so inference is the plain architecture."
+        if method in ("decor", "saliencydecor")
+        else "Inference is the plain architecture."
     )
     hyperparameters = "\n".join(f"| `{k}` | {_format(metadata[k])} |" for k in _HYPERPARAMETERS if k in metadata)
     figure_lines = "\n\n".join(f"![{name}]({name})" for name in figures or [])
@@ -135,8 +156,9 @@ def render_model_card(
     if evaluation_command:
         training.append(f"Evaluated with:\n\n```bash\n{evaluation_command}\n```")
     body = _template().substitute(
-        summary=f"# {model_name}\n\nAn image classifier trained with SaliencyDecor (`method={method}`) for "
+        summary=f"# {model_name}\n\nAn image classifier trained with sd-plugin (`method={method}`) for "
         "more faithful gradient saliency maps.",
+        method_description=method_description,
         inference_note=inference_note,
         hyperparameters=hyperparameters or "| method | " + method + " |",
         evaluation=_evaluation_table(evaluation, comparisons),
