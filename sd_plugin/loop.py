@@ -141,6 +141,10 @@ def make_accelerator(args: RecipeArguments) -> Any:
     )
 
 
+# Method fields a resume may change: checks and execution strategies with the same values.
+_NEITHER_STATE_NOR_TRAJECTORY = ("check_finite", "whitening_compile", "sync_whitening")
+
+
 def _run_identity(args: RecipeArguments, method_args: Any, num_processes: int) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it: data, model, batch, seed and every method field.
 
@@ -148,7 +152,11 @@ def _run_identity(args: RecipeArguments, method_args: Any, num_processes: int) -
     exist) or the trajectory (``mask_ratio``, weights), so a resume under other values is refused
     up front instead of failing on a tensor shape or silently training another objective.
     """
-    method_fields = {k: v for k, v in sorted(vars(method_args).items()) if isinstance(v, (int, float, str, bool))}
+    method_fields = {
+        k: v
+        for k, v in sorted(vars(method_args).items())
+        if isinstance(v, (int, float, str, bool)) and k not in _NEITHER_STATE_NOR_TRAJECTORY
+    }
     return {
         "model": args.model,
         "dataset": args.dataset_name or [args.train_dir, args.validation_dir],
