@@ -25,6 +25,8 @@ METRIC_LABELS = {
     "masking_auc": ("masking_auc", "masking AUC, saliency order (0-10000, lower = more faithful)"),
     "masking_auc_random": ("masking_auc_random", "masking AUC, random order"),
     "faithfulness_gap": ("faithfulness_gap", "faithfulness gap (AUC_random - AUC_saliency) / AUC_random"),
+    "masking_auc_least": ("masking_auc_least", "masking AUC, least salient first (higher = more faithful)"),
+    "lerf_morf_gap": ("lerf_morf_gap", "LeRF - MoRF: (AUC_least - AUC_saliency) / AUC_random (higher = better)"),
     "deletion_auc": ("deletion_auc", "RISE deletion AUC (lower = better)"),
     "insertion_auc": ("insertion_auc", "RISE insertion AUC (higher = better)"),
     "sparseness": ("sparseness", "saliency sparseness (Gini)"),
