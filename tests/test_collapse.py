@@ -91,6 +91,7 @@ def _train_digits(method: str, seed: int, **method_args) -> tuple[float, int]:
     return accuracy(model, loader), live
 
 
+@pytest.mark.slow  # ~70 s on 2 cores; CI runs it (.ci/run: make test-slow)
 def test_real_digits__no_seed_loses_features_the_baseline_keeps():
     baseline_live = {}
     for seed in (0, 1):
