@@ -5,7 +5,7 @@
 # outputs/published/efficientnet_lite0-tiny-imagenet-10-METHOD, the folder that
 # `python -m sd_plugin push outputs/published/... --repo-id USER/NAME` uploads.
 #
-#     bash benchmarks/publish_finetuned.sh [METHOD]      # ~10 minutes on 2 CPU cores
+#     bash benchmarks/publish_finetuned.sh [METHOD]      # ~15 minutes on 2 CPU cores
 #
 # Needs models/efficientnet_lite0 (python -m sd_plugin convert-efficientnet-lite0 models/efficientnet_lite0)
 # and data/tiny-imagenet-10 (python benchmarks/natural_images.py tiny-imagenet --output data/tiny-imagenet-10
