@@ -416,3 +416,15 @@ def test_readme__saliency_maps_from_python_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "saliency.png").stat().st_size > 0
+
+
+def test_masking_curves__one_pass_equals_each_order_alone():
+    """MoRF and LeRF share one saliency pass per batch and give the curves of separate calls."""
+    from sd_plugin.evaluation.masking_curve import masking_curves
+
+    model, data = small_cnn(), loader(n=20)
+    percentages = [0, 20, 50, 80, 100]
+    together = masking_curves(model, data, ("saliency", "least_salient", "random"), percentages, fill="random")
+    for order, curve in together.items():
+        alone = masking_curve(model, data, percentages=percentages, order=order, fill="random")
+        assert curve.accuracy == alone.accuracy, order

@@ -32,6 +32,7 @@ from .saliency import input_gradients
 
 __all__ = [
     "ORDERS",
+    "masking_curves",
     "spread_subset",
     "DEFAULT_PERCENTAGES",
     "MaskingCurve",
@@ -190,17 +191,48 @@ def masking_curve(
             ``"smoothgrad"`` (Captum).
         progress: show a progress bar over batches.
     """
+    curves = masking_curves(
+        model, dataloader, (order,), percentages, fill, max_batch_size, device, seed, max_images, attribution, progress
+    )
+    return curves[order]
+
+
+@torch.no_grad()
+def masking_curves(
+    model: nn.Module | LogitsFn,
+    dataloader: Iterable,
+    orders: Iterable[str] = ("saliency", "least_salient"),
+    percentages: Iterable[float] = DEFAULT_PERCENTAGES,
+    fill: str = "mean",
+    max_batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    max_images: int | None = None,
+    attribution: str = "gradient",
+    progress: bool = False,
+) -> dict[str, MaskingCurve]:
+    """``masking_curve`` for several ``orders`` in one pass over the data: ``{order: curve}``.
+
+    The saliency map of a batch is computed once and ranks the pixels for both ``"saliency"``
+    (MoRF) and ``"least_salient"`` (LeRF); each order has its own generator seeded with ``seed``,
+    so every curve equals the one ``masking_curve`` gives for that order alone (for the
+    ``"gradient"`` attribution).
+    """
+    orders = tuple(orders)
     percentages = _validate_percentages(percentages)
-    if order not in ORDERS:
-        raise ValueError(f"order={order!r} is not supported; use one of {ORDERS}.")
+    for order in orders:
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r} is not supported; use one of {ORDERS}.")
     if fill not in MASK_FILLS:
         raise ValueError(f"fill={fill!r} is not supported; use one of {MASK_FILLS}.")
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"attribution={attribution!r} is not supported; use one of {ATTRIBUTIONS}.")
-    forward, device, generator = prepare_for_evaluation(model, device, seed)
-    correct = torch.zeros(len(percentages), dtype=torch.long, device=device)
+    forward, device, _ = prepare_for_evaluation(model, device, seed)
+    generators = {order: torch.Generator(device=device).manual_seed(seed) for order in orders}
+    correct = {order: torch.zeros(len(percentages), dtype=torch.long, device=device) for order in orders}
+    ranked = [order for order in orders if order != "random"]  # orders that read the saliency map
     seen = 0
-    for batch in _maybe_progress(dataloader, progress, f"masking curve ({order})"):
+    for batch in _maybe_progress(dataloader, progress, f"masking curve ({', '.join(orders)})"):
         images, labels = unpack_batch(batch)
         if max_images is not None:
             remaining = max_images - seen
@@ -208,22 +240,29 @@ def masking_curve(
                 break
             images, labels = images[:remaining], labels[:remaining]
         images, labels = images.to(device), labels.to(device)
-        clean_logits = None
-        if order != "random" and attribution == "gradient":
+        clean_logits, saliency = None, None
+        if ranked and attribution == "gradient":
             grad, clean_logits = input_gradients(forward, images, labels)  # the clean forward comes free
-            scores = pixel_saliency(grad)
-        else:
-            scores = saliency_maps(forward, images, labels, attribution if order != "random" else "random", generator)
-        if order == "least_salient":
-            scores = -scores
-        correct += _batch_correct(
-            forward, images, labels, scores, percentages, fill, max_batch_size, generator, clean_logits
-        )
+            saliency = pixel_saliency(grad)
+        elif ranked:
+            saliency = saliency_maps(forward, images, labels, attribution, generators[ranked[0]])
+        for order in orders:
+            if order == "random":
+                scores = saliency_maps(forward, images, labels, "random", generators[order])
+            else:
+                scores = -saliency if order == "least_salient" else saliency
+            correct[order] += _batch_correct(
+                forward, images, labels, scores, percentages, fill, max_batch_size, generators[order], clean_logits
+            )
         seen += images.shape[0]
     if seen == 0:
         raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
-    accuracy = (correct.double() * 100.0 / seen).tolist()
-    return MaskingCurve(percentages, accuracy, order=order, fill=fill, num_images=seen)
+    return {
+        order: MaskingCurve(
+            percentages, (correct[order].double() * 100.0 / seen).tolist(), order=order, fill=fill, num_images=seen
+        )
+        for order in orders
+    }
 
 
 SUBSET_SEED = 1234

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..collapse import live_feature_fraction
 from .attribution import saliency_maps
 from .deletion_insertion import deletion_insertion
-from .masking_curve import DEFAULT_PERCENTAGES, faithfulness_gap, masking_curve, unpack_batch
+from .masking_curve import DEFAULT_PERCENTAGES, faithfulness_gap, masking_curve, masking_curves, unpack_batch
 from .model_fn import prepare_for_evaluation
 from .representation import effective_rank
 from .sparseness import sparseness
@@ -99,9 +99,12 @@ def evaluate_model(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size)
     common = dict(max_images=max_images, seed=seed, progress=progress)
-    by_saliency = masking_curve(model, loader, percentages, "saliency", fill, attribution=attribution, **common)
+    # MoRF and LeRF rank the pixels by one saliency pass per batch
+    ranked = masking_curves(
+        model, loader, ("saliency", "least_salient"), percentages, fill, attribution=attribution, **common
+    )
+    by_saliency, by_least = ranked["saliency"], ranked["least_salient"]
     by_random = masking_curve(model, loader, percentages, "random", fill, **common)
-    by_least = masking_curve(model, loader, percentages, "least_salient", fill, attribution=attribution, **common)
     rise = deletion_insertion(model, loader, steps=deletion_steps, attribution=attribution, **common)
     images, labels = first_images(dataset, min(sparseness_images, len(dataset)))
     device = next(model.parameters()).device
