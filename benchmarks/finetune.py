@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,6 +40,7 @@ from reproduce import MAIN_METHODS, fmt, live, paired_runs, run_key, summarize  
 
 from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer  # noqa: E402
 from sd_plugin.data import IMAGE_EXTENSIONS, folder_classes  # noqa: E402
+from sd_plugin.evaluation.masking_curve import random_subset  # noqa: E402
 from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
 from sd_plugin.loading import load_for_finetuning  # noqa: E402
 
@@ -181,14 +182,9 @@ def train_one(config: dict, seed: int, model_name: str, classes, train, hyper: d
     return model.eval(), seconds
 
 
-def metric_subset(evaluation, count: int) -> Subset:
-    """A fixed seeded random subset spread over the whole split (the same images for every model)."""
-    order = torch.randperm(len(evaluation), generator=torch.Generator().manual_seed(1234))
-    return Subset(evaluation, sorted(order[: min(count, len(evaluation))].tolist()))
-
-
 def evaluate(model, evaluation, metric_images: int, batch_size: int) -> dict:
-    metrics = evaluate_model(model, metric_subset(evaluation, metric_images), batch_size=batch_size)
+    # a fixed seeded random subset spread over the whole split: the same images for every model
+    metrics = evaluate_model(model, random_subset(evaluation, metric_images), batch_size=batch_size)
     metrics.pop("curves", None)
     metrics["accuracy_subset"] = metrics["accuracy"]
     metrics["accuracy"] = accuracy(model, DataLoader(evaluation, batch_size=batch_size))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from ..masking import MASK_FILLS, fill_values, pixel_saliency
 from .attribution import ATTRIBUTIONS, saliency_maps
@@ -33,6 +34,7 @@ from .saliency import input_gradients
 __all__ = [
     "ORDERS",
     "masking_curves",
+    "random_subset",
     "spread_subset",
     "DEFAULT_PERCENTAGES",
     "MaskingCurve",
@@ -268,6 +270,14 @@ def masking_curves(
 SUBSET_SEED = 1234
 
 
+def random_subset(dataset: Dataset, count: int, seed: int = SUBSET_SEED) -> Dataset:
+    """``count`` items of ``dataset`` drawn at random (``seed``), in dataset order; all of it if smaller."""
+    from torch.utils.data import Subset
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, sorted(order[: min(count, len(dataset))].tolist()))
+
+
 def spread_subset(dataloader: Iterable, count: int, seed: int = SUBSET_SEED) -> Iterable:
     """A loader over ``count`` images drawn at random (``seed``) from ``dataloader``'s whole dataset.
 
@@ -281,17 +291,15 @@ def spread_subset(dataloader: Iterable, count: int, seed: int = SUBSET_SEED) -> 
         >>> len(labels), sorted(set(labels.tolist()))
         (10, [0, 1])
     """
-    from torch.utils.data import DataLoader, IterableDataset, Subset
+    from torch.utils.data import DataLoader, IterableDataset
 
     dataset = getattr(dataloader, "dataset", None)
     if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
         return dataloader
     if len(dataset) <= count:
         return dataloader
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    indices = sorted(order[:count].tolist())
     return DataLoader(
-        Subset(dataset, indices),
+        random_subset(dataset, count, seed),
         batch_size=getattr(dataloader, "batch_size", None) or 64,
         collate_fn=getattr(dataloader, "collate_fn", None),
         num_workers=getattr(dataloader, "num_workers", 0),
