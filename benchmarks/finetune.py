@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reproduce import MAIN_METHODS, fmt, live, paired_runs, run_key, summarize  # noqa: E402
+from reproduce import MAIN_METHODS, benchmark_config, fmt, live, paired_runs, run_key, summarize  # noqa: E402
 
-from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer  # noqa: E402
+from sd_plugin import SaliencyDecorTrainer  # noqa: E402
 from sd_plugin.data import IMAGE_EXTENSIONS, folder_classes  # noqa: E402
 from sd_plugin.evaluation.masking_curve import random_subset  # noqa: E402
 from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
@@ -153,9 +153,9 @@ def build_model(name: str, classes: list[str], seed: int, image_size: int):
 def train_one(config: dict, seed: int, model_name: str, classes, train, hyper: dict, workdir: str, save_to=None):
     model = build_model(model_name, classes, seed, hyper["image_size"])
     train.reseed(seed)
-    args = SaliencyDecorConfig(
-        output_dir=workdir,
-        seed=seed,
+    args = benchmark_config(
+        workdir,
+        seed,
         num_train_epochs=hyper["epochs"],
         per_device_train_batch_size=hyper["batch_size"],
         learning_rate=hyper["learning_rate"],
@@ -163,14 +163,7 @@ def train_one(config: dict, seed: int, model_name: str, classes, train, hyper: d
         warmup_steps=hyper["warmup_steps"],
         lr_scheduler_type="cosine",
         logging_steps=50,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        log_level="error",
-        use_cpu=not torch.cuda.is_available(),
         bf16=hyper["bf16"],
-        dataloader_drop_last=True,
-        dataloader_num_workers=0,
         **config,
     )
     trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=train)
@@ -224,28 +217,21 @@ def table(entries: dict[str, dict]) -> list[str]:
 
 
 def comparisons(results: dict) -> list[str]:
-    """Per-seed paired tests: SaliencyDecor (and each variant) against the baseline and SGT."""
+    """Per-seed paired tests: SaliencyDecor, decor and each variant against baseline and SGT; SGT against baseline."""
     runs = {name: entry["runs"] for name, entry in {**results["main"], **results["variants"]}.items()}
+    candidates = [m for m in ("saliencydecor", "decor") if m in runs] + list(results["variants"])
+    pairs = [(name, reference) for name in candidates for reference in ("baseline", "sgt")] + [("sgt", "baseline")]
     lines = []
-    for name in [m for m in ("saliencydecor", "decor") if m in runs] + list(results["variants"]):
-        for reference in ("baseline", "sgt"):
-            if reference not in runs:
-                continue
-            tests = [
-                f"{label}: {test}"
-                for key, label in COMPARED_KEYS
-                if (test := paired_runs(name, runs[name], reference, runs[reference], key))
-            ]
-            if tests:
-                lines.append(f"- **{name} vs {reference}**: " + "; ".join(tests) + ".")
-    if "sgt" in runs and "baseline" in runs:
+    for name, reference in pairs:
+        if name not in runs or reference not in runs:
+            continue
         tests = [
             f"{label}: {test}"
             for key, label in COMPARED_KEYS
-            if (test := paired_runs("sgt", runs["sgt"], "baseline", runs["baseline"], key))
+            if (test := paired_runs(name, runs[name], reference, runs[reference], key))
         ]
         if tests:
-            lines.append("- **sgt vs baseline**: " + "; ".join(tests) + ".")
+            lines.append(f"- **{name} vs {reference}**: " + "; ".join(tests) + ".")
     return lines
 
 

@@ -79,12 +79,27 @@ def load_data(name: str, quick: bool):
     return train, test
 
 
+def benchmark_config(workdir: str, seed: int, **settings) -> SaliencyDecorConfig:
+    """Trainer arguments of a benchmark run: no checkpoints, reports or progress bars, full batches only."""
+    return SaliencyDecorConfig(
+        output_dir=workdir,
+        seed=seed,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        log_level="error",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_drop_last=True,
+        **settings,
+    )
+
+
 def train_one(config: dict, seed: int, train, epochs: int, workdir: str):
     torch.manual_seed(seed)
     model = PaperCNN.mnist()
-    args = SaliencyDecorConfig(
-        output_dir=workdir,
-        seed=seed,
+    args = benchmark_config(
+        workdir,
+        seed,
         num_train_epochs=epochs,
         per_device_train_batch_size=128,
         learning_rate=0.01,
@@ -93,12 +108,6 @@ def train_one(config: dict, seed: int, train, epochs: int, workdir: str):
         weight_decay=5e-4,
         lr_scheduler_type="cosine",
         logging_steps=100,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        log_level="error",
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_drop_last=True,
         **config,
     )
     trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=train)
