@@ -11,10 +11,6 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-import torch
-
-from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
-
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_FILES = ("sd_plugin/py.typed", "sd_plugin/hub/model_card.md")
 
@@ -29,24 +25,9 @@ def build(kind: str, directory: Path) -> Path:
 
 
 def trained_folder(tmp_path: Path) -> Path:
-    import tiny_models
+    from test_hub import train  # the tiny trained model the export tests use
 
-    model = tiny_models.build("hf_resnet", tmp_path)
-    g = torch.Generator().manual_seed(0)
-    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(32)]
-    args = SaliencyDecorConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=1,
-        per_device_train_batch_size=16,
-        group_size=8,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
-    trainer.train()
-    trainer.save_model()
+    train("hf_resnet", tmp_path, steps=1).save_model()
     return tmp_path / "run"
 
 
