@@ -463,21 +463,10 @@ def _save_final(
         base_model=args.model if "/" in args.model and not Path(args.model).exists() else None,
         training_command=command,
         metadata=metadata,
+        # the preprocessing the model was trained with: the source folder's processor config
+        preprocessing_from=args.model.removeprefix("local-dir:"),
     )
-    _copy_preprocessing(args.model, folder)
     if args.push_to_hub:
         from .hub import push
 
         print("pushed:", push(folder, args.hub_model_id, private=args.hub_private_repo))
-
-
-def _copy_preprocessing(source: str, folder: Path) -> None:
-    """The source model folder's ``preprocessor_config.json`` travels with the trained model.
-
-    It holds the preprocessing the model was trained with (the recipes read it through
-    ``image_transform``), and the card's usage loads it with ``AutoImageProcessor``. timm models
-    carry theirs in ``config.json``'s ``pretrained_cfg``.
-    """
-    config = Path(source.removeprefix("local-dir:")) / "preprocessor_config.json"
-    if config.is_file() and not (folder / "preprocessor_config.json").is_file():
-        shutil.copy2(config, folder / "preprocessor_config.json")

@@ -180,6 +180,7 @@ def export(
     model_name: str | None = None,
     training_command: str | None = None,
     metadata: dict[str, Any] | None = None,
+    preprocessing_from: str | Path | None = None,
 ) -> Path:
     """Write an exportable checkpoint folder with its model card; returns the folder.
 
@@ -191,6 +192,8 @@ def export(
             the others are shown as comparisons; its figures are copied) or a dict of metrics.
         datasets, base_model, model_name, training_command: model card metadata.
         metadata: method settings to record (default: those the source carries).
+        preprocessing_from: a folder whose ``preprocessor_config.json`` goes with the model when the
+            source carries none (e.g. the pretrained model a recipe started from).
     """
     path = Path(path)
     _prepare_target(path, overwrite)
@@ -208,7 +211,7 @@ def export(
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         _write_weights(exported, library, staging, metadata, source_dir)
-        _save_processor(processor, source_dir, staging)
+        _save_processor(processor, source_dir or (Path(preprocessing_from) if preprocessing_from else None), staging)
         figures = []
         for figure in figure_paths:
             if figure.is_file():
