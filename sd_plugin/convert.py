@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import write_timm_config
+
 __all__ = [
     "WHEEL_REQUIREMENT",
     "WHEEL_MEMBER",
@@ -128,16 +130,7 @@ def save_timm_folder(model: nn.Module, directory: str | Path) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("url", "hf_hub_id", "file")}
-    config = {
-        "architecture": model.pretrained_cfg["architecture"],
-        "num_classes": model.num_classes,
-        "num_features": model.num_features,
-        "global_pool": "avg",
-        "label_names": _imagenet_labels(),
-        "pretrained_cfg": pretrained_cfg,
-    }
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    write_timm_config(model, directory, global_pool="avg", label_names=_imagenet_labels())
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory

@@ -1,11 +1,10 @@
 """Load an image classifier from a Hub id or a local folder, with its SaliencyDecor state.
 
-Folders written by ``SaliencyDecorTrainer`` (``save_pretrained`` for transformers models,
-``model.safetensors`` + timm ``config.json`` for timm models) carry the running whitening
-statistics and a ``saliency_decor.json``; when whitened features fed the head during
-training, ``load_classifier`` re-attaches the whitening so the logits are the trained
-model's. Exported folders (``sd_plugin.hub.export``) have it folded into the head instead
-and load with plain timm / transformers.
+Folders written by ``SaliencyDecorTrainer`` and by ``sd_plugin.hub.export`` hold the plain
+model (``sd_plugin.checkpoint``: whitening folded into the head when it fed the head), so
+they load with plain timm / transformers too. ``load_classifier`` also reads folders whose
+head could not absorb the whitening, and those of sd_plugin 0.1.0, by re-attaching the
+trained whitening so the logits are the trained model's.
 """
 
 from __future__ import annotations
@@ -17,10 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .feature_tap import WHITENING_MODULE_NAME
+from .checkpoint import (
+    METADATA_FILE,
+    WEIGHT_FILES,
+    WHITENING_FILE,
+    is_whitening_key,
+    read_metadata,
+    read_whitening_buffers,
+    weights_fingerprint,
+)
 
 __all__ = [
     "METADATA_FILE",
+    "WEIGHT_FILES",
     "WHITENING_FILE",
     "weights_fingerprint",
     "load_classifier",
@@ -28,37 +36,6 @@ __all__ = [
     "restore_whitening",
     "read_metadata",
 ]
-
-METADATA_FILE = "saliency_decor.json"
-WHITENING_FILE = "saliency_decor_whitening.safetensors"
-_WHITENING_PREFIX = WHITENING_MODULE_NAME + "."
-
-
-WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
-
-
-def weights_fingerprint(directory: str | Path) -> str | None:
-    """SHA-256 of a model folder's weight file (safetensors, adapter or shard index), or None.
-
-    Ties an evaluation to the weights it scored, wherever the folder is moved or copied.
-    """
-    import hashlib
-
-    for name in WEIGHT_FILES:
-        path = Path(directory) / name
-        if path.is_file():
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            return digest.hexdigest()
-    return None
-
-
-def read_metadata(directory: str | Path) -> dict[str, Any] | None:
-    """The ``saliency_decor.json`` of a folder, or None."""
-    path = Path(directory) / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _read_config(directory: Path) -> dict[str, Any] | None:
@@ -85,7 +62,7 @@ def _load_timm_folder(directory: Path, config: dict[str, Any]) -> nn.Module:
     model_args = dict(config.get("model_args") or {})
     model_args.setdefault("num_classes", config.get("num_classes"))
     model = timm.create_model(config["architecture"], pretrained=False, **model_args)
-    state = {k: v for k, v in _load_state_dict(directory).items() if not k.startswith(_WHITENING_PREFIX)}
+    state = {k: v for k, v in _load_state_dict(directory).items() if not is_whitening_key(k)}
     model.load_state_dict(state, strict=True)
     pretrained_cfg = config.get("pretrained_cfg")
     if isinstance(pretrained_cfg, dict):
@@ -113,7 +90,7 @@ def load_classifier(name_or_path: str | Path, **kwargs: Any) -> nn.Module:
             from .models import PaperCNN
 
             model = PaperCNN.from_config(config)
-            state = {k: v for k, v in _load_state_dict(path).items() if not k.startswith(_WHITENING_PREFIX)}
+            state = {k: v for k, v in _load_state_dict(path).items() if not is_whitening_key(k)}
             model.load_state_dict(state, strict=True)
         elif _is_timm_config(config):
             model = _load_timm_folder(path, config)
@@ -155,8 +132,6 @@ def restore_whitening(model: nn.Module, directory: str | Path) -> bool:
             f"{directory} was trained with whitened head inputs but has no {WHITENING_FILE}; "
             "the logits cannot be reproduced without it."
         )
-    from safetensors.torch import load_file
-
     from .features import adapt
 
     adapter = adapt(model, feature_layer=metadata.get("feature_layer"))
@@ -166,7 +141,7 @@ def restore_whitening(model: nn.Module, directory: str | Path) -> bool:
         shrinkage=float(metadata.get("whitening_shrinkage", 0.01)),
         method=str(metadata.get("whitening_method", "eigh")),
     )
-    whitening.load_state_dict(load_file(str(whitening_path)))
+    whitening.load_state_dict(read_whitening_buffers(directory))
     whitening.eval()
     return True
 

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import os
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -36,10 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
+from . import checkpoint
 from .collapse import CollapseMonitor
 from .config import SaliencyDecorConfig
 from .features import ModelAdapter, adapt
-from .loading import METADATA_FILE, WHITENING_FILE
 from .loss import SaliencyDecorLoss, SaliencyDecorOutput
 
 __all__ = ["SaliencyDecorTrainer"]
@@ -90,6 +91,7 @@ class SaliencyDecorTrainer(Trainer):
         self._sd_metrics: dict[str, list[Tensor]] = defaultdict(list)
         self._collapse_monitor = CollapseMonitor()
         self._eval_counts: Tensor | None = None  # (correct, total) during an evaluation loop
+        self._warned_unfolded = False
 
     # -- data -------------------------------------------------------------------------
 
@@ -144,28 +146,42 @@ class SaliencyDecorTrainer(Trainer):
     # -- checkpoints ------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save as ``Trainer`` does, plus the whitening buffers and ``saliency_decor.json``.
+        """Save the plain model as ``Trainer`` does, plus the SaliencyDecor state (``sd_plugin.checkpoint``).
 
-        PEFT checkpoints hold only the adapter, so the separate whitening file is what
-        carries the running statistics for them; timm models also get timm's config.json.
+        The weight file loads with plain transformers / timm / PEFT and gives the trained
+        model's logits (a whitening that fed the head is folded into it); the whitening's
+        running statistics and the unfolded head go to ``saliency_decor_whitening.safetensors``,
+        from which resuming restores them. timm models also get timm's ``config.json``.
         """
-        super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        split = checkpoint.split_state_dict(model, state_dict)
+        self._warn_if_unfolded(split)
+        super()._save(output_dir, split.plain)
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        whitening = self.sd_adapter.whitening
-        if whitening is not None:
-            from safetensors.torch import save_file
-
-            tensors = {name: buffer.detach().cpu().contiguous() for name, buffer in whitening.state_dict().items()}
-            save_file(tensors, os.path.join(output_dir, WHITENING_FILE), metadata={"format": "pt"})
-        with open(os.path.join(output_dir, METADATA_FILE), "w") as handle:
-            json.dump(self.saliency_decor_metadata(), handle, indent=2)
+        checkpoint.save_training_state(output_dir, split.training_only)
+        checkpoint.write_metadata(
+            output_dir, {**self.saliency_decor_metadata(), "whitening_folded_into_head": split.head_folded}
+        )
         if self.sd_adapter.library == "timm" and not self._is_peft():
-            _write_timm_config(self.sd_adapter.base_model, output_dir)
+            checkpoint.write_timm_config(self.sd_adapter.base_model, output_dir)
         elif hasattr(self.sd_adapter.base_model, "config_dict"):  # sd_plugin.PaperCNN
             with open(os.path.join(output_dir, "config.json"), "w") as handle:
                 json.dump(self.sd_adapter.base_model.config_dict(), handle, indent=2)
+
+    def _warn_if_unfolded(self, split: checkpoint.SplitState) -> None:
+        whitening = self.sd_adapter.whitening
+        if whitening is None or not whitening.feeds_head or split.head_folded or self._warned_unfolded:
+            return
+        self._warned_unfolded = True
+        warnings.warn(
+            f"the whitening feeds head {self.sd_adapter.head_name!r}, which cannot absorb it (not a Linear with a "
+            "bias in the saved weights): saved folders give the trained logits only through "
+            "sd_plugin.loading.load_classifier, not plain from_pretrained. Train with whiten_head_input=False "
+            "for a plain checkpoint.",
+            stacklevel=3,
+        )
 
     def _is_peft(self) -> bool:
         return self.sd_adapter.model is not self.sd_adapter.base_model
@@ -189,12 +205,16 @@ class SaliencyDecorTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, WHITENING_FILE)
-        whitening = self.sd_adapter.whitening
-        if whitening is not None and os.path.isfile(path):
-            from safetensors.torch import load_file
+        checkpoint.restore_training_state(self.sd_adapter.model, resume_from_checkpoint)
 
-            whitening.load_state_dict(load_file(path, device=str(whitening.running_cov.device)))
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        checkpoint.restore_training_state(self.sd_adapter.model, self.state.best_model_checkpoint)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The whitening's buffers are missing from the weight file by design (they are restored after)."""
+        missing = [key for key in load_result.missing_keys if not checkpoint.is_whitening_key(key)]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     # -- publishing -------------------------------------------------------------------
 
@@ -315,30 +335,3 @@ def _example_inputs(dataset: Any) -> Tensor | None:
     except Exception:  # noqa: BLE001 - any dataset without a usable first item: fall back to the config
         return None
     return pixels.unsqueeze(0) if pixels.dim() == 3 and pixels.is_floating_point() else None
-
-
-def _write_timm_config(model: nn.Module, output_dir: str) -> None:
-    """timm's ``config.json`` (architecture, classes, pretrained_cfg) so the folder reloads."""
-    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    architecture = pretrained_cfg.get("architecture")
-    if not architecture:
-        return
-    config = {
-        "architecture": architecture,
-        "num_classes": getattr(model, "num_classes", None),
-        "num_features": getattr(model, "num_features", None),
-        "pretrained_cfg": {k: v for k, v in pretrained_cfg.items() if _json_safe(v)},
-    }
-    model_args = getattr(model, "sd_plugin_model_args", None)
-    if model_args:
-        config["model_args"] = model_args
-    with open(os.path.join(output_dir, "config.json"), "w") as handle:
-        json.dump(config, handle, indent=2)
-
-
-def _json_safe(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True

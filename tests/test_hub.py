@@ -34,7 +34,7 @@ torch.save(logits.detach(), out)
 """
 
 
-def train(family, tmp_path, method="saliencydecor", steps=3):
+def train(family, tmp_path, method="saliencydecor", steps=3, whiten_head_input=None):
     model = tiny_models.build(family, tmp_path)
     if family in ("timm_vit",):
         model.sd_plugin_model_args = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
@@ -51,7 +51,8 @@ def train(family, tmp_path, method="saliencydecor", steps=3):
         save_strategy="no",
         disable_tqdm=True,
         learning_rate=1e-2,
-        whiten_head_input=None,  # the paper's rule: CNN heads read whitened features, folded on export
+        # None: the paper's rule, CNN heads read whitened features (folded on export)
+        whiten_head_input=whiten_head_input,
     )
     trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
@@ -123,6 +124,37 @@ def test_export__from_trainer_output_folder(tmp_path):
         expected = trainer.sd_adapter.logits(trainer.model.eval(), x)
     folder = export(tmp_path / "run", tmp_path / "exported")
     logits = load_in_fresh_process("transformers", folder, x, tmp_path)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["timm_resnet", "hf_resnet", "peft_hf_vit"])
+def test_save_model__whitened_head_folder_loads_as_the_trained_model_with_plain_libraries(tmp_path, family):
+    # (PEFT on a BatchNorm model cannot be compared: an adapter folder never holds the base's BN statistics.)
+    trainer = train(family, tmp_path, whiten_head_input=True)
+    assert trainer.sd_adapter.whitening.feeds_head
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = trainer.sd_adapter.logits(trainer.model.eval(), x)
+    trainer.save_model()
+    folder = tmp_path / "run"
+    assert json.loads((folder / "saliency_decor.json").read_text())["whitening_folded_into_head"] is True
+    if family == "peft_hf_vit":
+        from peft import PeftModel
+        from transformers import AutoModelForImageClassification
+
+        base = AutoModelForImageClassification.from_pretrained(tmp_path / family)
+        with torch.no_grad():
+            logits = PeftModel.from_pretrained(base, str(folder)).eval()(pixel_values=x).logits
+    else:
+        from safetensors.torch import load_file
+
+        assert not any("saliency_decor" in key for key in load_file(folder / "model.safetensors"))
+        logits = load_in_fresh_process("timm" if family == "timm_resnet" else "transformers", folder, x, tmp_path)
+        from sd_plugin.loading import load_classifier
+
+        with torch.no_grad():
+            packaged = trainer.sd_adapter.logits(load_classifier(folder), x)
+        torch.testing.assert_close(packaged, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -141,8 +141,16 @@ def test_gradient_accumulation__2x_half_batch_equals_1x_full_batch(tmp_path):
     assert half_loss == pytest.approx(full_loss, rel=1e-4)
 
 
-def test_resume_from_checkpoint__continues_exactly(tmp_path):
-    common = dict(max_steps=4, mask_fill="mean", save_strategy="steps", save_steps=2, learning_rate=1e-2)
+@pytest.mark.parametrize("whiten_head_input", [False, True])
+def test_resume_from_checkpoint__continues_exactly(tmp_path, whiten_head_input):
+    common = dict(
+        max_steps=4,
+        mask_fill="mean",
+        save_strategy="steps",
+        save_steps=2,
+        learning_rate=1e-2,
+        whiten_head_input=whiten_head_input,
+    )
     model = tiny_models.build("timm_resnet", tmp_path)
     trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path, **common), train_dataset=dataset(n=64))
     trainer.train()
@@ -151,7 +159,11 @@ def test_resume_from_checkpoint__continues_exactly(tmp_path):
     assert (checkpoint / "model.safetensors").is_file()  # timm models have no .config: still safetensors
     from safetensors.torch import load_file
 
-    assert "saliency_decor_whitening.running_cov" in load_file(checkpoint / "model.safetensors")
+    # The weight file is the plain model (timm loads it); the whitening state is beside it.
+    assert not any("saliency_decor" in key for key in load_file(checkpoint / "model.safetensors"))
+    training_state = load_file(checkpoint / "saliency_decor_whitening.safetensors")
+    assert "whitening.running_cov" in training_state
+    assert ("unfolded_head.weight" in training_state) is whiten_head_input
 
     resumed_model = tiny_models.build("timm_resnet", tmp_path, seed=1)
     args = config(tmp_path, **{**common, "output_dir": str(tmp_path / "resumed")})
@@ -162,6 +174,29 @@ def test_resume_from_checkpoint__continues_exactly(tmp_path):
     torch.testing.assert_close(
         resumed_model.saliency_decor_whitening.running_cov, model.saliency_decor_whitening.running_cov
     )
+
+
+def test_load_best_model_at_end__whitened_head_is_the_best_checkpoint(tmp_path):
+    import timm
+
+    args = config(
+        tmp_path,
+        max_steps=4,
+        whiten_head_input=True,
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )
+    model = tiny_models.build("timm_resnet", tmp_path)
+    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=dataset(n=64), eval_dataset=dataset(1))
+    trainer.train()
+    best = timm.create_model(f"local-dir:{trainer.state.best_model_checkpoint}", pretrained=True).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), best(x), rtol=1e-4, atol=1e-4)
 
 
 def test_resume_from_checkpoint__peft_restores_whitening_statistics(tmp_path):

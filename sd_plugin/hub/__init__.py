@@ -1,8 +1,8 @@
 """Publishing: export with zero inference overhead, model cards, push to the Hub."""
 
+from ..folding import fold_whitening_into_head
 from .card import render_model_card
 from .export import export
-from .folding import fold_whitening_into_head
 from .push import PushError, push, validate_repo_id
 
 __all__ = ["PushError", "export", "fold_whitening_into_head", "push", "render_model_card", "validate_repo_id"]

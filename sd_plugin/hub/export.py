@@ -26,10 +26,11 @@ from typing import Any
 
 from torch import nn
 
+from ..checkpoint import read_metadata, weights_fingerprint, write_metadata
 from ..features import _is_peft, library_of, unwrap_model
-from ..loading import METADATA_FILE, load_classifier, read_metadata, restore_whitening
+from ..folding import find_whitening, fold_whitening_into_head
+from ..loading import load_classifier, restore_whitening
 from .card import render_model_card
-from .folding import find_whitening, fold_whitening_into_head
 
 __all__ = ["export", "REPO_ID_PLACEHOLDER"]
 
@@ -158,8 +159,6 @@ def _check_evaluation_is_of(metrics: dict | None, source_dir: Path | None, evalu
     """
     if metrics is None or source_dir is None or not metrics.get("weights_sha256"):
         return
-    from ..loading import weights_fingerprint
-
     here = weights_fingerprint(source_dir)
     if here is not None and here != metrics["weights_sha256"]:
         raise ValueError(
@@ -202,7 +201,8 @@ def export(
     exported = copy.deepcopy(model).cpu().eval()
     if _is_peft(exported) and merge_adapter:
         exported = exported.merge_and_unload()
-    folded = fold_whitening_into_head(exported)
+    # A trainer folder already holds the folded head (sd_plugin.checkpoint): say so again.
+    folded = fold_whitening_into_head(exported) or bool(metadata.get("whitening_folded_into_head"))
     base = unwrap_model(exported)
     library = library_of(base)
     metrics, comparisons, figure_paths, dataset_name, eval_command = _read_evaluation(evaluation)
@@ -219,7 +219,7 @@ def export(
                 shutil.copy2(figure, staging / "figures" / figure.name)
                 figures.append(f"figures/{figure.name}")
         card_metadata = {**metadata, "whitening_folded_into_head": folded, "exported_library": library}
-        (staging / METADATA_FILE).write_text(json.dumps(card_metadata, indent=2, default=str))
+        write_metadata(staging, card_metadata)
         base_model = base_model or getattr(getattr(base, "config", None), "_name_or_path", None) or None
         if base_model and Path(str(base_model)).exists():
             base_model = None  # a local path is not a Hub id
