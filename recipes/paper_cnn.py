@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from transformers import HfArgumentParser
 
-from sd_plugin.config import method_arguments_class
+from sd_plugin.arguments import SaliencyDecorArguments
 from sd_plugin.data import (
     HFImageDataset,
     folder_classes,
@@ -93,7 +93,7 @@ def build_model(paper: PaperArguments, in_chans: int, image_size: int, num_class
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((PaperArguments, RecipeArguments, method_arguments_class()))
+    parser = HfArgumentParser((PaperArguments, RecipeArguments, SaliencyDecorArguments))
     parser.set_defaults(
         output_dir="outputs/paper_cnn",
         optimizer="sgd",

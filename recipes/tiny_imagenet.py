@@ -23,7 +23,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from transformers import HfArgumentParser
 
-from sd_plugin.config import method_arguments_class
+from sd_plugin.arguments import SaliencyDecorArguments
 from sd_plugin.data import HFImageDataset, folder_classes, image_folder_dataset, image_transform
 from sd_plugin.loading import load_for_finetuning
 from sd_plugin.loop import RecipeArguments, make_accelerator, train
@@ -94,7 +94,7 @@ def _processor_source(model: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((RecipeArguments, method_arguments_class()))
+    parser = HfArgumentParser((RecipeArguments, SaliencyDecorArguments))
     parser.set_defaults(output_dir="outputs/tiny_imagenet")
     args, method_args = parser.parse_args_into_dataclasses(args=argv)
     accelerator = make_accelerator(args)

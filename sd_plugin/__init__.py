@@ -1,11 +1,13 @@
 """SaliencyDecor training for the timm / Hugging Face fine-tuning stack."""
 
+from .arguments import SaliencyDecorArguments
 from .consistency import consistency_loss
 from .decorrelation import decorrelation_loss
 from .errors import NonFiniteLossError
 from .features import ModelAdapter, adapt
-from .loss import SaliencyDecorLoss, SaliencyDecorOutput
+from .loss import SaliencyDecorLoss
 from .masking import mask_least_salient
+from .training_step import SaliencyDecorOutput, SaliencyDecorStep
 from .whitening import GroupZCA
 
 __version__ = "0.1.0"
@@ -14,9 +16,11 @@ __all__ = [
     "GroupZCA",
     "ModelAdapter",
     "NonFiniteLossError",
+    "SaliencyDecorArguments",
     "SaliencyDecorConfig",
     "SaliencyDecorLoss",
     "SaliencyDecorOutput",
+    "SaliencyDecorStep",
     "SaliencyDecorTrainer",
     "adapt",
     "consistency_loss",

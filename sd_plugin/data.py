@@ -115,10 +115,10 @@ def image_transform(model: nn.Module, directory: str | Path | None = None) -> Ca
     otherwise: convert to the model's channel count, resize to its input size, scale to
     [-1, 1].
     """
-    from .features import _expected_channels, _is_timm_model, unwrap_model
+    from .features import expected_channels, is_timm_model, unwrap_model
 
     base = unwrap_model(model)
-    channels = _expected_channels(base) or 3
+    channels = expected_channels(base) or 3
     mode = "RGB" if channels == 3 else "L"
     if directory is not None and (Path(directory) / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
@@ -126,7 +126,7 @@ def image_transform(model: nn.Module, directory: str | Path | None = None) -> Ca
         processor = AutoImageProcessor.from_pretrained(str(directory))
         return lambda image: processor(image.convert(mode), return_tensors="pt")["pixel_values"][0]
     timm_model = getattr(base, "timm_model", base)
-    if _is_timm_model(timm_model):
+    if is_timm_model(timm_model):
         import timm.data
 
         config = timm.data.resolve_data_config(model=timm_model)
@@ -228,9 +228,9 @@ def load_eval_dataset(
 
 
 def _model_channels(model: nn.Module) -> int | None:
-    from .features import _expected_channels, unwrap_model
+    from .features import expected_channels, unwrap_model
 
-    return _expected_channels(unwrap_model(model))
+    return expected_channels(unwrap_model(model))
 
 
 def model_class_names(model: nn.Module) -> tuple[int | None, list[str] | None]:

@@ -29,7 +29,17 @@ from torch import Tensor, nn
 from .feature_tap import WHITENING_MODULE_NAME, FeatureTap
 from .whitening import GroupZCA
 
-__all__ = ["ModelAdapter", "adapt", "library_of", "unwrap_model"]
+__all__ = [
+    "ModelAdapter",
+    "adapt",
+    "expected_channels",
+    "extract_logits",
+    "is_peft",
+    "is_timm_model",
+    "is_transformers_model",
+    "library_of",
+    "unwrap_model",
+]
 
 _HEAD_ATTRIBUTES = ("classifier", "head", "fc", "last_linear")
 
@@ -43,18 +53,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif _is_peft(model):
+        elif is_peft(model):
             model = model.get_base_model()
         else:
             break
     return model
 
 
-def _is_peft(model: nn.Module) -> bool:
+def is_peft(model: nn.Module) -> bool:
     return type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model")
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
+def is_transformers_model(model: nn.Module) -> bool:
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -62,16 +72,16 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _is_timm_model(model: nn.Module) -> bool:
+def is_timm_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
 
 
 def library_of(model: nn.Module) -> str:
     """``"transformers"``, ``"timm"`` or ``"torch"``: which library's conventions ``model`` follows."""
     base = unwrap_model(model)
-    if _is_transformers_model(base):
+    if is_transformers_model(base):
         return "transformers"
-    if _is_timm_model(base):
+    if is_timm_model(base):
         return "timm"
     return "torch"
 
@@ -163,7 +173,7 @@ class ModelAdapter:
             output = model(pixel_values=pixel_values)
         else:
             output = model(pixel_values)
-        return _extract_logits(output)
+        return extract_logits(output)
 
     def forward_with_features(self, model: nn.Module, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and the penultimate features ``f`` (before any whitening)."""
@@ -242,7 +252,7 @@ class ModelAdapter:
         self.tap.remove()
 
 
-def _extract_logits(output: Any) -> Tensor:
+def extract_logits(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -306,7 +316,7 @@ def adapt(model: nn.Module, feature_layer: str | None = None, example_inputs: Te
         tap=tap,
         num_features=num_features,
         num_classes=num_classes,
-        in_channels=_expected_channels(base),
+        in_channels=expected_channels(base),
         is_transformer=_looks_like_transformer(base),
         library=library,
     )
@@ -319,7 +329,7 @@ def _head_in_features(head: nn.Module) -> int | None:
     return None
 
 
-def _expected_channels(base: nn.Module) -> int | None:
+def expected_channels(base: nn.Module) -> int | None:
     config = getattr(base, "config", None)
     channels = getattr(config, "num_channels", None)
     if isinstance(channels, int):
@@ -334,7 +344,7 @@ def _probe_input(base: nn.Module, example_inputs: Tensor | None = None) -> Tenso
         if reference is not None:
             x = x.to(reference.device, reference.dtype if reference.is_floating_point() else x.dtype)
         return x
-    channels = _expected_channels(base) or 3
+    channels = expected_channels(base) or 3
     size = 224
     config = getattr(base, "config", None)
     if isinstance(getattr(config, "image_size", None), int):
@@ -369,4 +379,4 @@ def _probe_sizes(
         raise ValueError(f"the forward pass never reached {tap.module_name!r}; check feature_layer.")
     features = int(tap.features.shape[1])
     tap.clear()
-    return features, int(_extract_logits(output).shape[-1])
+    return features, int(extract_logits(output).shape[-1])

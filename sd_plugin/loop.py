@@ -25,10 +25,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .arguments import EXECUTION_FIELDS, MaskingTestArguments, SaliencyDecorArguments
 from .collapse import CollapseMonitor
-from .config import loss_kwargs
+from .evaluation.masking_curve import masking_metrics_during_training
 from .features import adapt, unwrap_model
-from .loss import SaliencyDecorLoss
+from .meter import MetricMeter
+from .training_step import SaliencyDecorStep
 
 __all__ = ["RecipeArguments", "make_accelerator", "train", "apply_lora", "checkpoint_step"]
 
@@ -36,7 +38,7 @@ STATE_FILE = "recipe_state.json"
 
 
 @dataclass
-class RecipeArguments:
+class RecipeArguments(MaskingTestArguments):
     """Flags of the recipes (the transformers example names), besides the method fields."""
 
     model: str = field(
@@ -79,9 +81,6 @@ class RecipeArguments:
     report_to: str = field(default="all", metadata={"help": "Trackers (tensorboard, wandb, ...), or 'all'."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})  # noqa: UP045
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the validation set."})  # noqa: UP045
-    eval_masking_samples: int = field(
-        default=256, metadata={"help": "Images (a fixed random subset of the validation set) for the masking test."}
-    )
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the exported model at the end."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "user/name on the Hub."})  # noqa: UP045
@@ -96,7 +95,11 @@ class RecipeArguments:
     )
     save_adapter: bool = field(default=False, metadata={"help": "Save the LoRA adapter instead of merging it."})
 
+    def __post_init__(self) -> None:
+        MaskingTestArguments.validate(self)  # the rest when training starts (it may warn)
+
     def validate(self) -> None:
+        MaskingTestArguments.validate(self)
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1.")
         if self.checkpointing_steps not in (None, "epoch") and not str(self.checkpointing_steps).isdigit():
@@ -141,21 +144,18 @@ def make_accelerator(args: RecipeArguments) -> Any:
     )
 
 
-# Method fields a resume may change: checks and execution strategies with the same values.
-_NEITHER_STATE_NOR_TRAJECTORY = ("check_finite", "whitening_compile", "sync_whitening")
-
-
-def _run_identity(args: RecipeArguments, method_args: Any, num_processes: int) -> dict[str, Any]:
+def _run_identity(args: RecipeArguments, method_args: SaliencyDecorArguments, num_processes: int) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it: data, model, batch, seed and every method field.
 
     The method fields shape the state (``group_size`` the whitening buffers, ``method`` whether they
     exist) or the trajectory (``mask_ratio``, weights), so a resume under other values is refused
-    up front instead of failing on a tensor shape or silently training another objective.
+    up front instead of failing on a tensor shape or silently training another objective. Only the
+    execution fields (``EXECUTION_FIELDS``: checks and strategies with the same values) may change.
     """
     method_fields = {
         k: v
-        for k, v in sorted(vars(method_args).items())
-        if isinstance(v, (int, float, str, bool)) and k not in _NEITHER_STATE_NOR_TRAJECTORY
+        for k, v in sorted(method_args.to_dict().items())
+        if isinstance(v, (int, float, str, bool)) and k not in EXECUTION_FIELDS
     }
     return {
         "model": args.model,
@@ -247,48 +247,95 @@ def _atomic_save_state(
 
 @torch.no_grad()
 def evaluate(
-    accelerator: Any, model: nn.Module, adapter: Any, loader: DataLoader, masking_samples: int, seed: int
+    accelerator: Any,
+    model: nn.Module,
+    adapter: Any,
+    loader: DataLoader,
+    masking: MaskingTestArguments,
+    seed: int,
 ) -> dict[str, float]:
-    """Accuracy over the whole validation set and the masking test on a per-process subset."""
-    from .evaluation.masking_curve import masking_test_metrics
-
+    """Accuracy over the whole validation set and the masking test (``masking``) on a fixed subset."""
     model.eval()
-    counts = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # (correct, total), no per-batch sync
+    meter = MetricMeter()
     for batch in loader:
         logits = adapter.logits(model, batch["pixel_values"])
         predictions, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
-        counts[0] += (predictions == labels).sum()
-        counts[1] += labels.numel()
-    correct, total = counts.tolist()
-    metrics = {"eval_accuracy": correct / max(total, 1)}
-    if masking_samples > 0:
-        metrics.update(
-            masking_test_metrics(
-                unwrap_model(model),  # no DDP for the masking test; LoRA layers live in the base model
-                loader,
-                step=5.0,  # DESIGN.md §4, as the Trainer and `python -m sd_plugin evaluate`
-                max_images=masking_samples,
-                device=accelerator.device,
-                seed=seed,
-                mean_over_processes=functools.partial(accelerator.reduce, reduction="mean"),
-            )
+        meter.update_ratio("eval_accuracy", (predictions == labels).sum(), labels.numel())
+    metrics = meter.compute()
+    metrics.update(
+        masking_metrics_during_training(
+            unwrap_model(model),  # no DDP for the masking test; LoRA layers live in the base model
+            loader,
+            masking,
+            device=accelerator.device,
+            seed=seed,
+            mean_over_processes=functools.partial(accelerator.reduce, reduction="mean"),
         )
+    )
     model.train()
     return metrics
 
 
+@dataclass
+class _Run:
+    """What the stages of ``train`` share."""
+
+    args: RecipeArguments
+    method_args: SaliencyDecorArguments
+    accelerator: Any
+    model: nn.Module
+    adapter: Any
+    step: SaliencyDecorStep
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    steps_per_epoch: int
+    max_steps: int
+    epochs: int
+    identity: dict[str, Any]
+    completed_steps: int = 0
+    start_epoch: int = 0
+    resume_batches: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # the whole run's, also across a resume
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+
 def train(
     args: RecipeArguments,
-    method_args: Any,
+    method_args: SaliencyDecorArguments,
     model: nn.Module,
     train_dataset: Dataset,
     eval_dataset: Dataset | None,
     accelerator: Any,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` with SaliencyDecor under ``accelerator``; returns the final results."""
+    """Train ``model`` with SaliencyDecor under ``accelerator``; returns the final results.
+
+    Four stages: ``_setup`` (data, model, step, optimizer, trackers), ``_resume`` (from a
+    checkpoint of the same run), ``_train_epochs`` (steps, logging, checkpoints) and
+    ``_finish`` (evaluation, ``all_results.json``, export, push).
+    """
+    run = _setup(args, method_args, model, train_dataset, eval_dataset, accelerator)
+    if args.resume_from_checkpoint:
+        _resume(run, args.resume_from_checkpoint)
+    _train_epochs(run)
+    return _finish(run, command)
+
+
+def _setup(
+    args: RecipeArguments,
+    method_args: SaliencyDecorArguments,
+    model: nn.Module,
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None,
+    accelerator: Any,
+) -> _Run:
+    """Validate, build the loaders, the step, optimizer and schedule; prepare them for ``accelerator``."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     args.validate()
@@ -298,7 +345,6 @@ def train(
             "consistency_grad='both' keeps two graphs alive and is not supported with several "
             "processes; use 'detached'."
         )
-    output_dir = Path(args.output_dir)
     set_seed(args.seed)
     if args.peft == "lora":
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
@@ -309,7 +355,14 @@ def train(
         raise ValueError("the training set is empty.")
     example = train_dataset[0]["pixel_values"].unsqueeze(0)
     adapter = adapt(model, feature_layer=method_args.feature_layer, example_inputs=example)
-    objective = SaliencyDecorLoss(adapter, **loss_kwargs(method_args, accelerator.num_processes))
+    # The random mask fill draws from its own generator, reseeded from (seed, step, process) by
+    # _train_epochs: resuming reproduces the masks whatever else consumed the global RNG.
+    step = SaliencyDecorStep(
+        adapter,
+        method_args,
+        num_processes=accelerator.num_processes,
+        generator=torch.Generator(device=accelerator.device),
+    )
     train_loader = DataLoader(
         train_dataset,
         batch_size=args.per_device_train_batch_size,
@@ -325,7 +378,6 @@ def train(
     optimizer = _make_optimizer(args, model)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    epochs = math.ceil(max_steps / max(steps_per_epoch, 1))
     # The prepared scheduler steps once per process at each optimizer step (accelerate's convention).
     scheduler = get_scheduler(
         args.lr_scheduler_type,
@@ -336,108 +388,128 @@ def train(
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    identity = _run_identity(args, method_args, accelerator.num_processes)
     if args.with_tracking:
         config = {
             **{k: v for k, v in asdict(args).items() if isinstance(v, (int, float, str, bool))},
-            **{k: v for k, v in vars(method_args).items() if isinstance(v, (int, float, str, bool))},
+            **{k: v for k, v in method_args.to_dict().items() if isinstance(v, (int, float, str, bool))},
         }
         accelerator.init_trackers("saliencydecor", config)
+    return _Run(
+        args=args,
+        method_args=method_args,
+        accelerator=accelerator,
+        model=model,
+        adapter=adapter,
+        step=step,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps,
+        epochs=math.ceil(max_steps / max(steps_per_epoch, 1)),
+        identity=_run_identity(args, method_args, accelerator.num_processes),
+    )
 
-    completed_steps, start_epoch, resume_batches = 0, 0, 0
-    history: list[dict[str, float]] = []  # the whole run's, also across a resume
-    if args.resume_from_checkpoint:
-        folder = Path(args.resume_from_checkpoint)
-        if args.resume_from_checkpoint == "latest":
-            folder = _latest_checkpoint(output_dir)
-            if folder is None:
-                raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}.")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {folder} does not exist.")
-        saved = json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).is_file() else None
-        if saved is None or saved.get("identity") != json.loads(json.dumps(identity)):
-            raise ValueError(
-                f"{folder} is not a checkpoint of this run: it was saved with {saved and saved.get('identity')}, "
-                f"this run is {identity}."
-            )
-        accelerator.load_state(str(folder))
-        completed_steps = int(saved["completed_steps"])
-        history = list(saved.get("history", []))
-        start_epoch = completed_steps // steps_per_epoch
-        resume_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
-        accelerator.print(f"resumed from {folder} at step {completed_steps}")
 
+def _resume(run: _Run, checkpoint: str) -> None:
+    """Load a checkpoint of this run (refused if its identity differs) and its position and history."""
+    folder = Path(checkpoint)
+    if checkpoint == "latest":
+        folder = _latest_checkpoint(run.output_dir)
+        if folder is None:
+            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {run.output_dir}.")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {folder} does not exist.")
+    saved = json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).is_file() else None
+    if saved is None or saved.get("identity") != json.loads(json.dumps(run.identity)):
+        raise ValueError(
+            f"{folder} is not a checkpoint of this run: it was saved with {saved and saved.get('identity')}, "
+            f"this run is {run.identity}."
+        )
+    run.accelerator.load_state(str(folder))
+    run.completed_steps = int(saved["completed_steps"])
+    run.history = list(saved.get("history", []))
+    run.start_epoch = run.completed_steps // run.steps_per_epoch
+    run.resume_batches = (run.completed_steps % run.steps_per_epoch) * run.args.gradient_accumulation_steps
+    run.accelerator.print(f"resumed from {folder} at step {run.completed_steps}")
+
+
+def _train_epochs(run: _Run) -> None:
+    """The epochs: a step per micro-batch, an optimizer step per accumulation, logs and checkpoints."""
+    from tqdm.auto import tqdm
+
+    args, accelerator, model = run.args, run.accelerator, run.model
     no_sync = functools.partial(accelerator.no_sync, model) if accelerator.num_processes > 1 else None
-    # The random mask fill draws from its own generator, reseeded from (seed, step, process):
-    # resuming reproduces the masks whatever else consumed the global RNG.
-    mask_generator = torch.Generator(device=accelerator.device)
-    objective.generator = mask_generator
-    micro_steps = completed_steps * args.gradient_accumulation_steps
-    progress = tqdm(total=max_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
-    running: dict[str, list[torch.Tensor]] = {}
+    micro_steps = run.completed_steps * args.gradient_accumulation_steps
+    progress = tqdm(total=run.max_steps, initial=run.completed_steps, disable=not accelerator.is_local_main_process)
+    meter = MetricMeter()
     collapse_monitor = CollapseMonitor()
     model.train()
-    for epoch in range(start_epoch, epochs):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        loader = train_loader
-        if epoch == start_epoch and resume_batches:
-            loader = accelerator.skip_first_batches(train_loader, resume_batches)
+    for epoch in range(run.start_epoch, run.epochs):
+        if hasattr(run.train_loader, "set_epoch"):
+            run.train_loader.set_epoch(epoch)
+        loader = run.train_loader
+        if epoch == run.start_epoch and run.resume_batches:
+            loader = accelerator.skip_first_batches(run.train_loader, run.resume_batches)
         for batch in loader:
-            mask_generator.manual_seed((args.seed * 1_000_003 + micro_steps) * 1024 + accelerator.process_index)
+            run.step.generator.manual_seed((args.seed * 1_000_003 + micro_steps) * 1024 + accelerator.process_index)
             micro_steps += 1
             with accelerator.accumulate(model):
-                out = objective.step(
+                out = run.step.step(
                     model, batch["pixel_values"], batch["labels"], backward=accelerator.backward, no_sync=no_sync
                 )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            for name, value in out.components().items():
-                running.setdefault(name, []).append(value)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            meter.update(out.components())
             if not accelerator.sync_gradients:
                 continue
-            completed_steps += 1
+            run.completed_steps += 1
             progress.update(1)
-            if completed_steps % args.logging_steps == 0 or completed_steps == max_steps:
-                logs = {
-                    name: float(accelerator.reduce(torch.stack(values).float().mean(), reduction="mean"))
-                    for name, values in running.items()
-                }
-                logs["lr"] = scheduler.get_last_lr()[0]
-                running.clear()
-                history.append({"step": completed_steps, **logs})
-                collapse_monitor.check(logs, step=completed_steps)
+            if run.completed_steps % args.logging_steps == 0 or run.completed_steps == run.max_steps:
+                logs = meter.compute(mean_over_processes=functools.partial(accelerator.reduce, reduction="mean"))
+                logs["lr"] = run.scheduler.get_last_lr()[0]
+                run.history.append({"step": run.completed_steps, **logs})
+                collapse_monitor.check(logs, step=run.completed_steps)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}")
                 if args.with_tracking:
-                    accelerator.log(logs, step=completed_steps)
+                    accelerator.log(logs, step=run.completed_steps)
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():
-                if completed_steps % int(args.checkpointing_steps) == 0:
-                    _atomic_save_state(
-                        accelerator, output_dir / f"step_{completed_steps}", completed_steps, identity, history
-                    )
-            if completed_steps >= max_steps:
+                if run.completed_steps % int(args.checkpointing_steps) == 0:
+                    _save_checkpoint(run, f"step_{run.completed_steps}")
+            if run.completed_steps >= run.max_steps:
                 break
         if args.checkpointing_steps == "epoch":
-            _atomic_save_state(accelerator, output_dir / f"epoch_{epoch}", completed_steps, identity, history)
-        if completed_steps >= max_steps:
+            _save_checkpoint(run, f"epoch_{epoch}")
+        if run.completed_steps >= run.max_steps:
             break
     progress.close()
 
-    results: dict[str, Any] = {"completed_steps": completed_steps, "history": history}
-    if history:
-        results["train_loss"] = history[-1]["loss"]
-    if eval_loader is not None:
-        metrics = evaluate(accelerator, model, adapter, eval_loader, args.eval_masking_samples, args.seed)
+
+def _save_checkpoint(run: _Run, name: str) -> None:
+    _atomic_save_state(run.accelerator, run.output_dir / name, run.completed_steps, run.identity, run.history)
+
+
+def _finish(run: _Run, command: str | None) -> dict[str, Any]:
+    """Evaluate, write ``all_results.json``, export the model (and push it); returns the results."""
+    args, accelerator = run.args, run.accelerator
+    results: dict[str, Any] = {"completed_steps": run.completed_steps, "history": run.history}
+    if run.history:
+        results["train_loss"] = run.history[-1]["loss"]
+    if run.eval_loader is not None:
+        metrics = evaluate(accelerator, run.model, run.adapter, run.eval_loader, args, args.seed)
         results.update(metrics)
         if args.with_tracking:
-            accelerator.log(metrics, step=completed_steps)
+            accelerator.log(metrics, step=run.completed_steps)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        method_settings = {k: v for k, v in vars(method_args).items() if isinstance(v, (int, float, str, bool))}
-        method_settings.update(objective.settings())
-        _save_final(args, accelerator.unwrap_model(model), output_dir, results, command, method_settings)
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        method_settings = {
+            k: v for k, v in run.method_args.to_dict().items() if isinstance(v, (int, float, str, bool))
+        }
+        method_settings.update(run.step.settings())
+        _save_final(args, accelerator.unwrap_model(run.model), run.output_dir, results, command, method_settings)
     accelerator.wait_for_everyone()
     if args.with_tracking:
         accelerator.end_training()

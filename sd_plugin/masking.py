@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .choices import MASK_FILLS, check_mask_ratio
+
 __all__ = [
     "MASK_FILLS",
     "num_masked_pixels",
@@ -38,11 +40,17 @@ __all__ = [
     "mask_least_salient",
 ]
 
-MASK_FILLS = ("random", "mean", "zero", "blur")
 
 
 def num_masked_pixels(ratio: float, num_pixels: int) -> int:
-    """``round(ratio * num_pixels)`` with halves rounded up."""
+    """``round(ratio * num_pixels)`` with halves rounded up: the one pixel-count rule.
+
+    Training masks and the evaluation curves (``sd_plugin.evaluation``) both count with it,
+    so "25% of 10 pixels" is 3 everywhere.
+
+    >>> num_masked_pixels(0.25, 10), num_masked_pixels(0.05, 784)
+    (3, 39)
+    """
     return int(math.floor(ratio * num_pixels + 0.5))
 
 
@@ -55,8 +63,7 @@ def pixel_saliency(input_grad: Tensor) -> Tensor:
 
 def lowest_saliency_mask(saliency: Tensor, ratio: float) -> Tensor:
     """Boolean ``(B, H, W)`` mask, True on the ``round(ratio*H*W)`` least salient pixels."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}.")
+    check_mask_ratio(ratio, name="ratio")
     batch = saliency.shape[0]
     flat = saliency.reshape(batch, -1)
     count = num_masked_pixels(ratio, flat.shape[1])

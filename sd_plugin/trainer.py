@@ -24,12 +24,11 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
 import warnings
-from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,9 +38,11 @@ from transformers import Trainer, TrainingArguments
 
 from . import checkpoint
 from .collapse import CollapseMonitor
-from .config import SaliencyDecorConfig
+from .config import METHOD_FIELDS, SaliencyDecorConfig
+from .evaluation.masking_curve import masking_metrics_during_training
 from .features import ModelAdapter, adapt
-from .loss import SaliencyDecorLoss, SaliencyDecorOutput
+from .meter import MetricMeter
+from .training_step import SaliencyDecorStep
 
 __all__ = ["SaliencyDecorTrainer"]
 
@@ -51,36 +52,59 @@ def _as_config(args: TrainingArguments | None) -> SaliencyDecorConfig:
         return SaliencyDecorConfig(output_dir="trainer_output")
     if isinstance(args, SaliencyDecorConfig):
         return args
-    if isinstance(args, TrainingArguments):
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-        return SaliencyDecorConfig(**values)
+    if isinstance(args, TrainingArguments):  # as TRL's trainers convert a plain TrainingArguments
+        return SaliencyDecorConfig.from_training_arguments(args)
     raise TypeError(f"args must be a SaliencyDecorConfig (or TrainingArguments), got {type(args).__name__}.")
 
 
 class SaliencyDecorTrainer(Trainer):
-    """``transformers.Trainer`` whose training step is ``SaliencyDecorLoss``.
+    """``transformers.Trainer`` whose training step is ``SaliencyDecorStep``.
 
-    Takes the same arguments as ``Trainer``; ``args`` is a ``SaliencyDecorConfig`` (a
-    plain ``TrainingArguments`` gets the method defaults). ``model`` is a transformers
-    image classifier, a timm model, a PEFT-wrapped one, or any classifier with
-    ``args.feature_layer`` set.
+    Takes ``Trainer``'s arguments; ``args`` is a ``SaliencyDecorConfig`` (a plain
+    ``TrainingArguments`` gets the method defaults). ``model`` is a transformers image
+    classifier, a timm model, a PEFT-wrapped one, or any classifier with
+    ``args.feature_layer`` set. ``model_init`` and ``compute_loss_func`` are not supported:
+    the model must exist to attach the feature tap, and the loss is the method's.
     """
 
     # compute_loss returns per-batch means: the step divides by the accumulation steps.
     loss_is_scaled_for_ga = False
+    _tag_names = ["sd-plugin", "saliencydecor"]
 
     def __init__(
-        self, model: nn.Module | None = None, args: TrainingArguments | None = None, *rest: Any, **kwargs: Any
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
     ):
         if model is None:
             raise ValueError("SaliencyDecorTrainer needs model= (model_init is not supported).")
-        if kwargs.get("model_init") is not None:
-            raise ValueError("SaliencyDecorTrainer does not support model_init; pass model= instead.")
-        config = _as_config(args)
-        example = _example_inputs(kwargs.get("train_dataset", rest[1] if len(rest) > 1 else None))
-        self.sd_adapter: ModelAdapter = adapt(model, feature_layer=config.feature_layer, example_inputs=example)
-        self.sd_loss = SaliencyDecorLoss(self.sd_adapter, **config.method_kwargs())
-        super().__init__(model, config, *rest, **kwargs)
+        args = _as_config(args)
+        self.sd_adapter: ModelAdapter = adapt(
+            model, feature_layer=args.feature_layer, example_inputs=_example_inputs(train_dataset)
+        )
+        self.sd_step = SaliencyDecorStep(self.sd_adapter, args.method_arguments(), num_processes=args.world_size)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
         if self.args.n_gpu > 1:
             raise ValueError(
                 "SaliencyDecorTrainer does not support nn.DataParallel (several GPUs in one process); "
@@ -88,10 +112,23 @@ class SaliencyDecorTrainer(Trainer):
             )
         if self.args.label_names is None:
             self.label_names = ["labels"]
-        self._sd_metrics: dict[str, list[Tensor]] = defaultdict(list)
+        # Metrics keyed by mode, as in TRL: the step's components while training, accuracy in evaluation.
+        self._metrics = {"train": MetricMeter(), "eval": MetricMeter()}
         self._collapse_monitor = CollapseMonitor()
-        self._eval_counts: Tensor | None = None  # (correct, total) during an evaluation loop
         self._warned_unfolded = False
+        if self.args.push_to_hub:
+            warnings.warn(
+                f"push_to_hub=True: checkpoints stay local (hub_strategy={self.args.hub_strategy!r} is not applied); "
+                "call trainer.push_to_hub() after training to publish the exported model (whitening folded, "
+                "model card).",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    @property
+    def sd_loss(self) -> SaliencyDecorStep:
+        """Deprecated (0.1 name) for ``sd_step``."""
+        return self.sd_step
 
     # -- data -------------------------------------------------------------------------
 
@@ -121,25 +158,18 @@ class SaliencyDecorTrainer(Trainer):
         pixel_values, labels = self._unpack(inputs)
         scale = 1.0 if self.loss_is_scaled_for_ga else 1.0 / self.current_gradient_accumulation_steps
         with self.compute_loss_context_manager():
-            output = self.sd_loss.step(
+            output = self.sd_step.step(
                 model, pixel_values, labels, backward=self.accelerator.backward, loss_scale=scale
             )
-        self._record(output)
+        self._metrics["train"].update(output.components())
         return output.loss * scale
 
-    def _record(self, output: SaliencyDecorOutput) -> None:
-        for name, value in output.components().items():
-            if name != "loss":
-                self._sd_metrics[name].append(value)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._sd_metrics:
-            for name, values in self._sd_metrics.items():
-                mean = torch.stack(values).float().mean()
-                if self.accelerator.num_processes > 1:
-                    mean = self.accelerator.reduce(mean, reduction="mean")
-                logs[name] = round(float(mean), 6)
-            self._sd_metrics.clear()
+        if "loss" in logs and self._metrics["train"]:
+            components = self._metrics["train"].compute(
+                mean_over_processes=functools.partial(self.accelerator.reduce, reduction="mean")
+            )
+            logs.update({name: round(value, 6) for name, value in components.items() if name != "loss"})
             self._collapse_monitor.check(logs, step=self.state.global_step)
         super().log(logs, start_time)
 
@@ -164,7 +194,7 @@ class SaliencyDecorTrainer(Trainer):
         checkpoint.write_metadata(
             output_dir, {**self.saliency_decor_metadata(), "whitening_folded_into_head": split.head_folded}
         )
-        if self.sd_adapter.library == "timm" and not self._is_peft():
+        if self.sd_adapter.library == "timm" and not self.is_peft():
             checkpoint.write_timm_config(self.sd_adapter.base_model, output_dir)
         elif hasattr(self.sd_adapter.base_model, "config_dict"):  # sd_plugin.PaperCNN
             with open(os.path.join(output_dir, "config.json"), "w") as handle:
@@ -183,16 +213,19 @@ class SaliencyDecorTrainer(Trainer):
             stacklevel=3,
         )
 
-    def _is_peft(self) -> bool:
+    def is_peft(self) -> bool:
         return self.sd_adapter.model is not self.sd_adapter.base_model
+
+    def export_source(self) -> tuple[nn.Module, dict[str, Any], Any]:
+        """``(model, metadata, processor)`` for ``sd_plugin.hub.export`` (``ExportSource``)."""
+        return self.accelerator.unwrap_model(self.model), self.saliency_decor_metadata(), self.processing_class
 
     def saliency_decor_metadata(self) -> dict[str, Any]:
         """The method's settings as trained (written to ``saliency_decor.json``)."""
         from . import __version__
-        from .config import METHOD_FIELDS
 
         metadata = {name: getattr(self.args, name) for name in METHOD_FIELDS}
-        metadata.update(self.sd_loss.settings())
+        metadata.update(self.sd_step.settings())
         metadata.update(
             library=self.sd_adapter.library,
             head_name=self.sd_adapter.head_name,
@@ -228,7 +261,7 @@ class SaliencyDecorTrainer(Trainer):
         self.hub_model_id = repo_id
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Checkpoints stay local; ``push_to_hub`` publishes the exported model."""
+        """Checkpoints stay local (said once at construction); ``push_to_hub`` publishes the exported model."""
 
     def push_to_hub(
         self,
@@ -281,24 +314,17 @@ class SaliencyDecorTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> Any:
         """``Trainer.evaluation_loop`` plus accuracy and, when enabled, the masking test."""
-        self._eval_counts = torch.zeros(2, dtype=torch.long, device=self.args.device)
+        self._metrics["eval"].reset()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        metrics = output.metrics
-        counts, self._eval_counts = self._eval_counts, None
-        accuracy_key = f"{metric_key_prefix}_accuracy"
-        if self.accelerator.num_processes > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        if accuracy_key not in metrics and int(counts[1]) > 0:
-            metrics[accuracy_key] = float(counts[0]) / float(counts[1])
+        sum_over_processes = functools.partial(self.accelerator.reduce, reduction="sum")
+        for name, value in self._metrics["eval"].compute(sum_over_processes=sum_over_processes).items():
+            output.metrics.setdefault(f"{metric_key_prefix}_{name}", value)
         if self.args.eval_masking_auc:
-            from .evaluation.masking_curve import masking_test_metrics
-
-            metrics.update(
-                masking_test_metrics(
+            output.metrics.update(
+                masking_metrics_during_training(
                     self.model,
                     dataloader,
-                    step=self.args.eval_masking_step,
-                    max_images=self.args.eval_masking_samples,
+                    self.args,
                     device=self.args.device,
                     seed=self.args.seed,
                     mean_over_processes=functools.partial(self.accelerator.reduce, reduction="mean"),
@@ -314,16 +340,63 @@ class SaliencyDecorTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """Plain cross-entropy forward (used by evaluation/prediction; no input gradients)."""
+        """Plain cross-entropy forward (evaluation and prediction; no input gradients); counts accuracy."""
         pixel_values, labels = self._unpack(inputs)
         self.sd_adapter.check_batch(pixel_values, labels)
         logits = self.sd_adapter.logits(model, pixel_values)
         loss = F.cross_entropy(logits.float(), labels)
-        counts = getattr(self, "_eval_counts", None)
-        if counts is not None and not model.training:
-            counts[0] += (logits.detach().argmax(-1) == labels).sum()
-            counts[1] += labels.numel()
+        if not model.training:
+            self._metrics["eval"].update_ratio("accuracy", (logits.detach().argmax(-1) == labels).sum(), labels.numel())
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    # -- model card -------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write the SaliencyDecor model card (``README.md``) to ``args.output_dir``.
+
+        The card describes the method as trained, its hyperparameters and the last evaluation's
+        metrics; ``export`` writes the same card for the published folder.
+        """
+        from .hub.card import render_model_card, usage_snippet
+
+        if not self.is_world_process_zero():
+            return
+        evaluation = _last_evaluation(self.state.log_history)
+        datasets = [dataset] if isinstance(dataset, str) else list(dataset or []) or None
+        card = render_model_card(
+            model_name=model_name or os.path.basename(os.path.abspath(self.args.output_dir)),
+            library_name=self.sd_adapter.library if self.sd_adapter.library in ("timm", "transformers") else "pytorch",
+            metadata=self.saliency_decor_metadata(),
+            evaluation=evaluation,
+            datasets=datasets,
+            base_model=finetuned_from,
+            usage=usage_snippet(self.sd_adapter.library, type(self.sd_adapter.base_model).__name__),
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card)
+
+
+def _last_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The metrics of the last evaluation in ``log_history``, keyed as the model card expects."""
+    for entry in reversed(log_history):
+        if any(key.startswith("eval_") for key in entry):
+            metrics = {k.removeprefix("eval_"): v for k, v in entry.items() if k.startswith("eval_")}
+            if "accuracy" in metrics:
+                metrics["accuracy"] = 100.0 * metrics["accuracy"]
+            return metrics
+    return None
 
 
 def _example_inputs(dataset: Any) -> Tensor | None:

@@ -25,6 +25,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from .choices import WHITENING_METHODS, check_choice, check_fraction
 from .distributed import sum_over_processes
 from .errors import NonFiniteLossError
 
@@ -70,11 +71,10 @@ def inverse_sqrt_psd(sigma: Tensor, method: str = "eigh", iterations: int = 15) 
         tensor([[0.5000, 0.0000],
                 [0.0000, 0.3333]])
     """
+    check_choice("method", method, WHITENING_METHODS)
     if method == "eigh":
         return _InverseSqrtEigh.apply(sigma)
-    if method == "newton_schulz":
-        return _newton_schulz_inverse_sqrt(sigma, iterations)
-    raise ValueError(f"method={method!r} is not supported; use 'eigh' or 'newton_schulz'.")
+    return _newton_schulz_inverse_sqrt(sigma, iterations)
 
 
 def _newton_schulz_inverse_sqrt(sigma: Tensor, iterations: int) -> Tensor:
@@ -168,14 +168,11 @@ class GroupZCA(nn.Module):
                 f"group_size={group_size} does not divide num_features={num_features}; "
                 f"choose a group_size among {divisors}."
             )
-        if not 0.0 <= shrinkage <= 1.0:
-            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}.")
+        check_fraction("shrinkage", shrinkage)
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}.")
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}.")
-        if method not in ("eigh", "newton_schulz"):
-            raise ValueError(f"method={method!r} is not supported; use 'eigh' or 'newton_schulz'.")
+        check_fraction("momentum", momentum, low_open=True)
+        check_choice("method", method, WHITENING_METHODS)
         if compiled and sync_statistics:
             raise ValueError(
                 "compiled=True is not supported with sync_statistics=True (cross-process statistics); "

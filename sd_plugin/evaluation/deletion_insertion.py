@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..masking import fill_values
+from ..masking import fill_values, num_masked_pixels
 from .attribution import ATTRIBUTIONS, saliency_maps
-from .masking_curve import _maybe_progress, pixel_ranks, unpack_batch
+from .masking_curve import maybe_progress, pixel_ranks, unpack_batch
 from .model_fn import LogitsFn, prepare_for_evaluation
 
 __all__ = ["DeletionInsertion", "deletion_insertion", "rise_auc"]
@@ -99,7 +99,7 @@ def deletion_insertion(
     deletion = torch.zeros(len(fractions), dtype=torch.float64, device=device)
     insertion = torch.zeros(len(fractions), dtype=torch.float64, device=device)
     seen = 0
-    for batch in _maybe_progress(dataloader, progress, "deletion/insertion"):
+    for batch in maybe_progress(dataloader, progress, "deletion/insertion"):
         images, labels = unpack_batch(batch)
         if max_images is not None:
             if seen >= max_images:
@@ -116,7 +116,7 @@ def deletion_insertion(
             chunk = fractions[start : start + per_chunk]
             variants = []
             for fraction in chunk:
-                changed = (ranks < int(round(fraction * num_pixels))).view(batch_size, 1, *images.shape[2:])
+                changed = (ranks < num_masked_pixels(fraction, num_pixels)).view(batch_size, 1, *images.shape[2:])
                 variants.append(torch.where(changed, substrates[0], images))
                 variants.append(torch.where(changed, images, substrates[1]))
             probabilities = forward(torch.cat(variants)).float().softmax(-1)

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..masking import MASK_FILLS, fill_values, pixel_saliency
+from ..arguments import MaskingTestArguments
+from ..masking import MASK_FILLS, fill_values, num_masked_pixels, pixel_saliency
 from .attribution import ATTRIBUTIONS, saliency_maps
 from .model_fn import LogitsFn, prepare_for_evaluation
 from .saliency import input_gradients
@@ -34,6 +35,8 @@ from .saliency import input_gradients
 __all__ = [
     "ORDERS",
     "masking_curves",
+    "masking_metrics_during_training",
+    "maybe_progress",
     "random_subset",
     "spread_subset",
     "DEFAULT_PERCENTAGES",
@@ -135,7 +138,7 @@ def pixel_ranks(scores: Tensor) -> Tensor:
 
 
 def _removed_count(percentage: float, num_pixels: int) -> int:
-    return int(round(percentage / 100.0 * num_pixels))
+    return num_masked_pixels(percentage / 100.0, num_pixels)
 
 
 def remove_top_pixels(images: Tensor, ranks: Tensor, percentage: float, fill_image: Tensor) -> Tensor:
@@ -234,7 +237,7 @@ def masking_curves(
     correct = {order: torch.zeros(len(percentages), dtype=torch.long, device=device) for order in orders}
     ranked = [order for order in orders if order != "random"]  # orders that read the saliency map
     seen = 0
-    for batch in _maybe_progress(dataloader, progress, f"masking curve ({', '.join(orders)})"):
+    for batch in maybe_progress(dataloader, progress, f"masking curve ({', '.join(orders)})"):
         images, labels = unpack_batch(batch)
         if max_images is not None:
             remaining = max_images - seen
@@ -345,6 +348,34 @@ def masking_test_metrics(
     }
 
 
+def masking_metrics_during_training(
+    model: nn.Module,
+    dataloader: Iterable,
+    masking: MaskingTestArguments,
+    *,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    mean_over_processes: Callable[[Tensor], Tensor] | None = None,
+    prefix: str = "eval",
+) -> dict[str, float]:
+    """``masking_test_metrics`` with the settings both training loops take (``MaskingTestArguments``).
+
+    Empty when ``masking.eval_masking_samples`` is 0.
+    """
+    if masking.eval_masking_samples < 1:
+        return {}
+    return masking_test_metrics(
+        model,
+        dataloader,
+        step=masking.eval_masking_step,
+        max_images=masking.eval_masking_samples,
+        device=device,
+        seed=seed,
+        mean_over_processes=mean_over_processes,
+        prefix=prefix,
+    )
+
+
 def _batch_correct(
     forward: LogitsFn,
     images: Tensor,
@@ -380,7 +411,8 @@ def _batch_correct(
     return correct
 
 
-def _maybe_progress(iterable: Iterable, enabled: bool, description: str) -> Iterable:
+def maybe_progress(iterable: Iterable, enabled: bool, description: str) -> Iterable:
+    """``iterable`` with a tqdm bar when ``enabled``."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..features import _extract_logits, _is_transformers_model, unwrap_model
+from ..features import extract_logits, is_transformers_model, unwrap_model
 
 __all__ = ["LogitsFn", "logits_fn", "prepare_for_evaluation"]
 
@@ -25,9 +25,9 @@ def logits_fn(model: nn.Module | LogitsFn) -> LogitsFn:
     """
     if not isinstance(model, nn.Module):
         return model
-    if _is_transformers_model(unwrap_model(model)):
-        return lambda x: _extract_logits(model(pixel_values=x))
-    return lambda x: _extract_logits(model(x))
+    if is_transformers_model(unwrap_model(model)):
+        return lambda x: extract_logits(model(pixel_values=x))
+    return lambda x: extract_logits(model(x))
 
 
 def prepare_for_evaluation(

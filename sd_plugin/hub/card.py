@@ -18,7 +18,9 @@ from importlib import resources
 from string import Template
 from typing import Any
 
-__all__ = ["render_model_card", "METRIC_LABELS"]
+from ..arguments import SETTING_FIELDS
+
+__all__ = ["METRIC_LABELS", "REPO_ID_PLACEHOLDER", "render_model_card", "usage_snippet"]
 
 METRIC_LABELS = {
     "accuracy": ("accuracy", "accuracy (%)"),
@@ -33,23 +35,8 @@ METRIC_LABELS = {
     "effective_rank": ("effective_rank", "feature effective rank"),
     "live_features": ("live_features", "fraction of penultimate features alive"),
 }
-_HYPERPARAMETERS = (
-    "method",
-    "mask_ratio",
-    "mask_fill",
-    "consistency_weight",
-    "consistency_grad",
-    "decor_weight",
-    "group_size",
-    "whiten_head_input",
-    "decor_target",
-    "decor_liveness_weight",
-    "saliency_target",
-    "whitening_shrinkage",
-    "whitening_momentum",
-    "whitening_method",
-    "masked_pass_updates_stats",
-)
+_HYPERPARAMETERS = SETTING_FIELDS
+REPO_ID_PLACEHOLDER = "<repo_id>"  # push replaces it with the repository id
 
 
 def _template() -> Template:
@@ -169,3 +156,31 @@ def render_model_card(
         training="\n\n".join(training) or "Trained with `sd_plugin.SaliencyDecorTrainer`.",
     )
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
+
+
+def usage_snippet(library: str, model_class: str) -> str:
+    """The card's "how to load it" code for a model of ``library`` (``timm``, ``transformers``, other)."""
+    if library == "timm":
+        return (
+            "import timm\n"
+            f'model = timm.create_model("hf-hub:{REPO_ID_PLACEHOLDER}", pretrained=True)  # or "local-dir:PATH"\n'
+            "model.eval()\n"
+            "config = timm.data.resolve_data_config(model=model)\n"
+            "transform = timm.data.create_transform(**config)"
+        )
+    if library == "transformers":
+        return (
+            "from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
+            f'model = AutoModelForImageClassification.from_pretrained("{REPO_ID_PLACEHOLDER}")  # or a local path\n'
+            "model.eval()"
+        )
+    if model_class == "PaperCNN":
+        return (
+            "from sd_plugin.loading import load_classifier  # pip install sd-plugin\n"
+            'model = load_classifier("PATH")  # this folder: PaperCNN(**config.json model_args) + model.safetensors'
+        )
+    return (
+        "from safetensors.torch import load_file\n"
+        f"model = {model_class}(...)  # the architecture it was trained with (import it from your code)\n"
+        'model.load_state_dict(load_file("model.safetensors"))'
+    )

@@ -22,28 +22,32 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
 from ..checkpoint import read_metadata, weights_fingerprint, write_metadata
-from ..features import _is_peft, library_of, unwrap_model
+from ..features import is_peft, library_of, unwrap_model
 from ..folding import find_whitening, fold_whitening_into_head
 from ..loading import load_classifier, restore_whitening
-from .card import render_model_card
+from .card import REPO_ID_PLACEHOLDER, render_model_card, usage_snippet
 
-__all__ = ["export", "REPO_ID_PLACEHOLDER"]
+__all__ = ["ExportSource", "export", "REPO_ID_PLACEHOLDER"]
 
-REPO_ID_PLACEHOLDER = "<repo_id>"
 
+@runtime_checkable
+class ExportSource(Protocol):
+    """Something trained in memory that ``export`` can write (``SaliencyDecorTrainer`` is one)."""
+
+    def export_source(self) -> tuple[nn.Module, dict[str, Any], Any]:
+        """``(model, method metadata, processor or None)``."""
+        ...
 
 def _load_source(source: Any) -> tuple[nn.Module, dict[str, Any], Any, Path | None]:
     """``(model, metadata, processor, source_dir)`` from a trainer, a model or a folder."""
-    from ..trainer import SaliencyDecorTrainer
-
-    if isinstance(source, SaliencyDecorTrainer):
-        model = source.accelerator.unwrap_model(source.model)
-        return model, source.saliency_decor_metadata(), source.processing_class, None
+    if isinstance(source, ExportSource):  # e.g. a SaliencyDecorTrainer
+        model, metadata, processor = source.export_source()
+        return model, metadata, processor, None
     if isinstance(source, nn.Module):
         found = find_whitening(source)
         metadata: dict[str, Any] = {}
@@ -76,35 +80,8 @@ def _prepare_target(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
 
 
-def _usage(library: str, model_class: str) -> str:
-    if library == "timm":
-        return (
-            "import timm\n"
-            f'model = timm.create_model("hf-hub:{REPO_ID_PLACEHOLDER}", pretrained=True)  # or "local-dir:PATH"\n'
-            "model.eval()\n"
-            "config = timm.data.resolve_data_config(model=model)\n"
-            "transform = timm.data.create_transform(**config)"
-        )
-    if library == "transformers":
-        return (
-            "from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
-            f'model = AutoModelForImageClassification.from_pretrained("{REPO_ID_PLACEHOLDER}")  # or a local path\n'
-            "model.eval()"
-        )
-    if model_class == "PaperCNN":
-        return (
-            "from sd_plugin.loading import load_classifier  # pip install sd-plugin\n"
-            'model = load_classifier("PATH")  # this folder: PaperCNN(**config.json model_args) + model.safetensors'
-        )
-    return (
-        "from safetensors.torch import load_file\n"
-        f"model = {model_class}(...)  # the architecture it was trained with (import it from your code)\n"
-        'model.load_state_dict(load_file("model.safetensors"))'
-    )
-
-
 def _write_weights(model: nn.Module, library: str, folder: Path, metadata: dict, source_dir: Path | None) -> None:
-    if _is_peft(model):
+    if is_peft(model):
         model.save_pretrained(str(folder), safe_serialization=True)
         return
     if library == "transformers":
@@ -184,7 +161,7 @@ def export(
     """Write an exportable checkpoint folder with its model card; returns the folder.
 
     Args:
-        source: a ``SaliencyDecorTrainer``, a model, or a folder written by the trainer.
+        source: a ``SaliencyDecorTrainer`` (any ``ExportSource``), a model, or a folder written by the trainer.
         path: the folder to create (refused if it exists and is not empty, unless ``overwrite``).
         merge_adapter: merge PEFT adapters into the base weights (default) or save the adapter.
         evaluation: a ``results.json`` of ``python -m sd_plugin evaluate`` (first model = this one,
@@ -199,7 +176,7 @@ def export(
     model, source_metadata, processor, source_dir = _load_source(source)
     metadata = {**source_metadata, **(metadata or {})}
     exported = copy.deepcopy(model).cpu().eval()
-    if _is_peft(exported) and merge_adapter:
+    if is_peft(exported) and merge_adapter:
         exported = exported.merge_and_unload()
     # A trainer folder already holds the folded head (sd_plugin.checkpoint): say so again.
     folded = fold_whitening_into_head(exported) or bool(metadata.get("whitening_folded_into_head"))
@@ -232,7 +209,7 @@ def export(
             datasets=datasets or ([dataset_name] if dataset_name else None),
             base_model=base_model,
             figures=figures,
-            usage=_usage(library, type(base).__name__),
+            usage=usage_snippet(library, type(base).__name__),
             training_command=training_command,
             evaluation_command=eval_command,
             dataset_name=dataset_name,

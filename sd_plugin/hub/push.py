@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .export import REPO_ID_PLACEHOLDER
+from .card import REPO_ID_PLACEHOLDER
 
 __all__ = ["PushError", "push", "validate_repo_id"]
 

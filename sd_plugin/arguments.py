@@ -1,0 +1,269 @@
+"""``SaliencyDecorArguments``: the method's settings, one dataclass with one ``validate()``.
+
+The single place a method field is declared: ``SaliencyDecorConfig`` (the Trainer's
+``TrainingArguments``) inherits it, the recipes parse it with ``HfArgumentParser``, and the
+training step (``sd_plugin.training_step.SaliencyDecorStep``) is built from it. Adding a field
+means adding it here and using it where it acts; checkpoints' metadata, model cards and the
+recipes' run identity read the fields from this class.
+
+> Method
+
+- ``method``: ``"saliencydecor"`` (default), ``"baseline"``, ``"sgt"`` or ``"decor"``.
+
+> Saliency masking and consistency
+
+- ``mask_ratio``: fraction of least salient pixels replaced, in ``[0, 1)``; paper 0.25.
+- ``mask_fill``: ``"random"`` (default), ``"mean"``, ``"zero"`` or ``"blur"``.
+- ``consistency_weight``: weight of ``KL(p_clean || p_masked)``; paper 1.0.
+- ``consistency_grad``: ``"detached"`` (default, two passes) or ``"both"``.
+- ``masked_pass_updates_stats``: the masked pass updates BatchNorm/whitening running stats.
+
+> Whitening and decorrelation
+
+- ``decor_weight``: weight of the decorrelation loss; default 0.001 (the paper's best ablation
+  value; with the collapse-proof loss it was ahead of the paper's default 0.01 in mean accuracy
+  and gap, not significantly, RESULTS.md §0).
+- ``group_size``: ZCA group size (divides the feature width; <= 32).
+- ``whiten_head_input``: whitened features feed the head. Default ``False``: the whitening
+  only feeds the decorrelation loss (the paper's ViT variant) for every model, chosen by
+  measurement (RESULTS.md: on Fashion-MNIST the whitened head gained accuracy but lowered the
+  faithfulness gap below the baseline's). ``True`` is the paper's CNN Algorithm 1; ``None``
+  picks the paper's rule (CNNs yes, ViTs no).
+- ``decor_target``: ``"whitened"`` (default) or ``"features"``.
+- ``decor_liveness_weight``: what a dead feature costs in the decorrelation loss (default 2:
+  killing a unit never lowers it; 0: the paper's off-diagonal term alone, which rewards
+  dead units).
+- ``saliency_target``: what the masking saliency is the input gradient of: ``"objective"``
+  (default, free), ``"loss"`` (cross-entropy alone) or ``"logit"`` (true-class logit).
+- ``whitening_shrinkage``, ``whitening_momentum``, ``whitening_method``, ``whitening_compile``,
+  ``sync_whitening``.
+
+> Model
+
+- ``feature_layer``: module whose output is the penultimate features, when the head
+  cannot be found automatically.
+
+Example:
+    >>> from sd_plugin.arguments import SaliencyDecorArguments
+    >>> args = SaliencyDecorArguments(method="sgt", mask_ratio=0.5)
+    >>> args.method, args.mask_ratio, args.uses_masking, args.uses_decorrelation
+    ('sgt', 0.5, True, False)
+    >>> SaliencyDecorArguments(mask_ratio=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: mask_ratio=1.0 is out of range; use a fraction in [0, 1), e.g. 0.25.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .choices import (
+    CONSISTENCY_GRADS,
+    DECOR_TARGETS,
+    MASK_FILLS,
+    METHODS,
+    SALIENCY_TARGETS,
+    WHITENING_METHODS,
+    check_choice,
+    check_fraction,
+    check_mask_ratio,
+    check_weight,
+)
+
+__all__ = ["EXECUTION_FIELDS", "SETTING_FIELDS", "MaskingTestArguments", "SaliencyDecorArguments"]
+
+# Fields that choose how the step runs, not what it computes: a resumed run may change them.
+EXECUTION_FIELDS = ("check_finite", "whitening_compile", "sync_whitening")
+
+
+@dataclass
+class SaliencyDecorArguments:
+    """The SaliencyDecor method fields (see the module docstring); validated on construction."""
+
+    method: str = field(
+        default="saliencydecor",
+        metadata={"help": f"Training objective, one of {METHODS}.", "choices": list(METHODS)},
+    )
+    mask_ratio: float = field(
+        default=0.25,
+        metadata={"help": "Fraction of least salient pixels replaced in the masked pass, in [0, 1)."},
+    )
+    mask_fill: str = field(
+        default="random",
+        metadata={"help": f"Replacement of masked pixels, one of {MASK_FILLS}.", "choices": list(MASK_FILLS)},
+    )
+    consistency_weight: float = field(default=1.0, metadata={"help": "Weight beta of KL(p_clean || p_masked), >= 0."})
+    consistency_grad: str = field(
+        default="detached",
+        metadata={
+            "help": "'detached': the KL trains the masked branch only (two passes, one graph alive); "
+            "'both': it also flows into the clean branch (official SGT; slower, more memory).",
+            "choices": list(CONSISTENCY_GRADS),
+        },
+    )
+    masked_pass_updates_stats: bool = field(
+        default=True,
+        metadata={"help": "Whether the masked pass updates BatchNorm and whitening running statistics."},
+    )
+    decor_weight: float = field(
+        default=0.001,
+        metadata={"help": "Weight lambda of the decorrelation loss, >= 0 (paper 0.01; 0.001 chosen by measurement)."},
+    )
+    group_size: int = field(
+        default=16, metadata={"help": "Group size of the ZCA whitening; must divide the feature width."}
+    )
+    whiten_head_input: Optional[bool] = field(  # noqa: UP045 - HfArgumentParser needs Optional
+        default=False,
+        metadata={
+            "help": "Feed whitened features to the head (paper's CNN Algorithm 1). Default False: whitening "
+            "feeds only the decorrelation loss (measured: more faithful saliency); None: CNNs yes, ViTs no."
+        },
+    )
+    decor_target: str = field(
+        default="whitened",
+        metadata={
+            "help": "Features the decorrelation loss reads: 'whitened' or 'features' (pre-whitening).",
+            "choices": list(DECOR_TARGETS),
+        },
+    )
+    decor_liveness_weight: float = field(
+        default=2.0,
+        metadata={
+            "help": "Cost of a dead (constant) feature in the decorrelation loss, >= 0. Default 2: killing a unit "
+            "never lowers the loss; 0: the paper's off-diagonal term alone (it rewards dead units)."
+        },
+    )
+    saliency_target: str = field(
+        default="objective",
+        metadata={
+            "help": "What the masking saliency is the input gradient of: 'objective' (cross-entropy + weighted "
+            "decorrelation, free), 'loss' (cross-entropy alone) or 'logit' (true-class logit); the last two "
+            "cost one more backward to the input.",
+            "choices": list(SALIENCY_TARGETS),
+        },
+    )
+    whitening_shrinkage: float = field(
+        default=0.01, metadata={"help": "Scale-relative covariance shrinkage of the whitening, in [0, 1]."}
+    )
+    whitening_momentum: float = field(
+        default=0.1, metadata={"help": "Momentum of the whitening running statistics, in (0, 1]."}
+    )
+    whitening_method: str = field(
+        default="eigh",
+        metadata={"help": "Inverse square root: 'eigh' or 'newton_schulz'.", "choices": list(WHITENING_METHODS)},
+    )
+    whitening_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the whitening and decorrelation loss into fused kernels (same values; the "
+            "first step compiles). Not with sync_whitening, nor with consistency_grad='both'."
+        },
+    )
+    sync_whitening: Optional[bool] = field(  # noqa: UP045
+        default=None,
+        metadata={"help": "All-reduce whitening statistics across processes (default: on when distributed)."},
+    )
+    feature_layer: Optional[str] = field(  # noqa: UP045
+        default=None,
+        metadata={"help": "Module whose output is the penultimate features, if the head is not found."},
+    )
+    check_finite: bool = field(
+        default=True,
+        metadata={"help": "Stop with an error naming the component when a loss becomes NaN/inf."},
+    )
+
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field with a value the method cannot use."""
+        check_choice("method", self.method, METHODS)
+        check_choice("mask_fill", self.mask_fill, MASK_FILLS)
+        check_choice("consistency_grad", self.consistency_grad, CONSISTENCY_GRADS)
+        check_choice("decor_target", self.decor_target, DECOR_TARGETS)
+        check_choice("saliency_target", self.saliency_target, SALIENCY_TARGETS)
+        check_choice("whitening_method", self.whitening_method, WHITENING_METHODS)
+        check_mask_ratio(self.mask_ratio)
+        for name in ("decor_weight", "consistency_weight", "decor_liveness_weight"):
+            check_weight(name, getattr(self, name))
+        if self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size} must be a positive divisor of the feature width.")
+        check_fraction("whitening_shrinkage", self.whitening_shrinkage)
+        check_fraction("whitening_momentum", self.whitening_momentum, low_open=True)
+        if self.whitening_compile and self.sync_whitening:
+            raise ValueError(
+                "whitening_compile=True does not support sync_whitening=True (multi-process statistics) yet; "
+                "set whitening_compile=False for distributed runs, or sync_whitening=False."
+            )
+        if self.whitening_compile and self.consistency_grad == "both" and self.method == "saliencydecor":
+            # That step back-propagates the clean pass twice (retain_graph).
+            raise ValueError(
+                "whitening_compile=True does not support consistency_grad='both': that step back-propagates "
+                "the clean pass twice (retain_graph), which compiled backwards do not do reliably (wrong "
+                "gradients were seen on some machines). Use consistency_grad='detached' (the default) or "
+                "whitening_compile=False."
+            )
+
+    @property
+    def uses_masking(self) -> bool:
+        """The method has the masked pass and the KL consistency term (``sgt``, ``saliencydecor``)."""
+        return self.method in ("sgt", "saliencydecor")
+
+    @property
+    def uses_decorrelation(self) -> bool:
+        """The method whitens and has the decorrelation term (``decor``, ``saliencydecor``)."""
+        return self.method in ("decor", "saliencydecor")
+
+    def sync_whitening_for(self, num_processes: int) -> bool:
+        """``sync_whitening`` resolved: ``None`` means on when training runs in several processes."""
+        return bool(num_processes > 1 if self.sync_whitening is None else self.sync_whitening)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The method fields, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(SaliencyDecorArguments))
+
+    @classmethod
+    def from_object(cls, source: Any) -> SaliencyDecorArguments:
+        """The method fields of any object carrying them (a ``SaliencyDecorConfig``, a namespace...)."""
+        return cls(**{name: getattr(source, name) for name in cls.field_names() if hasattr(source, name)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The method fields and their values (JSON-serialisable)."""
+        return {name: getattr(self, name) for name in self.field_names()}
+
+
+# The fields that describe the method a model was trained with (metadata, model cards): all but
+# the execution fields and where the features are read.
+SETTING_FIELDS = tuple(
+    name for name in SaliencyDecorArguments.field_names() if name not in (*EXECUTION_FIELDS, "feature_layer")
+)
+
+
+@dataclass
+class MaskingTestArguments:
+    """The masking test run at each evaluation during training (Trainer and recipes alike)."""
+
+    eval_masking_samples: int = field(
+        default=256,
+        metadata={
+            "help": "Images (a fixed random subset of the evaluation set: the same for every model) for the "
+            "masking test; 0 skips it in the recipes."
+        },
+    )
+    eval_masking_step: float = field(
+        default=5.0, metadata={"help": "Masking-test step in percent of pixels (0, 100]; 5 as in DESIGN.md §4."}
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.eval_masking_samples < 0:
+            raise ValueError(f"eval_masking_samples={self.eval_masking_samples} must be >= 0 (0: no masking test).")
+        if not 0.0 < self.eval_masking_step <= 100.0:
+            raise ValueError(f"eval_masking_step={self.eval_masking_step} must be in (0, 100].")

@@ -1,0 +1,61 @@
+"""The method's choice sets and value checks, defined once (every layer validates with these).
+
+Each check raises ``ValueError`` naming the argument, the value and what to use instead.
+
+Example:
+    >>> from sd_plugin.choices import MASK_FILLS, check_choice
+    >>> check_choice("mask_fill", "noise", MASK_FILLS)
+    Traceback (most recent call last):
+    ...
+    ValueError: mask_fill='noise' is not supported; allowed values are ('random', 'mean', 'zero', 'blur').
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CONSISTENCY_GRADS",
+    "DECOR_TARGETS",
+    "MASK_FILLS",
+    "METHODS",
+    "SALIENCY_TARGETS",
+    "WHITENING_METHODS",
+    "check_choice",
+    "check_fraction",
+    "check_mask_ratio",
+    "check_weight",
+]
+
+METHODS = ("baseline", "sgt", "decor", "saliencydecor")
+# What replaces a masked pixel: a random image value, the per-channel mean, zero, or a blur.
+MASK_FILLS = ("random", "mean", "zero", "blur")
+CONSISTENCY_GRADS = ("detached", "both")
+DECOR_TARGETS = ("whitened", "features")
+# What the masking saliency is the input gradient of: the clean objective (cross-entropy plus the
+# weighted decorrelation term: free, its backward runs anyway), the cross-entropy alone, or the
+# true-class logit. The last two cost one more backward to the input when they differ from the first.
+SALIENCY_TARGETS = ("objective", "loss", "logit")
+WHITENING_METHODS = ("eigh", "newton_schulz")
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """``value`` must be one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values are {allowed}.")
+
+
+def check_mask_ratio(value: float, name: str = "mask_ratio") -> None:
+    """A fraction of pixels to replace, in ``[0, 1)``."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value} is out of range; use a fraction in [0, 1), e.g. 0.25.")
+
+
+def check_weight(name: str, value: float) -> None:
+    """A loss weight, ``>= 0`` (0 switches the term off)."""
+    if value < 0:
+        raise ValueError(f"{name}={value} is negative; use a weight >= 0 (0 switches the term off).")
+
+
+def check_fraction(name: str, value: float, *, low_open: bool = False) -> None:
+    """A value in ``[0, 1]`` (``(0, 1]`` with ``low_open``)."""
+    if not ((0.0 < value) if low_open else (0.0 <= value)) or value > 1.0:
+        raise ValueError(f"{name}={value} must be in {'(0, 1]' if low_open else '[0, 1]'}.")

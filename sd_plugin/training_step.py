@@ -1,0 +1,399 @@
+"""``SaliencyDecorStep``: the object that runs one SaliencyDecor training step, in every loop.
+
+The step (paper Algorithm 1), for ``method="saliencydecor"``:
+
+1. **clean pass**: ``logits = model(x)`` with ``x.requires_grad``; the feature tap records
+   ``f`` and whitens it (``z``); ``L_ce + decor_weight * L_decor`` is back-propagated,
+   which yields the weight gradients *and* ``x.grad``;
+2. **mask**: the ``mask_ratio`` least salient pixels (by ``|x.grad|``) are replaced;
+3. **masked pass**: ``consistency_weight * KL(p_clean || p_masked)`` is back-propagated into
+   the same gradients.
+
+Two forward and two backward passes, one graph alive at a time (``consistency_grad=
+"detached"``). With ``"both"`` the clean graph is kept, the saliency comes from
+``torch.autograd.grad`` and one backward of the whole objective runs at the end (the
+official SGT structure: the KL also flows into the clean branch). ``baseline`` is
+cross-entropy only, ``sgt`` adds the masking/KL term, ``decor`` adds the
+whitening/decorrelation term, ``saliencydecor`` all three.
+
+``step(...)`` runs the backward passes itself (what the Trainer and the recipes call);
+``compute_loss(...)`` returns the same objective as one differentiable loss, for loops that
+call ``loss.backward()`` themselves (the same gradients, one more backward to the input).
+
+Example:
+    >>> import timm, torch
+    >>> from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, adapt
+    >>> model = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    >>> step = SaliencyDecorStep(adapt(model), SaliencyDecorArguments(group_size=8))
+    >>> x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,))
+    >>> sorted(step.step(model, x, y).components())
+    ['live_features', 'loss', 'loss_ce', 'loss_decor', 'loss_kl', 'masked_accuracy']
+    >>> loss, output = step.compute_loss(model, x, y)
+    >>> loss.backward()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .arguments import SETTING_FIELDS, SaliencyDecorArguments
+from .collapse import live_feature_fraction
+from .consistency import consistency_loss
+from .decorrelation import compiled_decorrelation_loss, decorrelation_loss
+from .errors import NonFiniteLossError
+from .feature_tap import frozen_running_stats
+from .features import ModelAdapter
+from .masking import mask_least_salient, pixel_saliency
+
+__all__ = ["SaliencyDecorOutput", "SaliencyDecorStep"]
+
+Backward = Callable[[Tensor], None]
+NoSync = Callable[[], contextlib.AbstractContextManager]
+
+
+@dataclass
+class SaliencyDecorOutput:
+    """Detached results of one step. ``loss`` is the full objective (not GA-scaled)."""
+
+    loss: Tensor
+    loss_ce: Tensor
+    loss_kl: Tensor | None
+    loss_decor: Tensor | None
+    logits: Tensor
+    masked_accuracy: Tensor | None = None
+    live_features: Tensor | None = None
+
+    def components(self) -> dict[str, Tensor]:
+        """The scalar components present for this method, by log name."""
+        values = {
+            "loss": self.loss,
+            "loss_ce": self.loss_ce,
+            "loss_kl": self.loss_kl,
+            "loss_decor": self.loss_decor,
+            "masked_accuracy": self.masked_accuracy,
+            "live_features": self.live_features,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass
+class _CleanPass:
+    """The clean forward: logits, the loss terms (with graphs) and the live-feature fraction."""
+
+    logits: Tensor
+    loss_ce: Tensor
+    loss_decor: Tensor | None
+    objective: Tensor  # loss_ce + decor_weight * loss_decor
+    live_features: Tensor | None
+
+
+class SaliencyDecorStep:
+    """Runs SaliencyDecor training steps for one model (see the module docstring).
+
+    Args:
+        adapter: from ``sd_plugin.adapt(model)``.
+        args: the method's settings (default: ``SaliencyDecorArguments()``).
+        num_processes: processes training together (resolves ``sync_whitening=None``).
+        generator: random generator of the ``"random"`` fill (reproducible masks).
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        args: SaliencyDecorArguments | None = None,
+        *,
+        num_processes: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        args = SaliencyDecorArguments() if args is None else SaliencyDecorArguments.from_object(args)
+        self.adapter = adapter
+        self.args = args
+        self.sync_whitening = args.sync_whitening_for(num_processes)
+        if args.whitening_compile and self.sync_whitening:
+            args.sync_whitening = True
+            args.validate()  # the same error as an explicit sync_whitening=True
+        self.generator = generator
+        self.uses_masking = args.uses_masking
+        self.uses_decorrelation = args.uses_decorrelation
+        self._warned: set[str] = set()
+        self._warn_if_head_frozen()
+        self._decorrelation_loss = compiled_decorrelation_loss() if args.whitening_compile else decorrelation_loss
+        self.whitening = None
+        if self.uses_decorrelation:
+            self.whitening = adapter.attach_whitening(
+                group_size=args.group_size,
+                whiten_head_input=args.whiten_head_input,
+                shrinkage=args.whitening_shrinkage,
+                momentum=args.whitening_momentum,
+                method=args.whitening_method,
+                sync_statistics=self.sync_whitening,
+            )
+            self.whitening.compiled = args.whitening_compile  # also when the model already carried one
+
+    def settings(self) -> dict[str, object]:
+        """The method's settings as they act (``whiten_head_input`` resolved), for metadata and cards."""
+        settings = {name: getattr(self.args, name) for name in SETTING_FIELDS}
+        settings["whiten_head_input"] = bool(self.whitening is not None and self.adapter.tap.whiten_head_input)
+        for name in _WHITENING_SETTINGS:
+            settings.pop(name)
+        if self.whitening is not None:  # the whitening's own values (a model may have carried one already)
+            settings.update(
+                group_size=self.whitening.group_size,
+                whitening_shrinkage=self.whitening.shrinkage,
+                whitening_momentum=self.whitening.momentum,
+                whitening_method=self.whitening.method,
+            )
+        return settings
+
+    # -- entry points -----------------------------------------------------------------
+
+    def step(
+        self,
+        model: nn.Module | None,
+        pixel_values: Tensor,
+        labels: Tensor,
+        backward: Backward | None = None,
+        loss_scale: float = 1.0,
+        no_sync: NoSync | None = None,
+    ) -> SaliencyDecorOutput:
+        """Run the passes of one training step and back-propagate them.
+
+        Args:
+            model: what to call (the adapter's model, or a DDP/accelerate wrapper of it);
+                ``None`` uses ``adapter.model``.
+            pixel_values: ``(B, C, H, W)`` float images.
+            labels: ``(B,)`` class indices.
+            backward: called with each loss to back-propagate (default
+                ``loss.backward()``; pass ``accelerator.backward`` in Accelerate loops).
+            loss_scale: multiplies every back-propagated loss (e.g. ``1 / grad_accum``).
+            no_sync: context manager factory that suppresses DDP's gradient all-reduce
+                (e.g. ``functools.partial(accelerator.no_sync, model)``): the clean pass
+                (forward and backward) runs inside it, so the two-pass step all-reduces
+                the accumulated gradients once, in the masked pass's backward.
+        """
+        model = self.adapter.model if model is None else model
+        backward = backward or (lambda loss: loss.backward())
+        decorrelate = self._prepare_batch(pixel_values, labels)
+        with self._whitening_on_running_statistics(self.uses_decorrelation and not decorrelate):
+            if not self.uses_masking:
+                clean = self._clean_pass(model, pixel_values.detach(), labels, decorrelate)
+                backward(clean.objective * loss_scale)
+                return self._output(clean, labels)
+            if self.args.consistency_grad == "both":
+                loss, output = self._joint_objective(model, pixel_values, labels, decorrelate, detach_clean=False)
+                backward(loss * loss_scale)
+                return output
+            return self._two_pass_step(model, pixel_values, labels, decorrelate, backward, loss_scale, no_sync)
+
+    def compute_loss(
+        self, model: nn.Module | None, pixel_values: Tensor, labels: Tensor
+    ) -> tuple[Tensor, SaliencyDecorOutput]:
+        """``(loss, output)``: the step's objective as one differentiable loss; call ``loss.backward()``.
+
+        ``loss.backward()`` gives the gradients ``step`` accumulates (for either
+        ``consistency_grad``); the saliency costs one more backward to the input, and the
+        clean graph stays alive during the masked pass.
+        """
+        model = self.adapter.model if model is None else model
+        decorrelate = self._prepare_batch(pixel_values, labels)
+        with self._whitening_on_running_statistics(self.uses_decorrelation and not decorrelate):
+            if not self.uses_masking:
+                clean = self._clean_pass(model, pixel_values.detach(), labels, decorrelate)
+                return clean.objective, self._output(clean, labels)
+            detach_clean = self.args.consistency_grad == "detached"
+            return self._joint_objective(model, pixel_values, labels, decorrelate, detach_clean)
+
+    # -- the step's structures ----------------------------------------------------------
+
+    def _two_pass_step(self, model, pixel_values, labels, decorrelate, backward, loss_scale, no_sync):
+        """Clean pass and its backward (under ``no_sync``), then the masked pass and its backward."""
+        inputs = pixel_values.detach().requires_grad_(True)  # the leaf that collects the input gradient
+        with no_sync() if no_sync is not None else contextlib.nullcontext():
+            clean = self._clean_pass(model, inputs, labels, decorrelate)
+            target = self._saliency_target(clean, labels)
+            if target is clean.objective:  # its backward runs anyway: the saliency is free
+                backward(clean.objective * loss_scale)
+                input_grad = inputs.grad
+            else:
+                (input_grad,) = torch.autograd.grad(target, inputs, retain_graph=True)
+                backward(clean.objective * loss_scale)
+        masked_logits = self._masked_pass(model, pixel_values.detach(), input_grad)
+        loss_kl = self._consistency(clean, masked_logits, detach_clean=True)
+        backward(self.args.consistency_weight * loss_kl * loss_scale)
+        return self._output(clean, labels, loss_kl, masked_logits)
+
+    def _joint_objective(self, model, pixel_values, labels, decorrelate, detach_clean: bool):
+        """Clean pass, saliency by ``autograd.grad``, masked pass: the whole objective, graph kept."""
+        inputs = pixel_values.detach().requires_grad_(True)
+        clean = self._clean_pass(model, inputs, labels, decorrelate)
+        (input_grad,) = torch.autograd.grad(self._saliency_target(clean, labels), inputs, retain_graph=True)
+        masked_logits = self._masked_pass(model, pixel_values.detach(), input_grad)
+        loss_kl = self._consistency(clean, masked_logits, detach_clean=detach_clean)
+        loss = clean.objective + self.args.consistency_weight * loss_kl
+        return loss, self._output(clean, labels, loss_kl, masked_logits)
+
+    # -- passes ---------------------------------------------------------------------------
+
+    def _clean_pass(self, model: nn.Module, inputs: Tensor, labels: Tensor, decorrelate: bool) -> _CleanPass:
+        tap = self.adapter.tap
+        with tap.whitened_for_loss(decorrelate):
+            tap.clear()
+            logits = self.adapter.logits(model, inputs)
+            features, whitened = tap.features, tap.whitened
+            tap.clear()
+        loss_ce = F.cross_entropy(logits.float(), labels)
+        loss_decor = None
+        objective = loss_ce
+        if decorrelate:
+            target = whitened if self.args.decor_target == "whitened" else features
+            if target is None:
+                raise RuntimeError(f"no features were recorded at {self.adapter.head_name!r}.")
+            loss_decor = self._decorrelation_loss(
+                target, sync=self.sync_whitening, liveness_weight=self.args.decor_liveness_weight
+            )
+            objective = loss_ce + self.args.decor_weight * loss_decor
+        self._check_finite({"loss_ce": loss_ce, "loss_decor": loss_decor})
+        live = live_feature_fraction(features) if features is not None and features.shape[0] > 1 else None
+        return _CleanPass(logits, loss_ce, loss_decor, objective, live)
+
+    def _saliency_target(self, clean: _CleanPass, labels: Tensor) -> Tensor:
+        """The scalar whose input gradient ranks the pixels (``saliency_target``)."""
+        if self.args.saliency_target == "logit":
+            return clean.logits.float().gather(1, labels.view(-1, 1)).sum()
+        if self.args.saliency_target == "loss":
+            return clean.loss_ce
+        return clean.objective
+
+    def _masked_pass(self, model: nn.Module, images: Tensor, input_grad: Tensor | None) -> Tensor:
+        """Mask the least salient pixels and run the model on the result."""
+        if input_grad is None:
+            raise RuntimeError(
+                "the clean pass produced no input gradient; the model must be differentiable "
+                "with respect to pixel_values."
+            )
+        masked_images, _ = mask_least_salient(
+            images, pixel_saliency(input_grad), self.args.mask_ratio, self.args.mask_fill, self.generator
+        )
+        updates_stats = self.args.masked_pass_updates_stats
+        with contextlib.nullcontext() if updates_stats else frozen_running_stats(self.adapter.base_model):
+            masked_logits = self.adapter.logits(model, masked_images)
+            self.adapter.tap.clear()
+        return masked_logits
+
+    def _consistency(self, clean: _CleanPass, masked_logits: Tensor, detach_clean: bool) -> Tensor:
+        loss_kl = consistency_loss(clean.logits, masked_logits, detach_clean=detach_clean)
+        self._check_finite({"loss_kl": loss_kl})
+        return loss_kl
+
+    def _output(
+        self,
+        clean: _CleanPass,
+        labels: Tensor,
+        loss_kl: Tensor | None = None,
+        masked_logits: Tensor | None = None,
+    ) -> SaliencyDecorOutput:
+        total = clean.objective.detach()
+        masked_accuracy = None
+        if loss_kl is not None and masked_logits is not None:
+            total = total + self.args.consistency_weight * loss_kl.detach()
+            masked_accuracy = (masked_logits.detach().argmax(-1) == labels).float().mean()
+        return SaliencyDecorOutput(
+            loss=total,
+            loss_ce=clean.loss_ce.detach(),
+            loss_kl=None if loss_kl is None else loss_kl.detach(),
+            loss_decor=None if clean.loss_decor is None else clean.loss_decor.detach(),
+            logits=clean.logits.detach(),
+            masked_accuracy=masked_accuracy,
+            live_features=clean.live_features,
+        )
+
+    # -- checks and warnings --------------------------------------------------------------
+
+    def _prepare_batch(self, pixel_values: Tensor, labels: Tensor) -> bool:
+        """Check the batch; True when it gets the decorrelation term."""
+        self.adapter.check_batch(pixel_values, labels)
+        return self.uses_decorrelation and self._batch_can_decorrelate(pixel_values.shape[0])
+
+    def _batch_can_decorrelate(self, batch: int) -> bool:
+        """False (with one warning) for a batch of one sample; one warning for batches below ``2 x group_size``."""
+        if batch < 2 and not self.sync_whitening:
+            self._warn_once(
+                "single",
+                "a training batch of 1 sample (typically the last, incomplete batch): its decorrelation term is "
+                "skipped and the whitening uses its running statistics for it. Set dataloader_drop_last=True "
+                "(Trainer) to drop such batches.",
+            )
+            return False
+        group_size = self.whitening.group_size if self.whitening is not None else 0
+        if batch < 2 * group_size:
+            self._warn_once(
+                "small",
+                f"a training batch of {batch} samples is smaller than 2 x group_size ({2 * group_size}): each "
+                f"group's {group_size}x{group_size} covariance comes from fewer samples than it has entries, so the "
+                "whitening and the decorrelation term are noisy. Raise the batch size or lower group_size.",
+            )
+        return True
+
+    def _warn_if_head_frozen(self) -> None:
+        """One warning when every output layer (a Linear with ``num_classes`` outputs) is frozen.
+
+        The usual cause: LoRA on a new classifier without ``modules_to_save=[<head>]``, which leaves
+        the randomly initialised head untrained.
+        """
+        heads = [
+            (name, module)
+            for name, module in self.adapter.base_model.named_modules()
+            if isinstance(module, nn.Linear) and module.out_features == self.adapter.num_classes
+        ]
+        if heads and not any(p.requires_grad for _, module in heads for p in module.parameters()):
+            self._warn_once(
+                "frozen_head",
+                f"the classification head ({', '.join(name for name, _ in heads)}) has no trainable parameter: "
+                "it will keep its initial weights. With PEFT/LoRA add it to modules_to_save (e.g. "
+                f"LoraConfig(modules_to_save=[{heads[-1][0].rsplit('.', 1)[-1]!r}])).",
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+    @contextlib.contextmanager
+    def _whitening_on_running_statistics(self, enabled: bool) -> Iterator[None]:
+        whitening = self.whitening
+        if not enabled or whitening is None or not whitening.training:
+            yield
+            return
+        whitening.eval()
+        try:
+            yield
+        finally:
+            whitening.train()
+
+    def _check_finite(self, components: dict[str, Tensor | None]) -> None:
+        if not self.args.check_finite:
+            return
+        present = {name: value for name, value in components.items() if value is not None}
+        if not present:
+            return
+        finite = torch.stack([value.detach().float() for value in present.values()]).isfinite()
+        if bool(finite.all()):
+            return
+        bad = [name for name, ok in zip(present, finite.tolist(), strict=True) if not ok]
+        values = {name: float(present[name]) for name in bad}
+        advice = "Lower the learning rate or check the inputs for NaN"
+        if self.whitening is not None:  # only the decorrelation methods whiten
+            advice += ", or raise whitening_shrinkage"
+        raise NonFiniteLossError(
+            f"non-finite loss component(s) {values}: training stopped before this step's update. {advice}."
+        )
+
+
+_WHITENING_SETTINGS = ("group_size", "whitening_shrinkage", "whitening_momentum", "whitening_method")
