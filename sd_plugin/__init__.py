@@ -1,16 +1,15 @@
 """SaliencyDecor training for the timm / Hugging Face fine-tuning stack."""
 
+from .adapter import ModelAdapter, adapt
 from .arguments import SaliencyDecorArguments
 from .consistency import consistency_loss
 from .decorrelation import decorrelation_loss
 from .errors import NonFiniteLossError
-from .features import ModelAdapter, adapt
 from .loss import SaliencyDecorLoss
 from .masking import mask_least_salient
 from .training_step import SaliencyDecorOutput, SaliencyDecorStep
+from .version import __version__ as __version__
 from .whitening import GroupZCA
-
-__version__ = "0.1.0"
 
 __all__ = [
     "GroupZCA",

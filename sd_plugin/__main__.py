@@ -16,7 +16,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
-        from . import __version__
+        from .version import __version__
 
         print(f"sd-plugin {__version__}")
         return 0

@@ -175,7 +175,6 @@ class SaliencyDecorArguments:
         metadata={"help": "Stop with an error naming the component when a loss becomes NaN/inf."},
     )
 
-
     def __post_init__(self) -> None:
         self.validate()
 
@@ -256,7 +255,8 @@ class MaskingTestArguments:
         },
     )
     eval_masking_step: float = field(
-        default=5.0, metadata={"help": "Masking-test step in percent of pixels (0, 100]; 5 as in DESIGN.md §4."}
+        default=5.0,
+        metadata={"help": "Masking-test step in percent of pixels (0, 100]; 5 as `python -m sd_plugin evaluate`."},
     )
 
     def __post_init__(self) -> None:

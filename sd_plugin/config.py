@@ -2,50 +2,11 @@
 
 Every ``TrainingArguments`` option keeps working (bf16, gradient accumulation,
 ``report_to``, ``push_to_hub``, ...). The method fields are those of
-``sd_plugin.arguments.SaliencyDecorArguments`` (declared and validated there), grouped:
-
-> Method
-
-- ``method``: ``"saliencydecor"`` (default), ``"baseline"``, ``"sgt"`` or ``"decor"``.
-
-> Saliency masking and consistency
-
-- ``mask_ratio``: fraction of least salient pixels replaced, in ``[0, 1)``; paper 0.25.
-- ``mask_fill``: ``"random"`` (default), ``"mean"``, ``"zero"`` or ``"blur"``.
-- ``consistency_weight``: weight of ``KL(p_clean || p_masked)``; paper 1.0.
-- ``consistency_grad``: ``"detached"`` (default, two passes) or ``"both"``.
-- ``masked_pass_updates_stats``: the masked pass updates BatchNorm/whitening running stats.
-
-> Whitening and decorrelation
-
-- ``decor_weight``: weight of the decorrelation loss; default 0.001 (the paper's best ablation
-  value; with the collapse-proof loss it was ahead of the paper's default 0.01 in mean accuracy
-  and gap, not significantly, RESULTS.md §0).
-- ``group_size``: ZCA group size (divides the feature width; <= 32).
-- ``whiten_head_input``: whitened features feed the head. Default ``False``: the whitening
-  only feeds the decorrelation loss (the paper's ViT variant) for every model, chosen by
-  measurement (RESULTS.md: on Fashion-MNIST the whitened head gained accuracy but lowered the
-  faithfulness gap below the baseline's). ``True`` is the paper's CNN Algorithm 1; ``None``
-  picks the paper's rule (CNNs yes, ViTs no).
-- ``decor_target``: ``"whitened"`` (default) or ``"features"``.
-- ``decor_liveness_weight``: what a dead feature costs in the decorrelation loss (default 2:
-  killing a unit never lowers it; 0: the paper's off-diagonal term alone, which rewards
-  dead units).
-- ``saliency_target``: what the masking saliency is the input gradient of: ``"objective"``
-  (default, free), ``"loss"`` (cross-entropy alone) or ``"logit"`` (true-class logit).
-- ``whitening_shrinkage``, ``whitening_momentum``, ``whitening_method``, ``whitening_compile``,
-  ``sync_whitening``.
-
-> Evaluation
-
-- ``eval_masking_auc``, ``eval_masking_samples``, ``eval_masking_step``: report the masking
-  test (``eval_masking_auc``, ``eval_masking_auc_random``, ``eval_faithfulness_gap``) and
-  ``eval_accuracy`` at each evaluation.
-
-> Model
-
-- ``feature_layer``: module whose output is the penultimate features, when the head
-  cannot be found automatically.
+``sd_plugin.arguments.SaliencyDecorArguments`` (declared, documented and validated there);
+this class adds the Trainer's evaluation fields: ``eval_masking_auc`` reports the masking test
+(``eval_masking_auc``, ``eval_masking_auc_random``, ``eval_faithfulness_gap``) at each evaluation,
+on ``eval_masking_samples`` images every ``eval_masking_step`` percent (``MaskingTestArguments``,
+shared with the recipes); ``eval_accuracy`` is always reported.
 
 Example:
     >>> from sd_plugin import SaliencyDecorConfig
@@ -83,6 +44,7 @@ class SaliencyDecorConfig(TrainingArguments, SaliencyDecorArguments, MaskingTest
             "(a fixed seed: the same images for every model) from the whole evaluation set."
         },
     )
+
     def __post_init__(self) -> None:
         self.validate()
         TrainingArguments.__post_init__(self)

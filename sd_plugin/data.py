@@ -115,7 +115,7 @@ def image_transform(model: nn.Module, directory: str | Path | None = None) -> Ca
     otherwise: convert to the model's channel count, resize to its input size, scale to
     [-1, 1].
     """
-    from .features import expected_channels, is_timm_model, unwrap_model
+    from .adapter import expected_channels, is_timm_model, unwrap_model
 
     base = unwrap_model(model)
     channels = expected_channels(base) or 3
@@ -228,14 +228,14 @@ def load_eval_dataset(
 
 
 def _model_channels(model: nn.Module) -> int | None:
-    from .features import expected_channels, unwrap_model
+    from .adapter import expected_channels, unwrap_model
 
     return expected_channels(unwrap_model(model))
 
 
 def model_class_names(model: nn.Module) -> tuple[int | None, list[str] | None]:
     """``(number of outputs, class names)`` a classifier declares (names None when generic, e.g. LABEL_0)."""
-    from .features import unwrap_model
+    from .adapter import unwrap_model
 
     base = unwrap_model(model)
     config = getattr(base, "config", None)

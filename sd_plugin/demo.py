@@ -2,9 +2,9 @@
 
 ``python -m sd_plugin demo`` (what ``make demo`` runs) trains a small transformers ResNet
 with ``SaliencyDecorTrainer`` for each method and seed, then prints accuracy, the masking
-AUC in saliency and random order and their gap (DESIGN.md §4), mean ± std over seeds, and
-saves each model (safetensors), a saliency figure, the masking curves, a gradient box
-plot and a ``results.json``.
+AUC in saliency and random order and their gap (the paper's masking test, every 5% of the
+pixels), mean ± std over seeds, and saves each model (safetensors), a saliency figure, the
+masking curves, a gradient box plot and a ``results.json``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .whitening import GroupZCA
 
-__all__ = ["FeatureTap", "WHITENING_MODULE_NAME", "frozen_running_stats"]
+__all__ = ["FeatureTap", "WHITENING_MODULE_NAME"]
 
 WHITENING_MODULE_NAME = "saliency_decor_whitening"
 
@@ -99,25 +99,3 @@ class FeatureTap:
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         return self._transform(output)
-
-
-def running_stat_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules whose running statistics change in train-mode forwards (BatchNorm, GroupZCA)."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, GroupZCA)) and m.track_running_stats
-    ]
-
-
-@contextlib.contextmanager
-def frozen_running_stats(model: nn.Module) -> Iterator[None]:
-    """Forwards inside the block use batch statistics but leave running buffers unchanged."""
-    modules = running_stat_modules(model)
-    for m in modules:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.track_running_stats = True

@@ -132,7 +132,7 @@ def restore_whitening(model: nn.Module, directory: str | Path) -> bool:
             f"{directory} was trained with whitened head inputs but has no {WHITENING_FILE}; "
             "the logits cannot be reproduced without it."
         )
-    from .features import adapt
+    from .adapter import adapt
 
     adapter = adapt(model, feature_layer=metadata.get("feature_layer"))
     whitening = adapter.attach_whitening(

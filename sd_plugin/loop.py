@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .adapter import adapt, unwrap_model
 from .arguments import EXECUTION_FIELDS, MaskingTestArguments, SaliencyDecorArguments
 from .collapse import CollapseMonitor
 from .evaluation.masking_curve import masking_metrics_during_training
-from .features import adapt, unwrap_model
 from .meter import MetricMeter
 from .training_step import SaliencyDecorStep
 
@@ -319,7 +319,7 @@ def train(
     checkpoint of the same run), ``_train_epochs`` (steps, logging, checkpoints) and
     ``_finish`` (evaluation, ``all_results.json``, export, push).
     """
-    run = _setup(args, method_args, model, train_dataset, eval_dataset, accelerator)
+    run = _setup(args, method_args, accelerator, model, (train_dataset, eval_dataset))
     if args.resume_from_checkpoint:
         _resume(run, args.resume_from_checkpoint)
     _train_epochs(run)
@@ -329,10 +329,9 @@ def train(
 def _setup(
     args: RecipeArguments,
     method_args: SaliencyDecorArguments,
-    model: nn.Module,
-    train_dataset: Dataset,
-    eval_dataset: Dataset | None,
     accelerator: Any,
+    model: nn.Module,
+    datasets: tuple[Dataset, Dataset | None],
 ) -> _Run:
     """Validate, build the loaders, the step, optimizer and schedule; prepare them for ``accelerator``."""
     from accelerate.utils import set_seed
@@ -349,8 +348,8 @@ def _setup(
     if args.peft == "lora":
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
         model = apply_lora(model, args.lora_r, args.lora_alpha, targets)
-    train_dataset = _truncate(train_dataset, args.max_train_samples)
-    eval_dataset = _truncate(eval_dataset, args.max_eval_samples)
+    train_dataset = _truncate(datasets[0], args.max_train_samples)
+    eval_dataset = _truncate(datasets[1], args.max_eval_samples)
     if len(train_dataset) == 0:
         raise ValueError("the training set is empty.")
     example = train_dataset[0]["pixel_values"].unsqueeze(0)
@@ -505,9 +504,7 @@ def _finish(run: _Run, command: str | None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
-        method_settings = {
-            k: v for k, v in run.method_args.to_dict().items() if isinstance(v, (int, float, str, bool))
-        }
+        method_settings = {k: v for k, v in run.method_args.to_dict().items() if isinstance(v, (int, float, str, bool))}
         method_settings.update(run.step.settings())
         _save_final(args, accelerator.unwrap_model(run.model), run.output_dir, results, command, method_settings)
     accelerator.wait_for_everyone()

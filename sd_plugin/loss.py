@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
+from .adapter import ModelAdapter
 from .arguments import SaliencyDecorArguments
 from .choices import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS, SALIENCY_TARGETS
 from .errors import NonFiniteLossError
-from .features import ModelAdapter
 from .training_step import SaliencyDecorOutput, SaliencyDecorStep
 
 __all__ = [

@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 
-
 def num_masked_pixels(ratio: float, num_pixels: int) -> int:
     """``round(ratio * num_pixels)`` with halves rounded up: the one pixel-count rule.
 

@@ -37,10 +37,10 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
 from . import checkpoint
+from .adapter import ModelAdapter, adapt
 from .collapse import CollapseMonitor
 from .config import METHOD_FIELDS, SaliencyDecorConfig
 from .evaluation.masking_curve import masking_metrics_during_training
-from .features import ModelAdapter, adapt
 from .meter import MetricMeter
 from .training_step import SaliencyDecorStep
 
@@ -222,7 +222,7 @@ class SaliencyDecorTrainer(Trainer):
 
     def saliency_decor_metadata(self) -> dict[str, Any]:
         """The method's settings as trained (written to ``saliency_decor.json``)."""
-        from . import __version__
+        from .version import __version__
 
         metadata = {name: getattr(self.args, name) for name in METHOD_FIELDS}
         metadata.update(self.sd_step.settings())

@@ -43,14 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapter import ModelAdapter
 from .arguments import SETTING_FIELDS, SaliencyDecorArguments
 from .collapse import live_feature_fraction
 from .consistency import consistency_loss
 from .decorrelation import compiled_decorrelation_loss, decorrelation_loss
 from .errors import NonFiniteLossError
-from .feature_tap import frozen_running_stats
-from .features import ModelAdapter
 from .masking import mask_least_salient, pixel_saliency
+from .running_stats import frozen_running_stats
 
 __all__ = ["SaliencyDecorOutput", "SaliencyDecorStep"]
 

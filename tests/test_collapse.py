@@ -12,11 +12,11 @@ import tiny_models
 import torch
 from torch.utils.data import DataLoader
 
-from sd_plugin import SaliencyDecorLoss, SaliencyDecorTrainer
+from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, SaliencyDecorTrainer
+from sd_plugin.adapter import adapt
 from sd_plugin.collapse import CollapseMonitor, FeatureCollapseWarning, live_feature_fraction
 from sd_plugin.data import load_digits_splits
 from sd_plugin.evaluation.report import accuracy, collect_features
-from sd_plugin.features import adapt
 from sd_plugin.models import PaperCNN
 
 
@@ -76,7 +76,7 @@ def _train_digits(method: str, seed: int, **method_args) -> tuple[float, int]:
     train, test = load_digits_splits(image_size=28)
     torch.manual_seed(seed)
     model = PaperCNN.mnist()
-    objective = SaliencyDecorLoss(adapt(model), method=method, group_size=8, **method_args)
+    objective = SaliencyDecorStep(adapt(model), SaliencyDecorArguments(method=method, group_size=8, **method_args))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     order = torch.Generator().manual_seed(seed)
     for _ in range(15):

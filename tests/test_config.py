@@ -47,11 +47,31 @@ def test_hf_argument_parser__every_method_field_is_a_flag(tmp_path):
     )
 
 
-def test_method_kwargs__sync_whitening_off_single_process(tmp_path):
-    kwargs = SaliencyDecorConfig(output_dir=str(tmp_path)).method_kwargs()
-    assert kwargs["sync_whitening"] is False
-    assert kwargs["whitening_compile"] is False
-    assert SaliencyDecorConfig(output_dir=str(tmp_path), whitening_compile=True).method_kwargs()["whitening_compile"]
+def test_method_arguments__the_config_carries_the_one_dataclass_and_sync_resolves(tmp_path):
+    from sd_plugin.arguments import SaliencyDecorArguments
+
+    config = SaliencyDecorConfig(output_dir=str(tmp_path), method="sgt", whitening_compile=True)
+    assert isinstance(config, SaliencyDecorArguments)
+    arguments = config.method_arguments()
+    assert type(arguments) is SaliencyDecorArguments and arguments.to_dict() == {
+        name: getattr(config, name) for name in SaliencyDecorArguments.field_names()
+    }
+    assert set(SaliencyDecorArguments.field_names()) <= set(METHOD_FIELDS)
+    assert arguments.sync_whitening_for(1) is False and arguments.sync_whitening_for(2) is True
+    assert SaliencyDecorArguments(sync_whitening=False).sync_whitening_for(2) is False
+    with pytest.warns(DeprecationWarning):
+        from sd_plugin.config import method_arguments_class
+
+        assert method_arguments_class() is SaliencyDecorArguments
+    assert config.method_kwargs()["sync_whitening"] is False  # the deprecated 0.1 form still works
+
+
+def test_from_training_arguments__a_plain_config_keeps_its_values(tmp_path):
+    from transformers import TrainingArguments
+
+    plain = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-3, seed=7, report_to="none")
+    config = SaliencyDecorConfig.from_training_arguments(plain, group_size=8)
+    assert (config.learning_rate, config.seed, config.group_size, config.method) == (3e-3, 7, 8, "saliencydecor")
 
 
 def test_post_init__whitening_compile_with_consistency_grad_both_refused(tmp_path):

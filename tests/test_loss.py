@@ -4,11 +4,15 @@ import torch
 import torch.nn.functional as F
 from compile_support import needs_torch_compile
 
-from sd_plugin import NonFiniteLossError, SaliencyDecorLoss, decorrelation_loss
-from sd_plugin.features import adapt
+from sd_plugin import NonFiniteLossError, SaliencyDecorArguments, SaliencyDecorStep, decorrelation_loss
+from sd_plugin.adapter import adapt
 from sd_plugin.masking import lowest_saliency_mask, pixel_saliency
 
 B = 16
+
+
+def make_step(adapter, generator=None, **fields):
+    return SaliencyDecorStep(adapter, SaliencyDecorArguments(**fields), generator=generator)
 
 
 def batch(seed=0, channels=3):
@@ -30,7 +34,7 @@ def count_forwards(model):
 def test_step__forward_passes_and_components(method, passes):
     torch.manual_seed(0)
     model = tiny_models.TinyNet()
-    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), method=method, group_size=8)
+    loss = make_step(adapt(model, feature_layer="body"), method=method, group_size=8)
     calls, handle = count_forwards(model)
     out = loss.step(model, *batch())
     handle.remove()
@@ -74,7 +78,7 @@ def reference_gradients(
 def test_step__gradients_equal_hand_written_objective(consistency_grad, saliency_target):
     torch.manual_seed(0)
     model = tiny_models.TinyNet().double()
-    loss = SaliencyDecorLoss(
+    loss = make_step(
         adapt(model, feature_layer="body"),
         mask_fill="mean",
         group_size=8,
@@ -102,7 +106,7 @@ def test_step__saliency_targets_mask_different_pixels():
     for target in ("objective", "loss", "logit"):
         torch.manual_seed(0)
         model = tiny_models.TinyNet().double()
-        loss = SaliencyDecorLoss(
+        loss = make_step(
             adapt(model, feature_layer="body"), mask_fill="zero", group_size=8, decor_weight=1.0, saliency_target=target
         )
         seen = []
@@ -120,9 +124,9 @@ def test_step__consistency_grad_both_differs_from_detached():
     for mode in ("detached", "both"):
         torch.manual_seed(0)
         model = tiny_models.TinyNet()
-        SaliencyDecorLoss(
-            adapt(model, feature_layer="body"), method="sgt", mask_fill="mean", consistency_grad=mode
-        ).step(model, *batch())
+        make_step(adapt(model, feature_layer="body"), method="sgt", mask_fill="mean", consistency_grad=mode).step(
+            model, *batch()
+        )
         results.append(model.body[0].weight.grad.clone())
     assert not torch.allclose(*results)
 
@@ -131,7 +135,7 @@ def test_step__consistency_grad_both_differs_from_detached():
 def test_step__masked_pass_running_statistics(updates):
     torch.manual_seed(0)
     model = tiny_models.TinyNet()
-    loss = SaliencyDecorLoss(
+    loss = make_step(
         adapt(model, feature_layer="body"),
         masked_pass_updates_stats=updates,
         group_size=8,
@@ -154,7 +158,7 @@ def test_step__ga_loss_scale_scales_gradients():
     torch.manual_seed(0)
     model = tiny_models.TinyNet()
     adapter = adapt(model, feature_layer="body")
-    loss = SaliencyDecorLoss(adapter, method="baseline")
+    loss = make_step(adapter, method="baseline")
     x, y = batch()
     loss.step(model, x, y)
     full = grads(model)
@@ -166,14 +170,14 @@ def test_step__ga_loss_scale_scales_gradients():
 
 def test_step__nan_stops_with_component_name():
     model = tiny_models.TinyNet()
-    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8)
+    loss = make_step(adapt(model, feature_layer="body"), group_size=8)
     x, y = batch()
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="NaN"):
         loss.step(model, x, y)
     assert all(p.grad is None for p in model.parameters())  # stopped before any backward
     assert torch.isfinite(model.saliency_decor_whitening.running_cov).all()
-    baseline = SaliencyDecorLoss(adapt(tiny_models.TinyNet(), feature_layer="body"), method="sgt")
+    baseline = make_step(adapt(tiny_models.TinyNet(), feature_layer="body"), method="sgt")
     with pytest.raises(NonFiniteLossError, match="loss_ce") as caught:
         baseline.step(None, x, y)
     assert "shrinkage" not in str(caught.value)  # sgt has no whitening to advise on (issue 11, item 12)
@@ -182,7 +186,7 @@ def test_step__nan_stops_with_component_name():
 def test_step__bf16_autocast_finite():
     torch.manual_seed(0)
     model = tiny_models.TinyNet()
-    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8)
+    loss = make_step(adapt(model, feature_layer="body"), group_size=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = loss.step(model, *batch())
     assert all(torch.isfinite(v) for v in out.components().values())
@@ -193,20 +197,20 @@ def test_init__errors_name_the_argument():
     model = tiny_models.TinyNet()
     adapter = adapt(model, feature_layer="body")
     with pytest.raises(ValueError, match=r"method='dbn' is not supported; allowed values are \('baseline'"):
-        SaliencyDecorLoss(adapter, method="dbn")
-    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
-        SaliencyDecorLoss(adapter, mask_ratio=1.0)
-    with pytest.raises(ValueError, match="decor_weight must be >= 0"):
-        SaliencyDecorLoss(adapter, decor_weight=-1.0)
+        make_step(adapter, method="dbn")
+    with pytest.raises(ValueError, match=r"mask_ratio=1.0 is out of range; use a fraction in \[0, 1\)"):
+        make_step(adapter, mask_ratio=1.0)
+    with pytest.raises(ValueError, match="decor_weight=-1.0 is negative; use a weight >= 0"):
+        make_step(adapter, decor_weight=-1.0)
     with pytest.raises(ValueError, match="group_size=5 does not divide num_features=16"):
-        SaliencyDecorLoss(adapter, group_size=5)
+        make_step(adapter, group_size=5)
     with pytest.raises(ValueError, match=r"saliency_target='gradcam' is not supported; allowed values are \('obj"):
-        SaliencyDecorLoss(adapter, saliency_target="gradcam")
+        make_step(adapter, saliency_target="gradcam")
 
 
 def test_step__error_channel_mismatch():
     model = tiny_models.TinyNet()
-    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8)
+    loss = make_step(adapt(model, feature_layer="body"), group_size=8)
     with pytest.raises(ValueError, match="1 channels but the model expects 3"):
         loss.step(model, *batch(channels=1))
 
@@ -220,7 +224,7 @@ def test_step__whitening_compile_same_gradients_as_eager(method):
     for compile_whitening in (False, True):
         torch.manual_seed(0)
         model = tiny_models.TinyNet()
-        loss = SaliencyDecorLoss(
+        loss = make_step(
             adapt(model, feature_layer="body"),
             method=method,
             group_size=8,
@@ -239,22 +243,18 @@ def test_init__whitening_compile_refuses_consistency_grad_both():
     # "both" back-propagates the clean pass twice (retain_graph); compiled backwards gave wrong
     # gradients there on one machine, so the combination is refused before any step.
     with pytest.raises(ValueError, match="whitening_compile=True does not support consistency_grad='both'"):
-        SaliencyDecorLoss(
-            adapt(tiny_models.TinyNet(), feature_layer="body"), whitening_compile=True, consistency_grad="both"
-        )
+        make_step(adapt(tiny_models.TinyNet(), feature_layer="body"), whitening_compile=True, consistency_grad="both")
 
 
 def test_init__whitening_compile_refuses_synced_statistics():
     with pytest.raises(ValueError, match="whitening_compile=True does not support sync_whitening"):
-        SaliencyDecorLoss(
-            adapt(tiny_models.TinyNet(), feature_layer="body"), whitening_compile=True, sync_whitening=True
-        )
+        make_step(adapt(tiny_models.TinyNet(), feature_layer="body"), whitening_compile=True, sync_whitening=True)
 
 
 def test_step__batch_of_one_skips_decorrelation_on_running_statistics():
     torch.manual_seed(0)
     model = tiny_models.TinyNet()
-    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8, whiten_head_input=True)
+    loss = make_step(adapt(model, feature_layer="body"), group_size=8, whiten_head_input=True)
     loss.step(model, *batch())  # a full batch sets the running statistics
     whitening = model.saliency_decor_whitening
     running = {k: v.clone() for k, v in whitening.state_dict().items()}
@@ -276,7 +276,7 @@ def test_step__batch_of_one_skips_decorrelation_on_running_statistics():
 def test_step__batches_below_twice_the_group_size_warn_once():
     torch.manual_seed(0)
     model = tiny_models.TinyNet()
-    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), group_size=8)
+    loss = make_step(adapt(model, feature_layer="body"), group_size=8)
     x, y = batch()
     with pytest.warns(UserWarning, match=r"smaller than 2 x group_size \(16\)") as caught:
         loss.step(model, x[:6], y[:6])
@@ -286,7 +286,7 @@ def test_step__batches_below_twice_the_group_size_warn_once():
 
 def test_step__labels_beyond_the_head_are_refused_on_the_first_batch():
     model = tiny_models.TinyNet()
-    loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), method="sgt")
+    loss = make_step(adapt(model, feature_layer="body"), method="sgt")
     x, y = batch()
     y[3] = 7  # the head has 3 outputs
     with pytest.raises(ValueError, match=r"labels range over \[0, 7\] but the model's head has 3 outputs"):
@@ -298,4 +298,50 @@ def test_init__a_frozen_head_gets_one_warning():
     model = tiny_models.TinyNet()
     model.out.requires_grad_(False)
     with pytest.warns(UserWarning, match=r"classification head \(out\) has no trainable parameter"):
-        SaliencyDecorLoss(adapt(model, feature_layer="body"), method="sgt")
+        make_step(adapt(model, feature_layer="body"), method="sgt")
+
+
+@pytest.mark.parametrize(
+    ("method", "consistency_grad"),
+    [("saliencydecor", "detached"), ("saliencydecor", "both"), ("sgt", "detached"), ("decor", "detached")],
+)
+def test_compute_loss__backward_gives_the_gradients_of_step(method, consistency_grad):
+    """``compute_loss(...)[0].backward()`` (one backward, user's loop) equals ``step`` (its own backwards)."""
+    results = []
+    for entry in ("step", "compute_loss"):
+        torch.manual_seed(0)
+        model = tiny_models.TinyNet().double()
+        step = make_step(
+            adapt(model, feature_layer="body"),
+            method=method,
+            group_size=8,
+            mask_fill="mean",
+            consistency_grad=consistency_grad,
+            whiten_head_input=True,
+        )
+        if step.whitening is not None:
+            step.whitening.double()
+        x, y = batch()
+        if entry == "step":
+            out = step.step(model, x.double(), y)
+        else:
+            loss, out = step.compute_loss(model, x.double(), y)
+            loss.backward()
+            torch.testing.assert_close(loss.detach(), out.loss)
+        results.append((out, grads(model)))
+    (step_out, step_grads), (loss_out, loss_grads) = results
+    assert set(step_out.components()) == set(loss_out.components())
+    for name, value in step_out.components().items():
+        torch.testing.assert_close(loss_out.components()[name], value, msg=name)
+    for name, value in step_grads.items():
+        torch.testing.assert_close(loss_grads[name], value, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_saliency_decor_loss__deprecated_alias_of_the_step():
+    from sd_plugin import SaliencyDecorLoss
+
+    model = tiny_models.TinyNet()
+    with pytest.warns(DeprecationWarning, match="SaliencyDecorStep"):
+        loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), method="sgt", mask_ratio=0.5)
+    assert isinstance(loss, SaliencyDecorStep)
+    assert (loss.args.method, loss.args.mask_ratio) == ("sgt", 0.5)

@@ -344,10 +344,10 @@ dist.init_process_group("gloo")
 torch.manual_seed(0)
 import sys; sys.path.insert(0, "tests")
 import tiny_models
-from sd_plugin import SaliencyDecorLoss, adapt
+from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, adapt
 model = tiny_models.TinyNet()
-objective = SaliencyDecorLoss(adapt(model, feature_layer="body"), method="saliencydecor", group_size=8,
-                              sync_whitening=True, mask_fill="mean")
+arguments = SaliencyDecorArguments(method="saliencydecor", group_size=8, sync_whitening=True, mask_fill="mean")
+objective = SaliencyDecorStep(adapt(model, feature_layer="body"), arguments)
 ddp = DDP(model)
 calls = []
 def count(state, bucket):

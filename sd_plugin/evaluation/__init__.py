@@ -1,9 +1,8 @@
 """Faithfulness and representation metrics for any image classifier."""
 
-from .attribution import saliency_maps
+from .attribution import input_gradients, saliency_maps
 from .masking_curve import DEFAULT_PERCENTAGES, MaskingCurve, faithfulness_gap, masking_auc, masking_curve
 from .model_fn import logits_fn
-from .saliency import input_gradients
 
 __all__ = [
     "DEFAULT_PERCENTAGES",

@@ -1,6 +1,7 @@
 """Per-pixel saliency maps by several attribution methods, batched on the device.
 
-- ``"gradient"``: ``|d CE(model(x), y) / d x|`` (the method's own saliency; no extra deps);
+- ``"gradient"``: ``|d CE(model(x), y) / d x|`` (the method's own saliency; no extra deps;
+  ``input_gradients`` gives the signed gradient and the logits);
 - ``"integrated_gradients"``, ``"smoothgrad"``: Captum's ``IntegratedGradients`` and
   ``NoiseTunnel(Saliency)`` at the true label (``pip install 'sd-plugin[eval]'``);
 - ``"random"``: uniform noise (the reference order).
@@ -18,15 +19,31 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..masking import pixel_saliency
 from .model_fn import LogitsFn, logits_fn
-from .saliency import input_gradients
 
-__all__ = ["ATTRIBUTIONS", "saliency_maps"]
+__all__ = ["ATTRIBUTIONS", "input_gradients", "saliency_maps"]
 
 ATTRIBUTIONS = ("gradient", "integrated_gradients", "smoothgrad", "random")
+
+
+def input_gradients(forward: LogitsFn, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(d CE / d x, logits)`` for a batch; one forward and one backward.
+
+    The per-sample gradient is that of the sample's own loss (the batch loss is summed,
+    so samples do not scale each other).
+    """
+    with torch.enable_grad():
+        x = images.detach().clone().requires_grad_(True)
+        logits = forward(x)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    if grad is None or not torch.is_tensor(grad):  # pragma: no cover - autograd returns a tensor
+        raise RuntimeError("the model gives no gradient with respect to its input.")
+    return grad, logits.detach()
 
 
 def _captum():

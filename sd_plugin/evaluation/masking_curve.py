@@ -28,9 +28,8 @@ from torch.utils.data import Dataset
 
 from ..arguments import MaskingTestArguments
 from ..masking import MASK_FILLS, fill_values, num_masked_pixels, pixel_saliency
-from .attribution import ATTRIBUTIONS, saliency_maps
+from .attribution import ATTRIBUTIONS, input_gradients, saliency_maps
 from .model_fn import LogitsFn, prepare_for_evaluation
-from .saliency import input_gradients
 
 __all__ = [
     "ORDERS",

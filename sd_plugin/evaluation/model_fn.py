@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..features import extract_logits, is_transformers_model, unwrap_model
+from ..adapter import extract_logits, is_transformers_model, unwrap_model
 
 __all__ = ["LogitsFn", "logits_fn", "prepare_for_evaluation"]
 

@@ -55,7 +55,7 @@ def collect_features(
     model: nn.Module, loader: DataLoader, feature_layer: str | None = None, max_images: int | None = None
 ) -> torch.Tensor:
     """Penultimate features ``(N, D)`` of the images in ``loader`` (eval mode)."""
-    from ..features import adapt
+    from ..adapter import adapt
 
     device = next(model.parameters()).device
     example, _ = unpack_batch(next(iter(loader)))

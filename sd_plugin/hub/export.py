@@ -26,8 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
+from ..adapter import is_peft, library_of, unwrap_model
 from ..checkpoint import read_metadata, weights_fingerprint, write_metadata
-from ..features import is_peft, library_of, unwrap_model
 from ..folding import find_whitening, fold_whitening_into_head
 from ..loading import load_classifier, restore_whitening
 from .card import REPO_ID_PLACEHOLDER, render_model_card, usage_snippet
@@ -42,6 +42,7 @@ class ExportSource(Protocol):
     def export_source(self) -> tuple[nn.Module, dict[str, Any], Any]:
         """``(model, method metadata, processor or None)``."""
         ...
+
 
 def _load_source(source: Any) -> tuple[nn.Module, dict[str, Any], Any, Path | None]:
     """``(model, metadata, processor, source_dir)`` from a trainer, a model or a folder."""

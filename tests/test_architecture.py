@@ -1,0 +1,156 @@
+"""The layering of ARCHITECTURE.md, checked from the package's import statements (also inside functions)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "sd_plugin"
+
+# ARCHITECTURE.md's table: a module imports only from its layer or lower numbers.
+LAYERS = {
+    "choices": 0,
+    "errors": 0,
+    "distributed": 0,
+    "collapse": 0,
+    "consistency": 0,
+    "meter": 0,
+    "models": 0,
+    "version": 0,
+    "arguments": 1,
+    "whitening": 1,
+    "decorrelation": 1,
+    "masking": 1,
+    "feature_tap": 1,
+    "running_stats": 1,
+    "adapter": 1,
+    "features": 1,
+    "folding": 1,
+    "training_step": 1,
+    "loss": 1,
+    "checkpoint": 2,
+    "loading": 2,
+    "data": 2,
+    "convert": 2,
+    "evaluation": 3,
+    "hub": 4,
+    "config": 5,
+    "trainer": 5,
+    "loop": 5,
+    "demo": 6,
+    "__main__": 6,
+}
+FRONT_ENDS = ("trainer", "loop")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, module: str | None = None) -> list[tuple[str, list[str]]]:
+    """``(imported sd_plugin module, imported names)`` for every import statement of a module."""
+    module = module or module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "sd_plugin":
+                continue
+            for alias in node.names:  # `from . import checkpoint` imports the module sd_plugin.checkpoint
+                submodule = PACKAGE.parent.joinpath(*target.split("."), alias.name)
+                if submodule.with_suffix(".py").is_file() or (submodule / "__init__.py").is_file():
+                    found.append((f"{target}.{alias.name}", []))
+                else:
+                    found.append((target, [alias.name]))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names if alias.name.split(".")[0] == "sd_plugin"]
+    return found
+
+
+def unit(module: str) -> str | None:
+    """The layer unit of a module: its top-level name under sd_plugin (None for the package facade)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def graph() -> dict[str, list[tuple[str, list[str]]]]:
+    return {module_name(path): imports_of(path) for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_module_has_a_layer():
+    missing = {unit(m) for m in graph() if unit(m) is not None and unit(m) not in LAYERS}
+    assert not missing, f"give these modules a layer in ARCHITECTURE.md and LAYERS: {sorted(missing)}"
+
+
+def test_imports_point_down_the_layers():
+    wrong = []
+    for module, imports in graph().items():
+        source = unit(module)
+        for target, names in imports:
+            if source is None:
+                continue  # the facade re-exports every layer
+            target_unit = unit(target)
+            if target_unit is None:
+                wrong.append(f"{module} imports the package facade ({names}); import the module that defines them")
+            elif LAYERS[target_unit] > LAYERS[source]:
+                wrong.append(f"{module} (layer {LAYERS[source]}) imports {target} (layer {LAYERS[target_unit]})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_front_ends_never_import_each_other():
+    for module, imports in graph().items():
+        if unit(module) in FRONT_ENDS:
+            others = [t for t, _ in imports if unit(t) in FRONT_ENDS and unit(t) != unit(module)]
+            assert not others, f"{module} imports {others}"
+        if unit(module) in ("hub", "evaluation"):
+            front = [t for t, _ in imports if unit(t) in FRONT_ENDS]
+            assert not front, f"{module} imports the front-end {front}"
+
+
+def test_no_cycles_between_modules():
+    edges = {m: {t for t, _ in imports if t in graph() and t != m} for m, imports in graph().items()}
+    edges = {m: targets for m, targets in edges.items() if unit(m) is not None}  # not the facades
+    for m in list(edges):
+        if m.count(".") == 1 and (PACKAGE / m.split(".")[1] / "__init__.py").exists():
+            edges.pop(m)  # subpackage facades
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in edges.get(node, ()):
+            if state.get(target) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path, node, target]))
+            if target not in state:
+                visit(target, [*path, node])
+        state[node] = 2
+
+    for node in edges:
+        if node not in state:
+            visit(node, [])
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    crossing = [
+        f"{module} imports {name} from {target}"
+        for module, imports in graph().items()
+        for target, names in imports
+        for name in names
+        if name.startswith("_") and not name.startswith("__")
+    ]
+    assert not crossing, "\n".join(crossing)
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The graph reader resolves relative imports, also inside functions (so the tests above can fail)."""
+    path = PACKAGE / "evaluation" / "cli.py"
+    targets = [target for target, _ in imports_of(path)]
+    assert "sd_plugin.loading" in targets and "sd_plugin.evaluation.masking_curve" in targets
+    fake = tmp_path / "x.py"
+    fake.write_text("def f():\n    from .trainer import _secret\n")
+    assert imports_of(fake, "sd_plugin.x") == [("sd_plugin.trainer", ["_secret"])]
