@@ -31,18 +31,19 @@ from torch.utils.data import DataLoader, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer  # noqa: E402
+from sd_plugin.choices import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS  # noqa: E402
 from sd_plugin.data import load_digits_splits, load_fashion_mnist  # noqa: E402
 from sd_plugin.evaluation import masking_curve, saliency_maps  # noqa: E402
 from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
 from sd_plugin.models import PaperCNN  # noqa: E402
 
-MAIN_METHODS = ("baseline", "sgt", "decor", "saliencydecor")
+MAIN_METHODS = METHODS
 ABLATIONS = {
     "mask_ratio": [0.25, 0.5, 0.75],
     "decor_weight": [0.001, 0.01, 0.1],
     "whiten_head_input": [True, False],
-    "decor_target": ["whitened", "features"],
-    "consistency_grad": ["detached", "both"],
+    "decor_target": list(DECOR_TARGETS),
+    "consistency_grad": list(CONSISTENCY_GRADS),
     "group_size": [8, 28],
     "decor_liveness_weight": [0.0, 2.0],
     "decor_objective": ["paper", "default"],

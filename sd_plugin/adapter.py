@@ -61,10 +61,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def is_peft(model: nn.Module) -> bool:
+    """True for a PEFT wrapper (``PeftModel``)."""
     return type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model")
 
 
 def is_transformers_model(model: nn.Module) -> bool:
+    """True for a transformers ``PreTrainedModel``."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -73,6 +75,7 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 
 def is_timm_model(model: nn.Module) -> bool:
+    """True for a model built by timm."""
     return type(model).__module__.startswith("timm.")
 
 
@@ -253,6 +256,7 @@ class ModelAdapter:
 
 
 def extract_logits(output: Any) -> Tensor:
+    """The logits of a model's output: a tensor, an output with ``.logits``, or a tuple's first tensor."""
     if isinstance(output, Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -330,6 +334,7 @@ def _head_in_features(head: nn.Module) -> int | None:
 
 
 def expected_channels(base: nn.Module) -> int | None:
+    """The number of input channels the model expects (its config, else its first convolution), or None."""
     config = getattr(base, "config", None)
     channels = getattr(config, "num_channels", None)
     if isinstance(channels, int):

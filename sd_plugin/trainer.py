@@ -69,7 +69,6 @@ class SaliencyDecorTrainer(Trainer):
 
     # compute_loss returns per-batch means: the step divides by the accumulation steps.
     loss_is_scaled_for_ga = False
-    _tag_names = ["sd-plugin", "saliencydecor"]
 
     def __init__(
         self,
@@ -194,7 +193,7 @@ class SaliencyDecorTrainer(Trainer):
         checkpoint.write_metadata(
             output_dir, {**self.saliency_decor_metadata(), "whitening_folded_into_head": split.head_folded}
         )
-        if self.sd_adapter.library == "timm" and not self.is_peft():
+        if self.sd_adapter.library == "timm" and not self._is_peft_model():
             checkpoint.write_timm_config(self.sd_adapter.base_model, output_dir)
         elif hasattr(self.sd_adapter.base_model, "config_dict"):  # sd_plugin.PaperCNN
             with open(os.path.join(output_dir, "config.json"), "w") as handle:
@@ -213,7 +212,7 @@ class SaliencyDecorTrainer(Trainer):
             stacklevel=3,
         )
 
-    def is_peft(self) -> bool:
+    def _is_peft_model(self) -> bool:
         return self.sd_adapter.model is not self.sd_adapter.base_model
 
     def export_source(self) -> tuple[nn.Module, dict[str, Any], Any]:

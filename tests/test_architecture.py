@@ -154,3 +154,19 @@ def test_the_checker_sees_a_violation(tmp_path):
     fake = tmp_path / "x.py"
     fake.write_text("def f():\n    from .trainer import _secret\n")
     assert imports_of(fake, "sd_plugin.x") == [("sd_plugin.trainer", ["_secret"])]
+
+
+def test_deprecated_names_are_the_new_objects():
+    """The 0.1 names kept for one release (CHANGELOG, Deprecated) resolve to the new objects."""
+    import sd_plugin.adapter
+    import sd_plugin.evaluation.attribution
+    import sd_plugin.evaluation.saliency
+    import sd_plugin.features
+    import sd_plugin.folding
+    import sd_plugin.hub.folding
+    from sd_plugin import SaliencyDecorLoss, SaliencyDecorStep
+
+    assert sd_plugin.features.adapt is sd_plugin.adapter.adapt
+    assert sd_plugin.evaluation.saliency.input_gradients is sd_plugin.evaluation.attribution.input_gradients
+    assert sd_plugin.hub.folding.fold_whitening_into_head is sd_plugin.folding.fold_whitening_into_head
+    assert issubclass(SaliencyDecorLoss, SaliencyDecorStep)

@@ -66,7 +66,7 @@ def test_pixel_saliency__channel_mean_of_abs():
 
 
 def test_errors__ratio_and_fill():
-    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"ratio=1.0 is out of range; use a fraction in \[0, 1\)"):
         lowest_saliency_mask(torch.rand(1, 4, 4), 1.0)
     with pytest.raises(ValueError, match="fill='noise'"):
         fill_values(torch.rand(1, 3, 4, 4), "noise")
