@@ -152,11 +152,7 @@ def _run_identity(args: RecipeArguments, method_args: SaliencyDecorArguments, nu
     up front instead of failing on a tensor shape or silently training another objective. Only the
     execution fields (``EXECUTION_FIELDS``: checks and strategies with the same values) may change.
     """
-    method_fields = {
-        k: v
-        for k, v in sorted(method_args.to_dict().items())
-        if isinstance(v, (int, float, str, bool)) and k not in EXECUTION_FIELDS
-    }
+    method_fields = {k: v for k, v in sorted(_scalars(method_args.to_dict()).items()) if k not in EXECUTION_FIELDS}
     return {
         "model": args.model,
         "dataset": args.dataset_name or [args.train_dir, args.validation_dir],
@@ -213,6 +209,51 @@ def _truncate(dataset: Dataset | None, limit: int | None) -> Dataset | None:
     from torch.utils.data import Subset
 
     return Subset(dataset, range(limit))
+
+
+def _check_arguments(args: RecipeArguments, method_args: SaliencyDecorArguments, num_processes: int) -> None:
+    args.validate()
+    method_args.validate()
+    if method_args.consistency_grad == "both" and num_processes > 1:
+        raise ValueError(
+            "consistency_grad='both' keeps two graphs alive and is not supported with several "
+            "processes; use 'detached'."
+        )
+
+
+def _make_loaders(
+    args: RecipeArguments, train_dataset: Dataset, eval_dataset: Dataset | None, num_processes: int
+) -> tuple[DataLoader, DataLoader | None]:
+    train_loader = DataLoader(
+        train_dataset,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        drop_last=num_processes > 1,
+    )
+    eval_loader = (
+        DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers)
+        if eval_dataset is not None and len(eval_dataset)
+        else None
+    )
+    return train_loader, eval_loader
+
+
+def _make_scheduler(args: RecipeArguments, optimizer: torch.optim.Optimizer, max_steps: int, num_processes: int) -> Any:
+    from transformers import get_scheduler
+
+    # The prepared scheduler steps once per process at each optimizer step (accelerate's convention).
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * num_processes,
+        num_training_steps=max_steps * num_processes,
+    )
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, Any]:
+    """The entries trackers and metadata can hold (numbers, strings, booleans)."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
 
 
 def _make_optimizer(args: RecipeArguments, model: nn.Module) -> torch.optim.Optimizer:
@@ -335,15 +376,8 @@ def _setup(
 ) -> _Run:
     """Validate, build the loaders, the step, optimizer and schedule; prepare them for ``accelerator``."""
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
-    args.validate()
-    method_args.validate()
-    if method_args.consistency_grad == "both" and accelerator.num_processes > 1:
-        raise ValueError(
-            "consistency_grad='both' keeps two graphs alive and is not supported with several "
-            "processes; use 'detached'."
-        )
+    _check_arguments(args, method_args, accelerator.num_processes)
     set_seed(args.seed)
     if args.peft == "lora":
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
@@ -356,43 +390,18 @@ def _setup(
     adapter = adapt(model, feature_layer=method_args.feature_layer, example_inputs=example)
     # The random mask fill draws from its own generator, reseeded from (seed, step, process) by
     # _train_epochs: resuming reproduces the masks whatever else consumed the global RNG.
-    step = SaliencyDecorStep(
-        adapter,
-        method_args,
-        num_processes=accelerator.num_processes,
-        generator=torch.Generator(device=accelerator.device),
-    )
-    train_loader = DataLoader(
-        train_dataset,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        num_workers=args.num_workers,
-        drop_last=accelerator.num_processes > 1,
-    )
-    eval_loader = (
-        DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, num_workers=args.num_workers)
-        if eval_dataset is not None and len(eval_dataset)
-        else None
-    )
+    generator = torch.Generator(device=accelerator.device)
+    step = SaliencyDecorStep(adapter, method_args, num_processes=accelerator.num_processes, generator=generator)
+    train_loader, eval_loader = _make_loaders(args, train_dataset, eval_dataset, accelerator.num_processes)
     optimizer = _make_optimizer(args, model)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # The prepared scheduler steps once per process at each optimizer step (accelerate's convention).
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )
+    scheduler = _make_scheduler(args, optimizer, max_steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     if args.with_tracking:
-        config = {
-            **{k: v for k, v in asdict(args).items() if isinstance(v, (int, float, str, bool))},
-            **{k: v for k, v in method_args.to_dict().items() if isinstance(v, (int, float, str, bool))},
-        }
-        accelerator.init_trackers("saliencydecor", config)
+        accelerator.init_trackers("saliencydecor", {**_scalars(asdict(args)), **_scalars(method_args.to_dict())})
     return _Run(
         args=args,
         method_args=method_args,
@@ -442,8 +451,7 @@ def _train_epochs(run: _Run) -> None:
     no_sync = functools.partial(accelerator.no_sync, model) if accelerator.num_processes > 1 else None
     micro_steps = run.completed_steps * args.gradient_accumulation_steps
     progress = tqdm(total=run.max_steps, initial=run.completed_steps, disable=not accelerator.is_local_main_process)
-    meter = MetricMeter()
-    collapse_monitor = CollapseMonitor()
+    logger = _Logger(run, progress)
     model.train()
     for epoch in range(run.start_epoch, run.epochs):
         if hasattr(run.train_loader, "set_epoch"):
@@ -461,19 +469,13 @@ def _train_epochs(run: _Run) -> None:
                 run.optimizer.step()
                 run.scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
-            meter.update(out.components())
+            logger.meter.update(out.components())
             if not accelerator.sync_gradients:
                 continue
             run.completed_steps += 1
             progress.update(1)
             if run.completed_steps % args.logging_steps == 0 or run.completed_steps == run.max_steps:
-                logs = meter.compute(mean_over_processes=functools.partial(accelerator.reduce, reduction="mean"))
-                logs["lr"] = run.scheduler.get_last_lr()[0]
-                run.history.append({"step": run.completed_steps, **logs})
-                collapse_monitor.check(logs, step=run.completed_steps)
-                progress.set_postfix(loss=f"{logs['loss']:.4f}")
-                if args.with_tracking:
-                    accelerator.log(logs, step=run.completed_steps)
+                logger.log()
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():
                 if run.completed_steps % int(args.checkpointing_steps) == 0:
                     _save_checkpoint(run, f"step_{run.completed_steps}")
@@ -484,6 +486,25 @@ def _train_epochs(run: _Run) -> None:
         if run.completed_steps >= run.max_steps:
             break
     progress.close()
+
+
+class _Logger:
+    """Averages the step's components over a logging window and logs them (history, trackers, bar)."""
+
+    def __init__(self, run: _Run, progress: Any) -> None:
+        self.run, self.progress = run, progress
+        self.meter = MetricMeter()
+        self.collapse_monitor = CollapseMonitor()
+
+    def log(self) -> None:
+        run, accelerator = self.run, self.run.accelerator
+        logs = self.meter.compute(mean_over_processes=functools.partial(accelerator.reduce, reduction="mean"))
+        logs["lr"] = run.scheduler.get_last_lr()[0]
+        run.history.append({"step": run.completed_steps, **logs})
+        self.collapse_monitor.check(logs, step=run.completed_steps)
+        self.progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        if run.args.with_tracking:
+            accelerator.log(logs, step=run.completed_steps)
 
 
 def _save_checkpoint(run: _Run, name: str) -> None:
@@ -504,8 +525,7 @@ def _finish(run: _Run, command: str | None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
-        method_settings = {k: v for k, v in run.method_args.to_dict().items() if isinstance(v, (int, float, str, bool))}
-        method_settings.update(run.step.settings())
+        method_settings = {**_scalars(run.method_args.to_dict()), **run.step.settings()}
         _save_final(args, accelerator.unwrap_model(run.model), run.output_dir, results, command, method_settings)
     accelerator.wait_for_everyone()
     if args.with_tracking:

@@ -44,7 +44,9 @@ class MetricMeter:
 
     def update_ratio(self, name: str, numerator: Tensor, denominator: Tensor) -> None:
         """Add to a ratio metric's numerator and denominator (``compute``: sum / sum)."""
-        pair = torch.stack([numerator.detach().double(), torch.as_tensor(denominator).to(numerator.device).double()])
+        dtype = torch.float32 if numerator.device.type == "mps" else torch.float64  # MPS has no float64
+        denominator = torch.as_tensor(denominator, device=numerator.device)
+        pair = torch.stack([numerator.detach().to(dtype), denominator.to(dtype)])
         self._ratios.setdefault(name, []).append(pair)
 
     def compute(self, mean_over_processes: Reduce | None = None, sum_over_processes: Reduce | None = None) -> dict:
