@@ -79,3 +79,23 @@ def test_post_init__whitening_compile_with_consistency_grad_both_refused(tmp_pat
         SaliencyDecorConfig(output_dir=str(tmp_path), whitening_compile=True, consistency_grad="both")
     # without the masking+decorrelation step there is no retained graph, so the pair is accepted
     SaliencyDecorConfig(output_dir=str(tmp_path), method="decor", whitening_compile=True, consistency_grad="both")
+
+
+def test_one_dataclass__every_method_field_reaches_config_flags_metadata_card_and_identity(tmp_path):
+    """A field declared in SaliencyDecorArguments needs no other declaration to reach every consumer."""
+    from sd_plugin.arguments import EXECUTION_FIELDS, SETTING_FIELDS, SaliencyDecorArguments
+    from sd_plugin.hub.card import render_model_card
+    from sd_plugin.loop import RecipeArguments, _run_identity
+
+    fields = SaliencyDecorArguments.field_names()
+    config = SaliencyDecorConfig(output_dir=str(tmp_path))
+    assert all(hasattr(config, name) for name in fields)
+    recipe_flags = {action.dest for action in HfArgumentParser((RecipeArguments, SaliencyDecorArguments))._actions}
+    assert set(fields) <= recipe_flags and set(fields) <= set(METHOD_FIELDS)
+    assert set(SETTING_FIELDS) == set(fields) - set(EXECUTION_FIELDS) - {"feature_layer"}
+    card = render_model_card("m", "timm", metadata=SaliencyDecorArguments().to_dict())
+    assert all(f"| `{name}` |" in card for name in SETTING_FIELDS)
+    identity = _run_identity(RecipeArguments(), SaliencyDecorArguments(), num_processes=1)
+    scalar_fields = [name for name, value in SaliencyDecorArguments().to_dict().items() if value is not None]
+    assert {name for name in scalar_fields if name not in EXECUTION_FIELDS} <= set(identity)
+    assert not set(EXECUTION_FIELDS) & set(identity)
