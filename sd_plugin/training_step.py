@@ -329,6 +329,7 @@ class SaliencyDecorStep:
                 "a training batch of 1 sample (typically the last, incomplete batch): its decorrelation term is "
                 "skipped and the whitening uses its running statistics for it. Set dataloader_drop_last=True "
                 "(Trainer) to drop such batches.",
+                stacklevel=5,
             )
             return False
         group_size = self.whitening.group_size if self.whitening is not None else 0
@@ -338,6 +339,7 @@ class SaliencyDecorStep:
                 f"a training batch of {batch} samples is smaller than 2 x group_size ({2 * group_size}): each "
                 f"group's {group_size}x{group_size} covariance comes from fewer samples than it has entries, so the "
                 "whitening and the decorrelation term are noisy. Raise the batch size or lower group_size.",
+                stacklevel=5,
             )
         return True
 
@@ -360,10 +362,11 @@ class SaliencyDecorStep:
                 f"LoraConfig(modules_to_save=[{heads[-1][0].rsplit('.', 1)[-1]!r}])).",
             )
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, stacklevel: int = 4) -> None:
+        """Warn once per key, pointing at the caller of the public method (``step``, the constructor)."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=4)
+            warnings.warn(message, UserWarning, stacklevel=stacklevel)
 
     @contextlib.contextmanager
     def _whitening_on_running_statistics(self, enabled: bool) -> Iterator[None]:
