@@ -35,8 +35,14 @@ recipes' run identity read the fields from this class.
   dead units).
 - ``saliency_target``: what the masking saliency is the input gradient of: ``"objective"``
   (default, free), ``"loss"`` (cross-entropy alone) or ``"logit"`` (true-class logit).
-- ``whitening_shrinkage``, ``whitening_momentum``, ``whitening_method``, ``whitening_compile``,
-  ``sync_whitening``.
+- ``whitening_shrinkage``, ``whitening_momentum``, ``whitening_method``.
+
+> Execution (``EXECUTION_FIELDS``: how a step runs, not what it computes)
+
+- ``check_finite``: stop with an error naming the loss component that became NaN/inf.
+- ``whitening_compile``: ``torch.compile`` the whitening and the decorrelation loss.
+- ``sync_whitening``: all-reduce the whitening statistics across processes (default: when
+  several processes train).
 
 > Model
 
