@@ -377,3 +377,18 @@ def test_card__describes_the_method_the_model_was_trained_with(method, said, not
     method_section = card.split("## Method")[1].split("##")[0]
     assert said in method_section and not_said not in method_section
     assert f"(`method={method}`)" in card
+
+
+def test_create_model_card__writes_the_saliencydecor_card_with_the_last_evaluation(tmp_path):
+    from huggingface_hub import ModelCard
+
+    trainer = train("timm_resnet", tmp_path)
+    g = torch.Generator().manual_seed(3)
+    held_out = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(12)]
+    metrics = trainer.evaluate(eval_dataset=held_out)
+    trainer.create_model_card(model_name="tiny-sd", dataset="noise-3")
+    card = ModelCard.load(tmp_path / "run" / "README.md")
+    assert card.data.library_name == "timm" and card.data.datasets == ["noise-3"]
+    assert "`method=saliencydecor`" in card.text and "| `decor_liveness_weight` |" in card.text
+    accuracy = next(r.metric_value for r in card.data.eval_results if r.metric_type == "accuracy")
+    assert accuracy == pytest.approx(100.0 * metrics["eval_accuracy"])
