@@ -164,7 +164,10 @@ def read_whitening_buffers(directory: str | Path, device: str = "cpu") -> dict[s
     """The whitening's buffers from a folder's ``WHITENING_FILE`` (0.1.0 folders included)."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(directory) / WHITENING_FILE), device=device)
+    return _whitening_buffers(load_file(str(Path(directory) / WHITENING_FILE), device=device))
+
+
+def _whitening_buffers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(_WHITENING_KEY): v for k, v in tensors.items() if not k.startswith(_HEAD_KEY)}
 
 
@@ -192,9 +195,8 @@ def restore_training_state(model: nn.Module, directory: str | Path) -> bool:
     from safetensors.torch import load_file
 
     whitening = found[1]
-    device = str(whitening.running_cov.device)
-    whitening.load_state_dict(read_whitening_buffers(directory, device))
-    tensors = load_file(str(path), device=device)
+    tensors = load_file(str(path), device=str(whitening.running_cov.device))
+    whitening.load_state_dict(_whitening_buffers(tensors))
     if _HEAD_KEY + "weight" in tensors:
         fed = head_fed_by(model)
         if fed is None:

@@ -32,7 +32,7 @@ class MetricMeter:
 
     def __init__(self) -> None:
         self._values: dict[str, list[Tensor]] = {}
-        self._ratios: dict[str, list[Tensor]] = {}
+        self._ratios: dict[str, tuple[Tensor, int | Tensor]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._values or self._ratios)
@@ -42,12 +42,10 @@ class MetricMeter:
         for name, value in values.items():
             self._values.setdefault(name, []).append(value.detach())
 
-    def update_ratio(self, name: str, numerator: Tensor, denominator: Tensor) -> None:
-        """Add to a ratio metric's numerator and denominator (``compute``: sum / sum)."""
-        dtype = torch.float32 if numerator.device.type == "mps" else torch.float64  # MPS has no float64
-        denominator = torch.as_tensor(denominator, device=numerator.device)
-        pair = torch.stack([numerator.detach().to(dtype), denominator.to(dtype)])
-        self._ratios.setdefault(name, []).append(pair)
+    def update_ratio(self, name: str, numerator: Tensor, denominator: int | Tensor) -> None:
+        """Add to a ratio metric's numerator (summed on its device) and denominator (``compute``: sum / sum)."""
+        total, count = self._ratios.get(name, (0, 0))
+        self._ratios[name] = (total + numerator.detach(), count + denominator)
 
     def compute(self, mean_over_processes: Reduce | None = None, sum_over_processes: Reduce | None = None) -> dict:
         """The metrics as floats (means across processes, ratios of sums across processes); resets the meter."""
@@ -55,8 +53,9 @@ class MetricMeter:
         for name, values in self._values.items():
             mean = torch.stack(values).float().mean()
             results[name] = float(mean_over_processes(mean) if mean_over_processes else mean)
-        for name, pairs in self._ratios.items():
-            totals = torch.stack(pairs).sum(0)
+        for name, (total, count) in self._ratios.items():
+            dtype = torch.float32 if total.device.type == "mps" else torch.float64  # MPS has no float64
+            totals = torch.stack([total.to(dtype), torch.as_tensor(count, device=total.device).to(dtype)])
             totals = sum_over_processes(totals) if sum_over_processes else totals
             if float(totals[1]) > 0:
                 results[name] = float(totals[0] / totals[1])

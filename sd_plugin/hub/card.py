@@ -35,7 +35,6 @@ METRIC_LABELS = {
     "effective_rank": ("effective_rank", "feature effective rank"),
     "live_features": ("live_features", "fraction of penultimate features alive"),
 }
-_HYPERPARAMETERS = SETTING_FIELDS
 REPO_ID_PLACEHOLDER = "<repo_id>"  # push replaces it with the repository id
 
 
@@ -137,7 +136,7 @@ def render_model_card(
         if method in ("decor", "saliencydecor")
         else "Inference is the plain architecture."
     )
-    hyperparameters = "\n".join(f"| `{k}` | {_format(metadata[k])} |" for k in _HYPERPARAMETERS if k in metadata)
+    hyperparameters = "\n".join(f"| `{k}` | {_format(metadata[k])} |" for k in SETTING_FIELDS if k in metadata)
     figure_lines = "\n\n".join(f"![{name}]({name})" for name in figures or [])
     training = []
     if training_command:
