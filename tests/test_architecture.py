@@ -31,6 +31,7 @@ LAYERS = {
     "checkpoint": 2,
     "loading": 2,
     "data": 2,
+    "localization_data": 2,
     "convert": 2,
     "evaluation": 3,
     "hub": 4,

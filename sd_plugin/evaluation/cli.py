@@ -1,9 +1,10 @@
 """``python -m sd_plugin evaluate``: score one or more image classifiers on one dataset.
 
-Prints a table (accuracy, masking AUC in saliency and random order, the faithfulness gap,
-deletion/insertion AUC, sparseness, feature effective rank), and writes ``results.json``
-with every number plus ``saliency.png``, ``masking_curves.png`` and
-``gradient_boxplot.png`` to ``--output-dir``.
+Prints a table of the main metrics (``metrics.TABLE_METRICS``: accuracy, the removal gaps under
+the mean fill and under ROAD imputation, the blur control, deletion/insertion and, on a
+localization dataset, relevance mass / rank and the pointing game) and writes ``results.json``
+with every metric of ``metrics.METRICS``, each metric's direction, per-image scores, plus
+``saliency.png``, ``masking_curves.png`` and ``gradient_boxplot.png`` to ``--output-dir``.
 
 Example:
     python -m sd_plugin evaluate --model outputs/demo/saliencydecor/seed0 \\
@@ -19,36 +20,28 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_eval_dataset, model_class_names
+from ..data import check_labels_fit, image_transform, load_eval_dataset, model_class_names
 from ..loading import load_classifier, weights_fingerprint
 from .attribution import ATTRIBUTIONS, saliency_maps
-from .masking_curve import MaskingCurve, percentages_every
+from .masking_curve import CURVE_FILLS, MaskingCurve, percentages_every, random_subset
+from .metrics import METRICS, TABLE_METRICS, metric_directions
 from .randomization import parameter_randomization
 from .report import evaluate_model, first_images
 
 __all__ = ["main", "format_table"]
 
-COLUMNS = (
-    ("accuracy", "acc %", "{:.2f}"),
-    ("masking_auc", "AUC sal", "{:.0f}"),
-    ("masking_auc_random", "AUC rand", "{:.0f}"),
-    ("faithfulness_gap", "gap", "{:.3f}"),
-    ("masking_auc_least", "AUC LeRF", "{:.0f}"),
-    ("lerf_morf_gap", "LeRF-MoRF", "{:.3f}"),
-    ("deletion_auc", "del", "{:.3f}"),
-    ("insertion_auc", "ins", "{:.3f}"),
-    ("sparseness", "gini", "{:.3f}"),
-    ("effective_rank", "erank", "{:.1f}"),
-    ("live_features", "live", "{:.0%}"),
-)
-
 
 def format_table(results: dict[str, dict]) -> str:
-    """Markdown table, one row per model."""
-    lines = ["| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
-    lines.append("|---" * (len(COLUMNS) + 1) + "|")
+    """Markdown table, one row per model, the columns of ``TABLE_METRICS`` that any model has.
+
+    Each title carries its direction (↑ higher is better, ↓ lower is better).
+    """
+    keys = [key for key in TABLE_METRICS if any(key in metrics for metrics in results.values())]
+    arrows = {True: " ↑", False: " ↓", None: ""}
+    titles = [METRICS[key].title + arrows[METRICS[key].higher_is_better] for key in keys]
+    lines = ["| model | " + " | ".join(titles) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, metrics in results.items():
-        cells = [fmt.format(metrics[key]) for key, _, fmt in COLUMNS]
+        cells = [METRICS[key].fmt.format(metrics[key]) if key in metrics else "–" for key in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -73,10 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default=None, help="dataset split (default: test/validation)")
     parser.add_argument("--output-dir", required=True, help="where results.json and the figures go")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward")
-    parser.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
-    parser.add_argument("--step", type=float, default=5.0, help="masking-curve step in percent (0..100)")
     parser.add_argument(
-        "--fill", default="mean", choices=["mean", "zero", "blur", "random"], help="what replaces a removed pixel"
+        "--max-images", type=int, default=None, help="evaluate on N images drawn at random (seeded, over all classes)"
+    )
+    parser.add_argument("--step", type=float, default=5.0, help="masking-curve step in percent (0..100]")
+    parser.add_argument(
+        "--fill",
+        default="mean",
+        choices=[f for f in CURVE_FILLS if f != "road"],
+        help="what replaces a removed pixel in the main curves (ROAD imputation runs beside them)",
+    )
+    parser.add_argument("--no-road", action="store_true", help="skip the curves under ROAD's noisy linear imputation")
+    parser.add_argument(
+        "--blur-sigma", type=float, default=2.0, help="sigma (pixels) of the blur control; 0 switches it off"
     )
     parser.add_argument(
         "--attribution",
@@ -106,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         name = _display_name(path, set(results))
         model = load_classifier(path).to(args.device)
         directory = path if Path(path).is_dir() else None
-        dataset = load_eval_dataset(args.dataset, args.split, model, directory)
+        dataset = _load_dataset(args.dataset, args.split, model, directory)
         if len(dataset) == 0:
             raise SystemExit(f"dataset {args.dataset!r} (split {args.split}) is empty.")
+        if args.max_images is not None:  # the same seeded, class-spread images for every model
+            dataset = random_subset(dataset, args.max_images)
         metrics = evaluate_model(
             model,
             dataset,
@@ -119,18 +123,20 @@ def main(argv: list[str] | None = None) -> int:
             max_images=args.max_images,
             seed=args.seed,
             progress=not args.no_progress,
+            road=not args.no_road,
+            blur_sigma=args.blur_sigma or None,
         )
         metrics["source"] = path
         if directory is not None:
             metrics["weights_sha256"] = weights_fingerprint(directory)
-        images, labels = first_images(dataset, min(6, len(dataset)))
+        images, labels = first_images(random_subset(dataset, 6), min(6, len(dataset)))  # spread over classes
         if examples is None:
             examples = (images, labels)
             class_names = model_class_names(model)[1]
         saliency[name] = saliency_maps(model, images.to(args.device), labels.to(args.device), args.attribution).cpu()
         curves[name] = [MaskingCurve(**_curve_args(metrics["curves"][key])) for key in ("saliency", "random")]
         if args.randomization:
-            sample = first_images(dataset, min(16, len(dataset)))
+            sample = first_images(random_subset(dataset, 16), min(16, len(dataset)))
             check = parameter_randomization(model, sample[0].to(args.device), sample[1].to(args.device))
             metrics["randomization"] = check.to_dict()
         results[name] = metrics
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dataset": args.dataset,
                 "split": args.split,
                 "command": "python -m sd_plugin evaluate " + shlex.join(argv),
+                "metrics": metric_directions(),
                 "models": results,
                 "figures": figures,
             },
@@ -151,12 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(results))
     print(
-        "\nAUC sal/rand: masking-curve AUC (0-10000, lower = more faithful) in saliency / random order; "
-        "gap = (rand - sal) / rand;\ndel/ins: RISE deletion (lower better) / insertion (higher better); "
-        "gini: saliency sparseness; erank: feature effective rank."
+        "\ngap = (AUC_random - AUC_MoRF) / AUC_random; LeRF-MoRF = (AUC_LeRF - AUC_MoRF) / AUC_random, under the "
+        "mean fill and under ROAD imputation;\nblur: the same metric for the maps Gaussian-blurred (a map that is "
+        "sharper and more faithful beats it); del/ins: RISE deletion / insertion;\nmass/rank/point: relevance "
+        "mass, relevance rank and pointing game on the ground-truth objects. Every metric and per-image scores "
+        "are in results.json."
     )
     print(f"Results and figures in {output_dir}/")
     return 0
+
+
+def _load_dataset(name_or_path: str, split: str | None, model, directory):
+    """``load_eval_dataset``, or the localization dataset (with its masks) when the folder is one."""
+    from ..localization_data import LocalizationDataset, is_localization_dataset
+
+    if not is_localization_dataset(name_or_path):
+        return load_eval_dataset(name_or_path, split, model, directory)
+    dataset = LocalizationDataset(name_or_path, split or "test", image_transform(model, directory))
+    check_labels_fit(model, len(dataset.classes), dataset.classes, name_or_path)
+    return dataset
 
 
 def _curve_args(curve: dict) -> dict:

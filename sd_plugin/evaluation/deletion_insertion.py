@@ -14,15 +14,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..masking import fill_values, num_masked_pixels
-from .attribution import ATTRIBUTIONS, saliency_maps
+from .attribution import Attribution, check_attribution, saliency_maps
 from .masking_curve import maybe_progress, pixel_ranks, unpack_batch
-from .model_fn import LogitsFn, prepare_for_evaluation
+from .model_fn import LogitsFn, evaluation_mode, prepare_for_evaluation
 
 __all__ = ["DeletionInsertion", "deletion_insertion", "rise_auc"]
 
@@ -43,6 +43,8 @@ class DeletionInsertion:
     deletion: list[float]
     insertion: list[float]
     num_images: int
+    per_image_deletion_auc: list[float] = field(default_factory=list)
+    per_image_insertion_auc: list[float] = field(default_factory=list)
 
     @property
     def deletion_auc(self) -> float:
@@ -60,6 +62,8 @@ class DeletionInsertion:
             "deletion_auc": self.deletion_auc,
             "insertion_auc": self.insertion_auc,
             "num_images": self.num_images,
+            "per_image_deletion_auc": self.per_image_deletion_auc,
+            "per_image_insertion_auc": self.per_image_insertion_auc,
         }
 
 
@@ -68,7 +72,7 @@ def deletion_insertion(
     model: nn.Module | LogitsFn,
     dataloader: Iterable,
     steps: int = 20,
-    attribution: str = "gradient",
+    attribution: Attribution = "gradient",
     target: str = "prediction",
     deletion_fill: str = "zero",
     insertion_fill: str = "blur",
@@ -92,12 +96,41 @@ def deletion_insertion(
         raise ValueError(f"steps must be >= 1, got {steps}.")
     if target not in ("prediction", "label"):
         raise ValueError(f"target={target!r} is not supported; use 'prediction' or 'label'.")
-    if attribution not in ATTRIBUTIONS:
-        raise ValueError(f"attribution={attribution!r} is not supported; use one of {ATTRIBUTIONS}.")
+    check_attribution(attribution)
+    with evaluation_mode(model):
+        return _deletion_insertion(
+            model,
+            dataloader,
+            steps,
+            attribution,
+            target,
+            deletion_fill,
+            insertion_fill,
+            max_batch_size,
+            device,
+            max_images,
+            seed,
+            progress,
+        )
+
+
+def _deletion_insertion(
+    model,
+    dataloader,
+    steps,
+    attribution,
+    target,
+    deletion_fill,
+    insertion_fill,
+    max_batch_size,
+    device,
+    max_images,
+    seed,
+    progress,
+) -> DeletionInsertion:
     forward, device, generator = prepare_for_evaluation(model, device, seed)
     fractions = [i / steps for i in range(steps + 1)]
-    deletion = torch.zeros(len(fractions), dtype=torch.float64, device=device)
-    insertion = torch.zeros(len(fractions), dtype=torch.float64, device=device)
+    per_image: list[Tensor] = []  # (points, 2, B) target probabilities per batch
     seen = 0
     for batch in maybe_progress(dataloader, progress, "deletion/insertion"):
         images, labels = unpack_batch(batch)
@@ -108,10 +141,12 @@ def deletion_insertion(
         images, labels = images.to(device), labels.to(device)
         if target == "prediction":
             labels = forward(images).argmax(-1)
-        ranks = pixel_ranks(saliency_maps(forward, images, labels, attribution, generator))
+        source = forward if isinstance(attribution, str) else model
+        ranks = pixel_ranks(saliency_maps(source, images, labels, attribution, generator, offset=seen))
         substrates = (fill_values(images, deletion_fill, generator), fill_values(images, insertion_fill, generator))
         batch_size, num_pixels = images.shape[0], ranks.shape[1]
         per_chunk = max(1, (max_batch_size or 2 * batch_size) // (2 * batch_size))
+        picked_batch = torch.zeros(len(fractions), 2, batch_size, dtype=torch.float64, device=device)
         for start in range(0, len(fractions), per_chunk):
             chunk = fractions[start : start + per_chunk]
             variants = []
@@ -122,10 +157,15 @@ def deletion_insertion(
             probabilities = forward(torch.cat(variants)).float().softmax(-1)
             probabilities = probabilities.view(len(chunk), 2, batch_size, -1)
             picked = probabilities.gather(-1, labels.view(1, 1, -1, 1).expand(len(chunk), 2, -1, 1))[..., 0]
-            sums = picked.double().sum(-1)
-            deletion[start : start + len(chunk)] += sums[:, 0]
-            insertion[start : start + len(chunk)] += sums[:, 1]
+            picked_batch[start : start + len(chunk)] = picked.double()
+        per_image.append(picked_batch)
         seen += batch_size
     if seen == 0:
         raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
-    return DeletionInsertion(fractions, (deletion / seen).tolist(), (insertion / seen).tolist(), seen)
+    probabilities = torch.cat(per_image, 2)  # (points, 2, N)
+    mean = probabilities.mean(2)
+    # RISE's auc per image: the trapezoid over equally spaced points
+    per_image_auc = (probabilities.sum(0) - probabilities[0] / 2 - probabilities[-1] / 2) / (len(fractions) - 1)
+    return DeletionInsertion(
+        fractions, mean[:, 0].tolist(), mean[:, 1].tolist(), seen, per_image_auc[0].tolist(), per_image_auc[1].tolist()
+    )

@@ -135,7 +135,7 @@ def _conjugate_gradients(
     a check leave the active set, so a batch mixing small and large holes pays for each its own.
     """
     active = torch.arange(solution.shape[0], device=solution.device)
-    x, missing_active, limit_active = solution, missing, threshold
+    x, missing_active, limit_active = solution.clone(), missing, threshold
 
     def operator(v: Tensor) -> Tensor:  # (S - W_mm) v on the removed pixels, 0 elsewhere
         return missing_active * (weight_sum * v - _neighbour_sum(missing_active * v))

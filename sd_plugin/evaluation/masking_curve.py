@@ -28,11 +28,14 @@ from torch.utils.data import Dataset
 
 from ..arguments import MaskingTestArguments
 from ..masking import MASK_FILLS, fill_values, num_masked_pixels, pixel_saliency
-from .attribution import ATTRIBUTIONS, input_gradients, saliency_maps
-from .model_fn import LogitsFn, prepare_for_evaluation
+from .attribution import Attribution, blur_maps, blurred, check_attribution, input_gradients, saliency_maps
+from .imputation import noisy_linear_impute
+from .model_fn import LogitsFn, evaluation_mode, prepare_for_evaluation
 
 __all__ = [
+    "CURVE_FILLS",
     "ORDERS",
+    "faithfulness_curves",
     "masking_curves",
     "masking_metrics_during_training",
     "maybe_progress",
@@ -51,6 +54,8 @@ __all__ = [
 
 DEFAULT_PERCENTAGES: tuple[float, ...] = tuple(float(p) for p in range(0, 101, 5))
 ORDERS = ("saliency", "least_salient", "random")
+# Removal fills of the curves: the training fills, plus ROAD's noisy linear imputation.
+CURVE_FILLS = (*MASK_FILLS, "road")
 
 
 def masking_auc(percentages: Sequence[float], accuracy: Sequence[float]) -> float:
@@ -73,13 +78,19 @@ def faithfulness_gap(auc_saliency: float, auc_random: float) -> float:
 def percentages_every(step: float) -> tuple[float, ...]:
     """Removal levels ``0, step, 2 step, ..., 100`` (percent).
 
+    The last level is always 100, so the AUC spans 0-100 whatever the step (a step that does
+    not divide 100 ends with a shorter interval).
+
     Example:
         >>> percentages_every(25)
         (0.0, 25.0, 50.0, 75.0, 100.0)
+        >>> percentages_every(30)
+        (0.0, 30.0, 60.0, 90.0, 100.0)
     """
     if not 0 < step <= 100:
         raise ValueError(f"step must be in (0, 100] percent, got {step}.")
-    return tuple(min(100.0, i * float(step)) for i in range(int(round(100 / step)) + 1))
+    levels = [i * float(step) for i in range(int(100 // step) + 1) if i * float(step) < 100 - 1e-9]
+    return (*levels, 100.0)
 
 
 @dataclass
@@ -92,6 +103,8 @@ class MaskingCurve:
     fill: str = "mean"
     num_images: int = 0
     extra: dict = field(default_factory=dict)
+    per_image_auc: list[float] | None = None  # each image's AUC of 100 x correct(p), dataset order
+    attribution: str = "gradient"
 
     @property
     def auc(self) -> float:
@@ -123,6 +136,8 @@ class MaskingCurve:
             "auc": self.auc,
             "normalized_auc": self.normalized_auc,
             "relative_auc": self.relative_auc,
+            "attribution": self.attribution,
+            "per_image_auc": self.per_image_auc,
         }
 
 
@@ -169,30 +184,32 @@ def masking_curve(
     device: torch.device | str | None = None,
     seed: int = 0,
     max_images: int | None = None,
-    attribution: str = "gradient",
+    attribution: Attribution = "gradient",
     progress: bool = False,
 ) -> MaskingCurve:
     """Accuracy (%) of ``model`` as the top ``p``% pixels by ``order`` are removed.
 
     Args:
         model: a classifier (transformers, timm, PEFT, torch) or a ``pixel_values -> logits``
-            function. It is put in eval mode.
+            function. It runs in eval mode; a module's train/eval modes are restored after.
         dataloader: yields ``{"pixel_values", "labels"}`` dicts or ``(images, labels)``.
         percentages: removal levels in ``[0, 100]``, increasing.
         order: ``"saliency"`` (most salient pixels by ``attribution`` first, MoRF),
             ``"least_salient"`` (least salient first, LeRF: a faithful map keeps the accuracy
             high; together with MoRF under one fill, the shape of the mask cannot carry the
             class, as ROAD argues) or ``"random"``.
-        fill: replacement, one of ``MASK_FILLS`` (default ``"mean"``: per-channel image mean).
+        fill: replacement, one of ``CURVE_FILLS`` (default ``"mean"``: per-channel image mean;
+            ``"road"``: ROAD's noisy linear imputation from the kept neighbours).
         max_batch_size: images per forward when masked copies of several levels are
             stacked (default: the dataloader's batch size, one level per forward, which
             measured fastest on CPU; raise it on a large GPU).
         device: where to run (default: the model's device).
-        seed: seeds the random order and the ``"random"`` fill.
+        seed: seeds the random order, the ``"random"`` fill and ROAD's noise.
         max_images: stop after this many images.
-        attribution: saliency method for ``order="saliency"``: ``"gradient"`` (default,
-            ``|d loss / d x|`` at the true label), ``"integrated_gradients"`` or
-            ``"smoothgrad"`` (Captum).
+        attribution: what ranks the pixels for the saliency orders: a name of
+            ``attribution.ATTRIBUTIONS`` (default ``"gradient"``, ``|d CE / d x|`` at the true
+            label), a function ``f(model, images, labels) -> maps``, ``PrecomputedMaps`` or
+            ``blurred(...)``.
         progress: show a progress bar over batches.
     """
     curves = masking_curves(
@@ -212,7 +229,7 @@ def masking_curves(
     device: torch.device | str | None = None,
     seed: int = 0,
     max_images: int | None = None,
-    attribution: str = "gradient",
+    attribution: Attribution = "gradient",
     progress: bool = False,
 ) -> dict[str, MaskingCurve]:
     """``masking_curve`` for several ``orders`` in one pass over the data: ``{order: curve}``.
@@ -222,51 +239,154 @@ def masking_curves(
     so every curve equals the one ``masking_curve`` gives for that order alone (for the
     ``"gradient"`` attribution).
     """
-    orders = tuple(orders)
+    curves = faithfulness_curves(
+        model,
+        dataloader,
+        orders,
+        percentages,
+        (fill,),
+        attribution,
+        None,
+        max_batch_size,
+        device,
+        seed,
+        max_images,
+        progress,
+    )
+    return {order: curves["map", fill, order] for order in orders}
+
+
+CurveKey = tuple[str, str, str]  # (maps: "map" | "blurred", fill, order)
+
+
+@torch.no_grad()
+def faithfulness_curves(
+    model: nn.Module | LogitsFn,
+    dataloader: Iterable,
+    orders: Iterable[str] = ORDERS,
+    percentages: Iterable[float] = DEFAULT_PERCENTAGES,
+    fills: Iterable[str] = ("mean", "road"),
+    attribution: Attribution = "gradient",
+    blur_sigma: float | None = None,
+    max_batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    max_images: int | None = None,
+    progress: bool = False,
+) -> dict[CurveKey, MaskingCurve]:
+    """Every removal curve of one model in one pass: ``{(maps, fill, order): curve}``.
+
+    ``maps`` is ``"map"`` (the attribution's maps) or, with ``blur_sigma``, ``"blurred"`` (the
+    same maps Gaussian-blurred, the blur control; the random order has no ``"blurred"`` key: it
+    reads no map). The attribution runs once per batch and every curve keeps per-image AUCs.
+    Each curve has its own generator seeded with ``seed``: it equals ``masking_curve`` alone.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        >>> data = DataLoader(TensorDataset(torch.randn(6, 3, 8, 8), torch.tensor([0, 1] * 3)), batch_size=3)
+        >>> curves = faithfulness_curves(model, data, percentages=[0, 50, 100], blur_sigma=1.0)
+        >>> sorted(curves)[:3]
+        [('blurred', 'mean', 'least_salient'), ('blurred', 'mean', 'saliency'), ('blurred', 'road', 'least_salient')]
+        >>> len(curves["map", "road", "saliency"].per_image_auc)
+        6
+    """
+    orders, fills = tuple(orders), tuple(fills)
     percentages = _validate_percentages(percentages)
     for order in orders:
         if order not in ORDERS:
             raise ValueError(f"order={order!r} is not supported; use one of {ORDERS}.")
-    if fill not in MASK_FILLS:
-        raise ValueError(f"fill={fill!r} is not supported; use one of {MASK_FILLS}.")
-    if attribution not in ATTRIBUTIONS:
-        raise ValueError(f"attribution={attribution!r} is not supported; use one of {ATTRIBUTIONS}.")
-    forward, device, _ = prepare_for_evaluation(model, device, seed)
-    generators = {order: torch.Generator(device=device).manual_seed(seed) for order in orders}
-    correct = {order: torch.zeros(len(percentages), dtype=torch.long, device=device) for order in orders}
-    ranked = [order for order in orders if order != "random"]  # orders that read the saliency map
-    seen = 0
-    for batch in maybe_progress(dataloader, progress, f"masking curve ({', '.join(orders)})"):
-        images, labels = unpack_batch(batch)
-        if max_images is not None:
-            remaining = max_images - seen
-            if remaining <= 0:
-                break
-            images, labels = images[:remaining], labels[:remaining]
-        images, labels = images.to(device), labels.to(device)
-        clean_logits, saliency = None, None
-        if ranked and attribution == "gradient":
-            grad, clean_logits = input_gradients(forward, images, labels)  # the clean forward comes free
-            saliency = pixel_saliency(grad)
-        elif ranked:
-            saliency = saliency_maps(forward, images, labels, attribution, generators[ranked[0]])
-        for order in orders:
-            if order == "random":
-                scores = saliency_maps(forward, images, labels, "random", generators[order])
+    for fill in fills:
+        if fill not in CURVE_FILLS:
+            raise ValueError(f"fill={fill!r} is not supported; use one of {CURVE_FILLS}.")
+    check_attribution(attribution)
+    if blur_sigma is not None and blur_sigma <= 0:
+        raise ValueError(f"blur_sigma={blur_sigma} must be > 0 pixels (or None for no blur control).")
+    variants = ("map", "blurred") if blur_sigma is not None else ("map",)
+    keys = [
+        (variant, fill, order)
+        for variant in variants
+        for fill in fills
+        for order in orders
+        if not (variant == "blurred" and order == "random")
+    ]
+    with evaluation_mode(model):
+        forward, device, _ = prepare_for_evaluation(model, device, seed)
+        generators = {key: torch.Generator(device=device).manual_seed(seed) for key in keys}
+        correct: dict[CurveKey, list[Tensor]] = {key: [] for key in keys}
+        seen = 0
+        for batch in maybe_progress(dataloader, progress, f"removal curves ({', '.join(orders)})"):
+            images, labels = unpack_batch(batch)
+            if max_images is not None:
+                if max_images - seen <= 0:
+                    break
+                images, labels = images[: max_images - seen], labels[: max_images - seen]
+            images, labels = images.to(device), labels.to(device)
+            maps, clean_logits = _batch_maps(model, forward, images, labels, orders, attribution, generators, seen)
+            if blur_sigma is not None and maps is not None:
+                maps = {"map": maps, "blurred": blur_maps(maps, blur_sigma)}
             else:
-                scores = -saliency if order == "least_salient" else saliency
-            correct[order] += _batch_correct(
-                forward, images, labels, scores, percentages, fill, max_batch_size, generators[order], clean_logits
-            )
-        seen += images.shape[0]
+                maps = {"map": maps}
+            for key in keys:
+                variant, fill, order = key
+                if order == "random":
+                    scores = saliency_maps(forward, images, labels, "random", generators[key])
+                else:
+                    scores = -maps[variant] if order == "least_salient" else maps[variant]
+                correct[key].append(
+                    _batch_correct(
+                        forward,
+                        images,
+                        labels,
+                        scores,
+                        percentages,
+                        fill,
+                        max_batch_size,
+                        generators[key],
+                        clean_logits,
+                    )
+                )
+            seen += images.shape[0]
     if seen == 0:
         raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
-    return {
-        order: MaskingCurve(
-            percentages, (correct[order].double() * 100.0 / seen).tolist(), order=order, fill=fill, num_images=seen
-        )
-        for order in orders
-    }
+    name = getattr(attribution, "name", attribution if isinstance(attribution, str) else "custom")
+    return {key: _curve(torch.cat(correct[key], 1), percentages, key, seen, str(name), blur_sigma) for key in keys}
+
+
+def _batch_maps(model, forward, images, labels, orders, attribution, generators, offset):
+    """The batch's saliency maps (None when no order reads them) and the clean logits when they come free."""
+    if all(order == "random" for order in orders):
+        return None, None
+    if attribution == "gradient":
+        grad, clean_logits = input_gradients(forward, images, labels)  # the clean forward comes free
+        return pixel_saliency(grad), clean_logits
+    generator = next(iter(generators.values()))
+    source = model if not isinstance(attribution, (str, blurred)) else forward
+    return saliency_maps(source, images, labels, attribution, generator, offset=offset), None
+
+
+def _curve(
+    correct: Tensor, percentages: list[float], key: CurveKey, seen: int, attribution: str, blur_sigma: float | None
+) -> MaskingCurve:
+    """A curve from the ``(levels, images)`` correctness of one key, with each image's AUC."""
+    variant, fill, order = key
+    accuracy = (correct.double().sum(1) * 100.0 / seen).tolist()
+    levels = torch.tensor(percentages, dtype=torch.float64, device=correct.device)
+    scores = correct.double() * 100.0
+    per_image = ((levels[1:] - levels[:-1]).view(-1, 1) * (scores[1:] + scores[:-1]) / 2).sum(0)
+    if order == "random":
+        attribution = "random"
+    elif variant == "blurred":
+        attribution = f"{attribution}, blurred sigma={blur_sigma:g}px"
+    return MaskingCurve(
+        percentages,
+        accuracy,
+        order=order,
+        fill=fill,
+        num_images=seen,
+        per_image_auc=per_image.tolist(),
+        attribution=attribution,
+    )
 
 
 SUBSET_SEED = 1234
@@ -386,27 +506,30 @@ def _batch_correct(
     generator: torch.Generator,
     clean_logits: Tensor | None = None,
 ) -> Tensor:
-    """Correct predictions per level; levels that remove nothing reuse ``clean_logits``."""
+    """``(levels, B)`` correctness; levels that remove nothing reuse ``clean_logits``.
+
+    With ``fill="road"`` the imputation of every level of a chunk is one batched solve.
+    """
     batch, num_pixels = images.shape[0], images.shape[2] * images.shape[3]
-    ranks = pixel_ranks(scores).view(batch, 1, *images.shape[2:])
-    fill_image = fill_values(images, fill, generator)
-    correct = torch.zeros(len(percentages), dtype=torch.long, device=images.device)
+    ranks = pixel_ranks(scores).view(batch, *images.shape[2:])
+    fill_image = None if fill == "road" else fill_values(images, fill, generator)
+    correct = torch.zeros(len(percentages), batch, dtype=torch.bool, device=images.device)
     levels = list(range(len(percentages)))
     if clean_logits is not None:
         unchanged = [i for i in levels if _removed_count(percentages[i], num_pixels) == 0]
-        clean_correct = (clean_logits.argmax(-1) == labels).sum()
-        for i in unchanged:
-            correct[i] = clean_correct
+        correct[unchanged] = clean_logits.argmax(-1) == labels
         levels = [i for i in levels if i not in unchanged]
     per_chunk = max(1, (max_batch_size or batch) // batch)
     for start in range(0, len(levels), per_chunk):
         chunk = levels[start : start + per_chunk]
-        stacked = images.new_empty((len(chunk) * batch, *images.shape[1:]))
-        for slot, level in enumerate(chunk):
-            removed = ranks < _removed_count(percentages[level], num_pixels)
-            torch.where(removed, fill_image, images, out=stacked[slot * batch : (slot + 1) * batch])
+        removed = torch.cat([ranks < _removed_count(percentages[level], num_pixels) for level in chunk])
+        stacked = images.repeat(len(chunk), 1, 1, 1)
+        if fill == "road":
+            stacked = noisy_linear_impute(stacked, removed, generator=generator)
+        else:
+            stacked = torch.where(removed.unsqueeze(1), fill_image.repeat(len(chunk), 1, 1, 1), stacked)
         predictions = forward(stacked).argmax(-1).view(len(chunk), batch)
-        correct[chunk] = (predictions == labels).sum(1)
+        correct[chunk] = predictions == labels
     return correct
 
 
@@ -440,3 +563,19 @@ def unpack_batch(batch: object) -> tuple[Tensor, Tensor]:
             "convert the images with the model's processor or transforms.ToTensor()."
         )
     return images, torch.as_tensor(labels)
+
+
+def unpack_masks(batch: object) -> Tensor | None:
+    """The ground-truth ``(B, H, W)`` masks of a batch (a ``"masks"`` key or a third element), or None."""
+    if isinstance(batch, dict):
+        masks = batch.get("masks")
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 3:
+        masks = batch[2]
+    else:
+        masks = None
+    if masks is None:
+        return None
+    masks = torch.as_tensor(masks)
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    return masks.bool()

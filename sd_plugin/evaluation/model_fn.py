@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from ..adapter import extract_logits, is_transformers_model, unwrap_model
 
-__all__ = ["LogitsFn", "logits_fn", "prepare_for_evaluation"]
+__all__ = ["LogitsFn", "evaluation_mode", "logits_fn", "prepare_for_evaluation"]
 
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -41,3 +42,29 @@ def prepare_for_evaluation(
             device = reference.device if reference is not None else "cpu"
     device = torch.device(device or "cpu")
     return logits_fn(model), device, torch.Generator(device=device).manual_seed(seed)
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module | LogitsFn) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode, then give every submodule back its own mode.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+        >>> model[0].eval()  # a mixed model, as with frozen batch norm
+        Linear(in_features=2, out_features=2, bias=True)
+        >>> with evaluation_mode(model):
+        ...     model.training
+        False
+        >>> model.training, model[0].training, model[1].training
+        (True, False, True)
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode

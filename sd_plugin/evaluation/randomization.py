@@ -21,19 +21,37 @@ __all__ = ["RandomizationCheck", "parameter_randomization", "spearman"]
 
 
 def _ranks(values: Tensor) -> Tensor:
-    order = values.argsort(dim=1, stable=True)
-    ranks = torch.empty_like(values)
-    positions = torch.arange(values.shape[1], dtype=values.dtype, device=values.device).expand_as(values)
-    ranks.scatter_(1, order, positions)
+    """Average ranks per row (ties share the mean of their positions, as ``scipy.stats.rankdata``)."""
+    ordered, order = values.sort(dim=1, stable=True)
+    length = values.shape[1]
+    positions = torch.arange(length, dtype=torch.float64, device=values.device).expand_as(ordered)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = starts.long().cumsum(1) - 1  # tie-group index of each sorted position
+    first = torch.zeros_like(positions).scatter_reduce_(1, group, positions, "amin", include_self=False)
+    last = torch.zeros_like(positions).scatter_reduce_(1, group, positions, "amax", include_self=False)
+    average = ((first + last) / 2).gather(1, group)
+    ranks = torch.empty_like(average)
+    ranks.scatter_(1, order, average)
     return ranks
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation per row of two ``(B, N)`` tensors: ``(B,)``."""
+    """Spearman rank correlation per row of two ``(B, N)`` tensors: ``(B,)``, as ``scipy.stats.spearmanr``.
+
+    Ties get average ranks; a constant row has no defined correlation and gives NaN (as scipy).
+
+    Example:
+        >>> a = torch.tensor([[0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+        >>> b = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+        >>> [round(v, 4) for v in spearman(a, b).tolist()[:1]], bool(spearman(a, b)[1].isnan())
+        ([0.7746], True)
+    """
     ra, rb = _ranks(a.double()), _ranks(b.double())
     ra = ra - ra.mean(1, keepdim=True)
     rb = rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-300)
+    denominator = ra.norm(dim=1) * rb.norm(dim=1)
+    return torch.where(denominator > 0, (ra * rb).sum(1) / denominator.clamp_min(1e-300), float("nan"))
 
 
 @dataclass
@@ -84,6 +102,13 @@ def parameter_randomization(
         >>> check.correlations[0]
         1.0
     """
+    from .model_fn import evaluation_mode
+
+    with evaluation_mode(model):
+        return _cascading_randomization(model, images, labels, points, attribution, seed)
+
+
+def _cascading_randomization(model, images, labels, points, attribution, seed) -> RandomizationCheck:
     model.eval()
     reference = saliency_maps(model, images, labels, attribution).flatten(1)
     layers = list(reversed(_parameter_layers(model)))
@@ -104,5 +129,5 @@ def parameter_randomization(
             done += 1
         current = saliency_maps(randomized, images, labels, attribution).flatten(1)
         names.append(layers[depth - 1][0] if depth else "(none)")
-        correlations.append(float(spearman(reference, current).mean()))
+        correlations.append(float(spearman(reference, current).nanmean()))  # constant maps have no rank
     return RandomizationCheck(names, correlations)

@@ -6,8 +6,11 @@ Example:
     >>> from sd_plugin.evaluation.report import evaluate_model
     >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     >>> data = TensorDataset(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,)))
-    >>> sorted(evaluate_model(model, data, feature_layer="0", batch_size=4))[:4]
-    ['accuracy', 'curves', 'deletion_auc', 'effective_rank']
+    >>> results = evaluate_model(model, data, feature_layer="0", batch_size=4)
+    >>> [key in results for key in ("road_lerf_morf_gap", "blurred_lerf_morf_gap", "per_image")]
+    [True, True, True]
+    >>> len(results["per_image"]["road_masking_auc"])
+    8
 """
 
 from __future__ import annotations
@@ -19,14 +22,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..collapse import live_feature_fraction
-from .attribution import saliency_maps
+from .attribution import Attribution, attribution_name, blur_maps, blurred, saliency_maps
 from .deletion_insertion import deletion_insertion
-from .masking_curve import DEFAULT_PERCENTAGES, faithfulness_gap, masking_curve, masking_curves, unpack_batch
-from .model_fn import prepare_for_evaluation
+from .localization import localization_scores
+from .masking_curve import (
+    DEFAULT_PERCENTAGES,
+    ORDERS,
+    faithfulness_curves,
+    faithfulness_gap,
+    unpack_batch,
+    unpack_masks,
+)
+from .model_fn import evaluation_mode, prepare_for_evaluation
 from .representation import effective_rank
 from .sparseness import sparseness
 
-__all__ = ["accuracy", "evaluate_model", "collect_features", "first_images"]
+__all__ = ["accuracy", "evaluate_model", "collect_features", "first_images", "localization_metrics"]
 
 
 def first_images(dataset: Dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,62 +85,149 @@ def collect_features(
     return torch.cat(chunks)[:max_images]
 
 
+def _gap(low: float, high: float, reference: float) -> float:
+    return (high - low) / reference if reference > 0 else 0.0
+
+
+def _removal_metrics(curves: dict, fill: str, variant: str, prefix: str) -> dict[str, float]:
+    morf, lerf = curves[variant, fill, "saliency"], curves[variant, fill, "least_salient"]
+    random = curves["map", fill, "random"]
+    return {
+        f"{prefix}masking_auc": morf.auc,
+        f"{prefix}masking_auc_least": lerf.auc,
+        f"{prefix}masking_auc_random": random.auc,
+        f"{prefix}faithfulness_gap": faithfulness_gap(morf.auc, random.auc),
+        f"{prefix}lerf_morf_gap": _gap(morf.auc, lerf.auc, random.auc),
+    }
+
+
+@torch.no_grad()
+def localization_metrics(
+    model: nn.Module,
+    loader: DataLoader,
+    attribution: Attribution = "gradient",
+    blur_sigma: float | None = 2.0,
+    max_images: int | None = None,
+) -> dict[str, list[float]] | None:
+    """Per-image relevance mass / rank and pointing game (and their blur control); None without masks."""
+    forward, device, generator = prepare_for_evaluation(model, None, 0)
+    scores: dict[str, list[float]] = {}
+    seen = 0
+    for batch in loader:
+        masks = unpack_masks(batch)
+        if masks is None:
+            return None
+        images, labels = unpack_batch(batch)
+        if max_images is not None:
+            if seen >= max_images:
+                break
+            images, labels, masks = images[: max_images - seen], labels[: max_images - seen], masks[: max_images - seen]
+        images, labels, masks = images.to(device), labels.to(device), masks.to(device)
+        source = forward if isinstance(attribution, str) else model
+        maps = saliency_maps(source, images, labels, attribution, generator, offset=seen)
+        variants = {"": maps, "blurred_": blur_maps(maps, blur_sigma)} if blur_sigma else {"": maps}
+        for prefix, values in variants.items():
+            for name, per_image in localization_scores(values, masks).items():
+                scores.setdefault(prefix + name, []).extend(per_image)
+        seen += images.shape[0]
+    return scores or None
+
+
 def evaluate_model(
     model: nn.Module,
     dataset: Dataset,
     batch_size: int = 64,
     percentages: tuple[float, ...] = DEFAULT_PERCENTAGES,
     fill: str = "mean",
-    attribution: str = "gradient",
+    attribution: Attribution = "gradient",
     deletion_steps: int = 20,
     max_images: int | None = None,
     sparseness_images: int = 256,
     feature_layer: str | None = None,
     seed: int = 0,
     progress: bool = False,
+    road: bool = True,
+    blur_sigma: float | None = 2.0,
 ) -> dict[str, Any]:
-    """Accuracy, masking AUC (saliency, random, gap), deletion/insertion, sparseness, effective rank, live features.
+    """Every metric of ``METRICS`` for one model on one dataset, with per-image scores.
 
     Both removal orders run under one fill: most salient first (``masking_auc``, lower is
     better) and least salient first (``masking_auc_least``, higher is better);
     ``lerf_morf_gap = (AUC_least - AUC_saliency) / AUC_random`` is large only when the map
     ranks the pixels that matter first and those that do not last, so a mask whose shape
-    alone gives the class away cannot score it (ROAD, Rong et al. 2022).
+    alone gives the class away cannot score it (ROAD, Rong et al. 2022). With ``road`` the
+    same curves run under ROAD's noisy linear imputation (``road_*``), which a model trained on
+    mean- or random-filled masks has not seen. With ``blur_sigma`` every faithfulness metric is
+    also computed for the same maps Gaussian-blurred (``blurred_*``): the blur control. When the
+    dataset yields ``masks`` (``LocalizationDataset``), relevance mass / rank accuracy and the
+    pointing game are added. ``per_image`` holds each image's score of the per-image metrics in
+    dataset order, so two models scored on the same images can be compared image by image.
     """
-    model.eval()
     loader = DataLoader(dataset, batch_size=batch_size)
     common = dict(max_images=max_images, seed=seed, progress=progress)
-    # MoRF and LeRF rank the pixels by one saliency pass per batch
-    ranked = masking_curves(
-        model, loader, ("saliency", "least_salient"), percentages, fill, attribution=attribution, **common
-    )
-    by_saliency, by_least = ranked["saliency"], ranked["least_salient"]
-    by_random = masking_curve(model, loader, percentages, "random", fill, **common)
-    rise = deletion_insertion(model, loader, steps=deletion_steps, attribution=attribution, **common)
-    images, labels = first_images(dataset, min(sparseness_images, len(dataset)))
-    device = next(model.parameters()).device
-    maps = saliency_maps(model, images.to(device), labels.to(device), attribution)
-    features = collect_features(model, loader, feature_layer, max_images)
-    return {
-        "accuracy": by_saliency.clean_accuracy,
-        "masking_auc": by_saliency.auc,
-        "masking_auc_normalized": by_saliency.normalized_auc,
-        "masking_auc_relative": by_saliency.relative_auc,
-        "masking_auc_random": by_random.auc,
-        "faithfulness_gap": faithfulness_gap(by_saliency.auc, by_random.auc),
-        "masking_auc_least": by_least.auc,
-        "lerf_morf_gap": (by_least.auc - by_saliency.auc) / by_random.auc if by_random.auc > 0 else 0.0,
-        "deletion_auc": rise.deletion_auc,
-        "insertion_auc": rise.insertion_auc,
-        "sparseness": float(sparseness(maps).mean()),
-        "effective_rank": float(effective_rank(features)),
-        "live_features": float(live_feature_fraction(features)),
-        "num_features": int(features.shape[1]),
-        "num_images": by_saliency.num_images,
-        "curves": {
-            "saliency": by_saliency.to_dict(),
-            "least_salient": by_least.to_dict(),
-            "random": by_random.to_dict(),
-            "rise": rise.to_dict(),
-        },
+    with evaluation_mode(model):
+        fills = (fill, "road") if road and fill != "road" else (fill,)
+        curves = faithfulness_curves(model, loader, ORDERS, percentages, fills, attribution, blur_sigma, **common)
+        rise = deletion_insertion(model, loader, steps=deletion_steps, attribution=attribution, **common)
+        images, labels = first_images(dataset, min(sparseness_images, len(dataset)))
+        device = next(model.parameters()).device
+        source = model
+        maps = saliency_maps(source, images.to(device), labels.to(device), attribution)
+        features = collect_features(model, loader, feature_layer, max_images)
+        located = localization_metrics(model, loader, attribution, blur_sigma, max_images)
+        blurred_rise = None
+        if blur_sigma is not None:
+            blurred_rise = deletion_insertion(
+                model, loader, steps=deletion_steps, attribution=blurred(attribution, blur_sigma), **common
+            )
+    by_saliency = curves["map", fill, "saliency"]
+    metrics: dict[str, Any] = {"accuracy": by_saliency.clean_accuracy}
+    metrics.update(_removal_metrics(curves, fill, "map", ""))
+    metrics["masking_auc_normalized"] = by_saliency.normalized_auc
+    metrics["masking_auc_relative"] = by_saliency.relative_auc
+    per_image = {
+        "masking_auc": by_saliency.per_image_auc,
+        "masking_auc_least": curves["map", fill, "least_salient"].per_image_auc,
+        "deletion_auc": rise.per_image_deletion_auc,
+        "insertion_auc": rise.per_image_insertion_auc,
     }
+    if road:
+        metrics.update(_removal_metrics(curves, "road", "map", "road_"))
+        per_image["road_masking_auc"] = curves["map", "road", "saliency"].per_image_auc
+        per_image["road_masking_auc_least"] = curves["map", "road", "least_salient"].per_image_auc
+    if blur_sigma is not None:
+        blurred_removal = _removal_metrics(curves, fill, "blurred", "blurred_")
+        metrics["blurred_faithfulness_gap"] = blurred_removal["blurred_faithfulness_gap"]
+        metrics["blurred_lerf_morf_gap"] = blurred_removal["blurred_lerf_morf_gap"]
+        if road:
+            metrics["blurred_road_lerf_morf_gap"] = _removal_metrics(curves, "road", "blurred", "x_")["x_lerf_morf_gap"]
+        metrics["blurred_deletion_auc"] = blurred_rise.deletion_auc
+        metrics["blurred_insertion_auc"] = blurred_rise.insertion_auc
+        metrics["blur_sigma"] = blur_sigma
+    metrics["deletion_auc"] = rise.deletion_auc
+    metrics["insertion_auc"] = rise.insertion_auc
+    if located:
+        for name, values in located.items():
+            finite = [v for v in values if v == v]
+            metrics[name] = sum(finite) / len(finite) if finite else float("nan")
+        per_image.update(located)
+    metrics.update(
+        {
+            "sparseness": float(sparseness(maps).mean()),
+            "effective_rank": float(effective_rank(features)),
+            "live_features": float(live_feature_fraction(features)),
+            "num_features": int(features.shape[1]),
+            "num_images": by_saliency.num_images,
+            "attribution": attribution_name(attribution),
+            "curves": {
+                f"{variant}/{curve_fill}/{order}": curve.to_dict()
+                for (variant, curve_fill, order), curve in curves.items()
+            },
+            "per_image": per_image,
+        }
+    )
+    metrics["curves"]["saliency"] = by_saliency.to_dict()  # the names figures and older readers use
+    metrics["curves"]["least_salient"] = curves["map", fill, "least_salient"].to_dict()
+    metrics["curves"]["random"] = curves["map", fill, "random"].to_dict()
+    metrics["curves"]["rise"] = rise.to_dict()
+    return metrics

@@ -19,22 +19,12 @@ from string import Template
 from typing import Any
 
 from ..arguments import SETTING_FIELDS
+from ..evaluation.metrics import METRICS
 
 __all__ = ["METRIC_LABELS", "REPO_ID_PLACEHOLDER", "render_model_card", "usage_snippet"]
 
-METRIC_LABELS = {
-    "accuracy": ("accuracy", "accuracy (%)"),
-    "masking_auc": ("masking_auc", "masking AUC, saliency order (0-10000, lower = more faithful)"),
-    "masking_auc_random": ("masking_auc_random", "masking AUC, random order"),
-    "faithfulness_gap": ("faithfulness_gap", "faithfulness gap (AUC_random - AUC_saliency) / AUC_random"),
-    "masking_auc_least": ("masking_auc_least", "masking AUC, least salient first (higher = more faithful)"),
-    "lerf_morf_gap": ("lerf_morf_gap", "LeRF - MoRF: (AUC_least - AUC_saliency) / AUC_random (higher = better)"),
-    "deletion_auc": ("deletion_auc", "RISE deletion AUC (lower = better)"),
-    "insertion_auc": ("insertion_auc", "RISE insertion AUC (higher = better)"),
-    "sparseness": ("sparseness", "saliency sparseness (Gini)"),
-    "effective_rank": ("effective_rank", "feature effective rank"),
-    "live_features": ("live_features", "fraction of penultimate features alive"),
-}
+# The card's metric rows, from the evaluation's one registry (key -> (key, description)).
+METRIC_LABELS = {key: (key, metric.description) for key, metric in METRICS.items()}
 REPO_ID_PLACEHOLDER = "<repo_id>"  # push replaces it with the repository id
 
 

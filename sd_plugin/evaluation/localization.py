@@ -1,0 +1,71 @@
+"""Localization against ground truth: how much of a saliency map falls on the class evidence.
+
+Each image comes with a boolean ``(H, W)`` mask of the pixels that carry its class (for the
+package's localization dataset, the pasted object; see ``sd_plugin.localization_data``). No pixel
+is removed, so a model trained to ignore removal cannot pass these by construction. Definitions
+are Quantus 0.6.0's (``RelevanceMassAccuracy``, ``RelevanceRankAccuracy``, ``PointingGame``, with
+their defaults ``abs=False`` and max-normalisation, which changes none of the three), computed
+batched on the device; an image with an empty mask scores NaN, as in Quantus.
+
+- relevance mass accuracy: the share of the map's total inside the mask;
+- relevance rank accuracy: with ``K`` mask pixels, the share of the map's top ``K`` inside it;
+- pointing game: 1 if the map's maximum lies inside the mask (any of tied maxima), else 0.
+
+Example:
+    >>> import torch
+    >>> maps = torch.tensor([[[0.0, 3.0], [1.0, 0.0]]])
+    >>> mask = torch.tensor([[[False, True], [False, False]]])
+    >>> localization_scores(maps, mask)
+    {'relevance_mass': [0.75], 'relevance_rank': [1.0], 'pointing_game': [1.0]}
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["LOCALIZATION_METRICS", "localization_scores", "pointing_game", "relevance_mass", "relevance_rank"]
+
+LOCALIZATION_METRICS = ("relevance_mass", "relevance_rank", "pointing_game")
+
+
+def _flat(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    if maps.dim() != 3 or masks.shape != maps.shape:
+        raise ValueError(f"maps and masks must both be (B, H, W); got {tuple(maps.shape)} and {tuple(masks.shape)}.")
+    return maps.flatten(1).double(), masks.flatten(1).bool()
+
+
+def _nan_where_empty(scores: Tensor, masks: Tensor) -> Tensor:
+    return torch.where(masks.any(1), scores, torch.full_like(scores, float("nan")))
+
+
+def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
+    """Share of each map's total that lies inside its mask: ``(B,)``."""
+    values, inside = _flat(maps, masks)
+    return _nan_where_empty((values * inside).sum(1) / values.sum(1), inside)
+
+
+def relevance_rank(maps: Tensor, masks: Tensor) -> Tensor:
+    """Share of each map's top-``K`` pixels inside its mask, ``K`` = the mask's size: ``(B,)``."""
+    values, inside = _flat(maps, masks)
+    order = values.argsort(dim=1, descending=True, stable=True)
+    sizes = inside.sum(1, keepdim=True)
+    top = torch.arange(values.shape[1], device=values.device).expand_as(order) < sizes
+    hits = (inside.gather(1, order) & top).sum(1).double()
+    return _nan_where_empty(hits / sizes[:, 0].clamp_min(1).double(), inside)
+
+
+def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
+    """1.0 where a maximum of the map lies inside the mask, else 0.0: ``(B,)``."""
+    values, inside = _flat(maps, masks)
+    peaks = values == values.amax(1, keepdim=True)
+    return _nan_where_empty((peaks & inside).any(1).double(), inside)
+
+
+def localization_scores(maps: Tensor, masks: Tensor) -> dict[str, list[float]]:
+    """Per-image scores of the three metrics: ``{name: [score per image]}``."""
+    return {
+        "relevance_mass": relevance_mass(maps, masks).tolist(),
+        "relevance_rank": relevance_rank(maps, masks).tolist(),
+        "pointing_game": pointing_game(maps, masks).tolist(),
+    }

@@ -1,0 +1,206 @@
+"""A localization dataset whose class evidence is known by construction.
+
+Each image is a random crop of a natural photo (no class information) with one object pasted
+at a random position and scale, in a random colour; the label is the object's class and the
+object's pixel mask is written beside the image. Objects: Fashion-MNIST items (Debian's
+``dataset-fashion-mnist``) or scikit-learn's digits; backgrounds: scikit-learn's two sample
+photos (offline everywhere) or any folder of photos (e.g. the fetched clothing or Tiny-ImageNet
+images, ``benchmarks/localization_data.py``).
+
+Layout (an image folder the recipes and ``evaluate`` read as usual, plus the masks)::
+
+    <root>/localization.json             classes, objects, backgrounds, seed, image size
+    <root>/<split>/<class>/<index>.png   the images
+    <root>/masks/<split>/<class>/<index>.png   the object masks (255 = object)
+
+``LocalizationDataset`` yields ``{"pixel_values", "labels", "masks"}``, the mask put through
+the same resize / crop as the image, so the evaluation can score relevance mass, relevance rank
+and the pointing game (``sd_plugin.evaluation.localization``).
+
+Example:
+    >>> import tempfile
+    >>> root = write_localization_dataset(tempfile.mkdtemp(), objects="digits", counts={"test": 20}, image_size=32)
+    >>> data = LocalizationDataset(root, "test", resize_and_scale(32, 3))
+    >>> item = data[0]
+    >>> tuple(item["pixel_values"].shape), tuple(item["masks"].shape), item["masks"].dtype
+    ((3, 32, 32), (32, 32), torch.bool)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .data import IMAGE_EXTENSIONS, load_fashion_mnist, resize_and_scale
+
+__all__ = ["MANIFEST", "LocalizationDataset", "is_localization_dataset", "write_localization_dataset"]
+
+MANIFEST = "localization.json"
+FASHION_MNIST_CLASSES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+)  # fmt: skip
+
+
+def _objects(source: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Object intensities in [0, 1] ``(N, h, w)``, labels, class names."""
+    if source == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        half = len(digits.target) // 2  # train objects from the first half, test objects from the second
+        part = slice(0, half) if split == "train" else slice(half, None)
+        return digits.images[part] / 16.0, digits.target[part], [str(i) for i in range(10)]
+    if source == "fashion-mnist":
+        data = load_fashion_mnist("train" if split == "train" else "test")
+        return ((data.images[:, 0].numpy() + 1) / 2), data.labels.numpy(), list(FASHION_MNIST_CLASSES)
+    raise ValueError(f"objects={source!r} is not supported; use 'fashion-mnist' or 'digits'.")
+
+
+def _backgrounds(source: str | Path | None) -> list[np.ndarray]:
+    """RGB photos as ``uint8 (H, W, 3)`` arrays."""
+    if source is None:
+        from sklearn.datasets import load_sample_images
+
+        return list(load_sample_images().images)
+    from PIL import Image
+
+    paths = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise ValueError(f"backgrounds={source}: no images ({', '.join(IMAGE_EXTENSIONS)}) in that folder.")
+    photos = []
+    for path in paths[:2000]:
+        with Image.open(path) as image:
+            photos.append(np.asarray(image.convert("RGB")))
+    return photos
+
+
+def _compose(
+    photo: np.ndarray, item: np.ndarray, image_size: int, scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image ``uint8 (S, S, 3)`` and its object mask ``bool (S, S)``."""
+    from PIL import Image
+
+    side = min(photo.shape[:2])
+    crop = int(rng.integers(max(8, side // 3), side + 1))
+    top, left = int(rng.integers(0, photo.shape[0] - crop + 1)), int(rng.integers(0, photo.shape[1] - crop + 1))
+    background = Image.fromarray(photo[top : top + crop, left : left + crop]).resize((image_size, image_size))
+    background = np.asarray(background, dtype=np.float32) / 255.0
+    size = max(4, int(round(rng.uniform(*scale) * image_size)))
+    alpha = Image.fromarray((item * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    alpha = np.asarray(alpha, dtype=np.float32) / 255.0
+    row, col = int(rng.integers(0, image_size - size + 1)), int(rng.integers(0, image_size - size + 1))
+    full = np.zeros((image_size, image_size), dtype=np.float32)
+    full[row : row + size, col : col + size] = alpha
+    colour = rng.uniform(0.0, 1.0, size=3).astype(np.float32)
+    if abs(float(colour.mean()) - float(background.mean())) < 0.25:  # keep the object visible
+        colour = 1.0 - colour
+    image = background * (1 - full[..., None]) + colour * full[..., None]
+    return (image * 255).round().astype(np.uint8), full > 0.25
+
+
+def write_localization_dataset(
+    root: str | Path,
+    objects: str = "fashion-mnist",
+    backgrounds: str | Path | None = None,
+    counts: dict[str, int] | None = None,
+    image_size: int = 64,
+    scale: tuple[float, float] = (0.35, 0.6),
+    seed: int = 0,
+) -> Path:
+    """Write the dataset under ``root`` (see the module docstring) and return ``root``.
+
+    Args:
+        objects: ``"fashion-mnist"`` or ``"digits"`` (what carries the class).
+        backgrounds: a folder of photos, or None for scikit-learn's two sample photos.
+        counts: images per split, default ``{"train": 2000, "test": 500}``.
+        image_size: side of the square images in pixels.
+        scale: the object's side as a fraction of the image side, drawn uniformly.
+        seed: everything random (crops, objects, positions, colours) comes from it.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    counts = counts or {"train": 2000, "test": 500}
+    photos = _backgrounds(backgrounds)
+    rng = np.random.default_rng(seed)
+    classes: list[str] = []
+    for split, count in counts.items():
+        items, labels, classes = _objects(objects, split)
+        for index in range(count):
+            pick = int(rng.integers(0, len(labels)))
+            image, mask = _compose(photos[int(rng.integers(0, len(photos)))], items[pick], image_size, scale, rng)
+            name = classes[int(labels[pick])]
+            for folder, array in ((root / split / name, image), (root / "masks" / split / name, mask * np.uint8(255))):
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(folder / f"{index:06d}.png")
+    manifest = {
+        "classes": classes,
+        "objects": objects,
+        "backgrounds": str(backgrounds) if backgrounds else "sklearn.datasets.load_sample_images",
+        "counts": counts,
+        "image_size": image_size,
+        "scale": list(scale),
+        "seed": seed,
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return root
+
+
+def is_localization_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``write_localization_dataset``."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+class LocalizationDataset(Dataset):
+    """``{"pixel_values", "labels", "masks"}`` of one split; the mask goes through ``transform`` too.
+
+    The transform (the model's own: resize, crop, normalise) is applied to the mask as a white-on-
+    black RGB image and thresholded halfway between its extremes, so the mask stays aligned with
+    the pixels whatever the geometry of the transform.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: Callable[[Any], Tensor] | None = None):
+        self.root = Path(root)
+        manifest = json.loads((self.root / MANIFEST).read_text())
+        self.classes: list[str] = manifest["classes"]
+        directory = self.root / split
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory} does not exist; the splits written are {list(manifest['counts'])}.")
+        self.samples = [
+            (path, self.classes.index(path.parent.name))
+            for path in sorted(directory.glob("*/*.png"))
+            if path.parent.name in self.classes
+        ]
+        self.split = split
+        self.transform = transform or resize_and_scale(manifest["image_size"], 3)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def mask_path(self, index: int) -> Path:
+        path = self.samples[index][0]
+        return self.root / "masks" / self.split / path.parent.name / path.name
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            pixels = self.transform(image.convert("RGB"))
+        with Image.open(self.mask_path(index)) as mask_image:
+            raw = mask_image.convert("L")
+            transformed = self.transform(raw.convert("RGB"))[0]
+            extremes = raw.getextrema()
+        if extremes[0] == extremes[1]:  # all object or all background: nothing to threshold
+            mask = torch.full(transformed.shape, extremes[0] > 127, dtype=torch.bool)
+        else:
+            low, high = transformed.amin(), transformed.amax()
+            mask = transformed > (low + high) / 2
+        return {"pixel_values": pixels, "labels": label, "masks": mask}
