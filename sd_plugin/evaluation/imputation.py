@@ -73,7 +73,7 @@ def noisy_linear_impute(
     removed: Tensor,
     noise: float = 0.01,
     generator: torch.Generator | None = None,
-    tolerance: float = 1e-6,
+    tolerance: float | None = None,
     max_iterations: int | None = None,
     check_every: int = 8,
 ) -> Tensor:
@@ -87,7 +87,8 @@ def noisy_linear_impute(
             (ROAD: 0.01; 0 for the plain linear imputation).
         generator: seeds the noise.
         tolerance: the solver stops when every plane's residual norm is below ``tolerance``
-            times the norm of its right-hand side (float32 round-off sits near 1e-6).
+            times the norm of its right-hand side (default: 1e-6 in float32, near its round-off,
+            1e-10 in float64).
         max_iterations: cap on conjugate-gradient iterations (default ``4 * (H + W)``).
         check_every: iterations between convergence checks (each check reads one flag on the host).
 
@@ -109,8 +110,12 @@ def noisy_linear_impute(
     weight_sum = _neighbour_sum(torch.ones_like(planes[:1]))  # s_i: in-image neighbour weights
     rhs = missing * _neighbour_sum(known * planes)
     levels = max(0, min(height, width).bit_length() - 2)
-    solution = missing * _coarse_guess(planes, known, levels)
+    guess = _coarse_guess(planes, known, levels)
+    nothing_known = known.sum((2, 3), keepdim=True) == 0
+    solution = missing * torch.where(nothing_known, planes.mean((2, 3), keepdim=True), guess)
+    tolerance = tolerance if tolerance is not None else (1e-10 if dtype == torch.float64 else 1e-6)
     threshold = (tolerance * rhs.flatten(1).norm(dim=1)).clamp_min(1e-30)
+    threshold[nothing_known.flatten()] = float("inf")  # nothing to solve: the mean stays
     limit = max_iterations if max_iterations is not None else 4 * (height + width)
     _conjugate_gradients(solution, rhs, missing, weight_sum, threshold, limit, check_every)
     imputed = known * planes + solution

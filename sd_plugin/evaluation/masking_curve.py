@@ -506,7 +506,7 @@ def _batch_correct(
     generator: torch.Generator,
     clean_logits: Tensor | None = None,
 ) -> Tensor:
-    """``(levels, B)`` correctness; levels that remove nothing reuse ``clean_logits``.
+    """``(levels, B)`` correctness; levels that remove nothing reuse ``clean_logits`` (or one clean forward).
 
     With ``fill="road"`` the imputation of every level of a chunk is one batched solve.
     """
@@ -515,8 +515,9 @@ def _batch_correct(
     fill_image = None if fill == "road" else fill_values(images, fill, generator)
     correct = torch.zeros(len(percentages), batch, dtype=torch.bool, device=images.device)
     levels = list(range(len(percentages)))
-    if clean_logits is not None:
-        unchanged = [i for i in levels if _removed_count(percentages[i], num_pixels) == 0]
+    unchanged = [i for i in levels if _removed_count(percentages[i], num_pixels) == 0]
+    if unchanged:  # levels that remove nothing score the clean images (no fill drawn for them)
+        clean_logits = forward(images) if clean_logits is None else clean_logits
         correct[unchanged] = clean_logits.argmax(-1) == labels
         levels = [i for i in levels if i not in unchanged]
     per_chunk = max(1, (max_batch_size or batch) // batch)
