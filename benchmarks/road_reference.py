@@ -76,5 +76,8 @@ def reference_impute(img: torch.Tensor, mask: torch.Tensor, noise: float = 0.0, 
 def reference_impute_batch(images: torch.Tensor, removed: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
     """The reference's ``batched_call``: a Python loop of per-image solves. ``removed``: (B, H, W), True = removed."""
     return torch.stack(
-        [reference_impute(image.cpu(), (~mask).cpu().float(), noise) for image, mask in zip(images, removed)]
+        [
+            reference_impute(image.cpu(), (~mask).cpu().float(), noise)
+            for image, mask in zip(images, removed, strict=True)
+        ]
     ).to(images.dtype)

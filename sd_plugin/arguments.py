@@ -14,6 +14,9 @@ recipes' run identity read the fields from this class.
 
 - ``mask_ratio``: fraction of least salient pixels replaced, in ``[0, 1)``; paper 0.25.
 - ``mask_fill``: ``"random"`` (default), ``"mean"``, ``"zero"`` or ``"blur"``.
+- ``mask_selection``: ``"least_salient"`` (default: the pixels with the smallest input gradient)
+  or ``"random"``: pixels drawn uniformly at random per image, the explanation-agnostic control
+  (same ratio, fill and consistency; its clean pass takes no input gradient).
 - ``consistency_weight``: weight of ``KL(p_clean || p_masked)``; paper 1.0.
 - ``consistency_grad``: ``"detached"`` (default, two passes) or ``"both"``.
 - ``masked_pass_updates_stats``: the masked pass updates BatchNorm/whitening running stats.
@@ -70,6 +73,7 @@ from .choices import (
     CONSISTENCY_GRADS,
     DECOR_TARGETS,
     MASK_FILLS,
+    MASK_SELECTIONS,
     METHODS,
     SALIENCY_TARGETS,
     WHITENING_METHODS,
@@ -100,6 +104,14 @@ class SaliencyDecorArguments:
     mask_fill: str = field(
         default="random",
         metadata={"help": f"Replacement of masked pixels, one of {MASK_FILLS}.", "choices": list(MASK_FILLS)},
+    )
+    mask_selection: str = field(
+        default="least_salient",
+        metadata={
+            "help": "Which pixels are masked: 'least_salient' (by input gradient) or 'random' (uniform per image: "
+            "the control that tells saliency guidance from robustness to masking).",
+            "choices": list(MASK_SELECTIONS),
+        },
     )
     consistency_weight: float = field(default=1.0, metadata={"help": "Weight beta of KL(p_clean || p_masked), >= 0."})
     consistency_grad: str = field(
@@ -188,6 +200,7 @@ class SaliencyDecorArguments:
         """Raise ``ValueError`` naming the first field with a value the method cannot use."""
         check_choice("method", self.method, METHODS)
         check_choice("mask_fill", self.mask_fill, MASK_FILLS)
+        check_choice("mask_selection", self.mask_selection, MASK_SELECTIONS)
         check_choice("consistency_grad", self.consistency_grad, CONSISTENCY_GRADS)
         check_choice("decor_target", self.decor_target, DECOR_TARGETS)
         check_choice("saliency_target", self.saliency_target, SALIENCY_TARGETS)

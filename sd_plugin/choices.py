@@ -16,6 +16,7 @@ __all__ = [
     "CONSISTENCY_GRADS",
     "DECOR_TARGETS",
     "MASK_FILLS",
+    "MASK_SELECTIONS",
     "METHODS",
     "SALIENCY_TARGETS",
     "WHITENING_METHODS",
@@ -28,6 +29,10 @@ __all__ = [
 METHODS = ("baseline", "sgt", "decor", "saliencydecor")
 # What replaces a masked pixel: a random image value, the per-channel mean, zero, or a blur.
 MASK_FILLS = ("random", "mean", "zero", "blur")
+# Which pixels the masked pass replaces: the least salient by input gradient (SGT, SaliencyDecor), or
+# pixels drawn uniformly at random per image: the explanation-agnostic control (F-Fidelity), same
+# ratio, fill and consistency, no input gradient.
+MASK_SELECTIONS = ("least_salient", "random")
 CONSISTENCY_GRADS = ("detached", "both")
 DECOR_TARGETS = ("whitened", "features")
 # What the masking saliency is the input gradient of: the clean objective (cross-entropy plus the

@@ -214,11 +214,16 @@ class SaliencyDecorStep:
 
     def _two_pass_step(self, model, pixel_values, labels, decorrelate, backward, loss_scale, no_sync):
         """Clean pass and its backward (under ``no_sync``), then the masked pass and its backward."""
-        inputs = pixel_values.detach().requires_grad_(True)  # the leaf that collects the input gradient
+        random_masks = self.args.mask_selection == "random"
+        # the leaf that collects the input gradient (random masks need none: no gradient to the input)
+        inputs = pixel_values.detach() if random_masks else pixel_values.detach().requires_grad_(True)
         with no_sync() if no_sync is not None else contextlib.nullcontext():
             clean = self._clean_pass(model, inputs, labels, decorrelate)
-            target = self._saliency_target(clean, labels)
-            if target is clean.objective:  # its backward runs anyway: the saliency is free
+            target = None if random_masks else self._saliency_target(clean, labels)
+            if random_masks:
+                backward(clean.objective * loss_scale)
+                input_grad = None
+            elif target is clean.objective:  # its backward runs anyway: the saliency is free
                 backward(clean.objective * loss_scale)
                 input_grad = inputs.grad
             else:
@@ -231,9 +236,12 @@ class SaliencyDecorStep:
 
     def _joint_objective(self, model, pixel_values, labels, decorrelate, detach_clean: bool):
         """Clean pass, saliency by ``autograd.grad``, masked pass: the whole objective, graph kept."""
-        inputs = pixel_values.detach().requires_grad_(True)
+        random_masks = self.args.mask_selection == "random"
+        inputs = pixel_values.detach() if random_masks else pixel_values.detach().requires_grad_(True)
         clean = self._clean_pass(model, inputs, labels, decorrelate)
-        (input_grad,) = torch.autograd.grad(self._saliency_target(clean, labels), inputs, retain_graph=True)
+        input_grad = None
+        if not random_masks:
+            (input_grad,) = torch.autograd.grad(self._saliency_target(clean, labels), inputs, retain_graph=True)
         masked_logits = self._masked_pass(model, pixel_values.detach(), input_grad)
         loss_kl = self._consistency(clean, masked_logits, detach_clean=detach_clean)
         loss = clean.objective + self.args.consistency_weight * loss_kl
@@ -272,15 +280,18 @@ class SaliencyDecorStep:
         return clean.objective
 
     def _masked_pass(self, model: nn.Module, images: Tensor, input_grad: Tensor | None) -> Tensor:
-        """Mask the least salient pixels and run the model on the result."""
-        if input_grad is None:
+        """Mask the least salient pixels (or, with ``mask_selection="random"``, random ones) and run the model."""
+        if self.args.mask_selection == "random":
+            # uniform scores: the lowest ``mask_ratio`` of them are a uniformly random pixel set per image
+            scores = torch.rand((images.shape[0], *images.shape[2:]), generator=self.generator, device=images.device)
+        elif input_grad is None:
             raise RuntimeError(
                 "the clean pass produced no input gradient; the model must be differentiable "
                 "with respect to pixel_values."
             )
-        masked_images, _ = mask_least_salient(
-            images, pixel_saliency(input_grad), self.args.mask_ratio, self.args.mask_fill, self.generator
-        )
+        else:
+            scores = pixel_saliency(input_grad)
+        masked_images, _ = mask_least_salient(images, scores, self.args.mask_ratio, self.args.mask_fill, self.generator)
         updates_stats = self.args.masked_pass_updates_stats
         with contextlib.nullcontext() if updates_stats else frozen_running_stats(self.adapter.base_model):
             masked_logits = self.adapter.logits(model, masked_images)

@@ -117,6 +117,11 @@ def render_model_card(
     )
     method = metadata.get("method", "saliencydecor")
     method_description = METHOD_DESCRIPTIONS.get(method, METHOD_DESCRIPTIONS["saliencydecor"])
+    if metadata.get("mask_selection") == "random" and method in ("sgt", "saliencydecor"):
+        method_description += (
+            " **Control run:** the masked pixels were drawn uniformly at random per image "
+            '(`mask_selection="random"`), not chosen by saliency.'
+        )
     folded = metadata.get("whiten_head_input") and method in ("decor", "saliencydecor")
     inference_note = (
         "The whitening fed the classifier during training; it has been folded into the head's weight and "
