@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -40,13 +41,25 @@ from reproduce import MAIN_METHODS, benchmark_config, fmt, live, paired_runs, ru
 
 from sd_plugin import SaliencyDecorTrainer  # noqa: E402
 from sd_plugin.data import IMAGE_EXTENSIONS, folder_classes  # noqa: E402
-from sd_plugin.evaluation.masking_curve import random_subset  # noqa: E402
+from sd_plugin.evaluation.masking_curve import percentages_every, random_subset  # noqa: E402
 from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
 from sd_plugin.loading import load_for_finetuning  # noqa: E402
 
 DEFAULT_MODEL = "local-dir:models/efficientnet_lite0/timm"
 EVAL_SPLITS = ("test", "val", "validation")
-COMPARED_KEYS = (("accuracy", "accuracy"), ("faithfulness_gap", "gap"), ("lerf_morf_gap", "LeRF−MoRF"))
+COMPARED_KEYS = (
+    ("accuracy", "accuracy"),
+    ("faithfulness_gap", "gap"),
+    ("lerf_morf_gap", "LeRF−MoRF"),
+    ("road_lerf_morf_gap", "ROAD LeRF−MoRF"),
+    ("insertion_auc", "insertion"),
+    ("relevance_mass", "relevance mass"),
+    ("pointing_game", "pointing game"),
+)
+# Per-image scores compared image by image (same seed, same images) where a run has them.
+PER_IMAGE_KEYS = (("road_masking_auc", "ROAD MoRF AUC"), ("relevance_mass", "relevance mass"))
+# The explanation-agnostic control: SGT with masks drawn at random (``--variants sgt:mask_selection=random``).
+CONTROL = "sgt:mask_selection=random"
 # Fields a --variants entry may set on SaliencyDecor, with the type its value is read as.
 VARIANT_FIELDS = {
     "whiten_head_input": lambda text: {"true": True, "false": False}[text.lower()],
@@ -59,6 +72,7 @@ VARIANT_FIELDS = {
     "decor_liveness_weight": float,
     "mask_fill": str,
     "saliency_target": str,
+    "mask_selection": str,
 }
 
 
@@ -69,12 +83,14 @@ class PreloadedImages(Dataset):
     a random ``crop``-pixel crop and a horizontal flip, else the centre ``crop``.
     """
 
-    def __init__(self, files, labels, stored: int, crop: int, mean, std, train: bool) -> None:
+    def __init__(self, files, labels, stored: int, crop: int, mean, std, train: bool, masks=None) -> None:
         from PIL import Image
         from torchvision.transforms import v2
 
         prepare = v2.Compose([v2.PILToTensor(), v2.Resize(stored, antialias=True), v2.CenterCrop(stored)])
         self.images = torch.stack([prepare(Image.open(path).convert("RGB")) for path in files])
+        # ground-truth object masks (localization dataset), cropped like the images
+        self.masks = None if masks is None else torch.stack([prepare(Image.open(path).convert("L")) for path in masks])
         self.labels = torch.tensor(labels)
         self.crop, self.train = crop, train
         self.mean = torch.tensor(mean).view(3, 1, 1)
@@ -99,7 +115,11 @@ class PreloadedImages(Dataset):
             start = margin // 2
             image = image[:, start : start + self.crop, start : start + self.crop]
         pixels = (image.float() / 255.0 - self.mean) / self.std
-        return {"pixel_values": pixels, "labels": int(self.labels[index])}
+        item = {"pixel_values": pixels, "labels": int(self.labels[index])}
+        if self.masks is not None and not self.train:
+            start = margin // 2
+            item["masks"] = self.masks[index, 0, start : start + self.crop, start : start + self.crop] > 127
+        return item
 
 
 def folder_split(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
@@ -126,8 +146,21 @@ def load_splits(data: Path, image_size: int, mean, std):
     classes = folder_classes(data / "train")
     stored = math.ceil(image_size / 0.875)  # timm's crop_pct: train crops and the eval centre crop
     train = PreloadedImages(*folder_split(data / "train", classes), stored, image_size, mean, std, train=True)
-    evaluation = PreloadedImages(*folder_split(split, classes), stored, image_size, mean, std, train=False)
+    files, labels = folder_split(split, classes)
+    masks = None
+    if (data / "localization.json").is_file():  # sd_plugin.localization_data: masks beside the images
+        masks = [data / "masks" / split.name / path.parent.name / path.name for path in files]
+    evaluation = PreloadedImages(files, labels, stored, image_size, mean, std, train=False, masks=masks)
     return train, evaluation, classes, split.name
+
+
+def load_model(name: str, num_labels: int, classes: list[str] | None = None):
+    """``load_for_finetuning``, or ``scratch:<timm name>``: that architecture randomly initialised."""
+    if name.startswith("scratch:"):
+        import timm
+
+        return timm.create_model(name.removeprefix("scratch:"), pretrained=False, num_classes=num_labels)
+    return load_for_finetuning(name, num_labels, classes)
 
 
 def build_model(name: str, classes: list[str], seed: int, image_size: int):
@@ -136,8 +169,8 @@ def build_model(name: str, classes: list[str], seed: int, image_size: int):
     So the saved folder carries the preprocessing it was trained with (``evaluate`` and timm's
     ``resolve_data_config`` read it): resize to ``image_size / 0.875``, centre crop ``image_size``.
     """
-    torch.manual_seed(seed)  # the new head's initialisation
-    model = load_for_finetuning(name, len(classes), classes)
+    torch.manual_seed(seed)  # the new head's initialisation (all weights for a scratch: model)
+    model = load_model(name, len(classes), classes)
     if isinstance(getattr(model, "pretrained_cfg", None), dict):
         model.pretrained_cfg = {
             **model.pretrained_cfg,
@@ -175,9 +208,10 @@ def train_one(config: dict, seed: int, model_name: str, classes, train, hyper: d
     return model.eval(), seconds
 
 
-def evaluate(model, evaluation, metric_images: int, batch_size: int) -> dict:
+def evaluate(model, evaluation, metric_images: int, batch_size: int, step: float = 5.0) -> dict:
     # a fixed seeded random subset spread over the whole split: the same images for every model
-    metrics = evaluate_model(model, random_subset(evaluation, metric_images), batch_size=batch_size)
+    subset = random_subset(evaluation, metric_images)
+    metrics = evaluate_model(model, subset, batch_size=batch_size, percentages=percentages_every(step))
     metrics.pop("curves", None)
     metrics["accuracy_subset"] = metrics["accuracy"]
     metrics["accuracy"] = accuracy(model, DataLoader(evaluation, batch_size=batch_size))
@@ -189,6 +223,10 @@ def method_config(method: str, group_size: int) -> dict:
 
 
 def parse_variant(text: str, group_size: int) -> dict:
+    """``NAME=VALUE`` (SaliencyDecor with it changed) or ``METHOD:NAME=VALUE`` (e.g. ``sgt:mask_selection=random``)."""
+    method, _, text = text.rpartition(":") if ":" in text else ("saliencydecor", "", text)
+    if method not in MAIN_METHODS:
+        raise SystemExit(f"--variants {method}:{text}: {method!r} is not one of {MAIN_METHODS}.")
     name, _, value = text.partition("=")
     if name not in VARIANT_FIELDS or not value:
         raise SystemExit(f"--variants {text}: use NAME=VALUE with NAME one of {sorted(VARIANT_FIELDS)}.")
@@ -196,7 +234,7 @@ def parse_variant(text: str, group_size: int) -> dict:
         typed = VARIANT_FIELDS[name](value)
     except (KeyError, ValueError):
         raise SystemExit(f"--variants {text}: {value!r} is not a value of {name}.") from None
-    return {**method_config("saliencydecor", group_size), name: typed}
+    return {**method_config(method, group_size), name: typed}
 
 
 def table(entries: dict[str, dict]) -> list[str]:
@@ -213,6 +251,24 @@ def table(entries: dict[str, dict]) -> list[str]:
             f"| {fmt(s, 'lerf_morf_gap', 3)} | {fmt(s, 'deletion_auc', 3)} | {fmt(s, 'insertion_auc', 3)} "
             f"| {fmt(s, 'sparseness', 3)} | {fmt(s, 'effective_rank', 1)} | {live(entry)} | {s['train_seconds']:.0f} |"
         )
+    controls = [name for name, entry in entries.items() if "road_lerf_morf_gap" in entry["summary"]]
+    if controls:
+        lines += [
+            "",
+            "| run | ROAD MoRF ↓ | ROAD LeRF ↑ | ROAD gap ↑ | ROAD LeRF−MoRF ↑ | blurred LeRF−MoRF | blurred ROAD "
+            "LeRF−MoRF | blurred insertion | relevance mass ↑ | relevance rank ↑ | pointing game ↑ | blurred mass |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in controls:
+            s = entries[name]["summary"]
+            keys = (
+                ("road_masking_auc", 0), ("road_masking_auc_least", 0), ("road_faithfulness_gap", 3),
+                ("road_lerf_morf_gap", 3), ("blurred_lerf_morf_gap", 3), ("blurred_road_lerf_morf_gap", 3),
+                ("blurred_insertion_auc", 3), ("relevance_mass", 3), ("relevance_rank", 3), ("pointing_game", 3),
+                ("blurred_relevance_mass", 3),
+            )  # fmt: skip
+            cells = [fmt(s, key, digits) if key in s else "–" for key, digits in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -220,7 +276,8 @@ def comparisons(results: dict) -> list[str]:
     """Per-seed paired tests: SaliencyDecor, decor and each variant against baseline and SGT; SGT against baseline."""
     runs = {name: entry["runs"] for name, entry in {**results["main"], **results["variants"]}.items()}
     candidates = [m for m in ("saliencydecor", "decor") if m in runs] + list(results["variants"])
-    pairs = [(name, reference) for name in candidates for reference in ("baseline", "sgt")] + [("sgt", "baseline")]
+    pairs = [(name, reference) for name in candidates for reference in ("baseline", "sgt") if name != reference]
+    pairs += [("sgt", "baseline")] + [(name, CONTROL) for name in ("sgt", "saliencydecor") if CONTROL in runs]
     lines = []
     for name, reference in pairs:
         if name not in runs or reference not in runs:
@@ -230,9 +287,30 @@ def comparisons(results: dict) -> list[str]:
             for key, label in COMPARED_KEYS
             if (test := paired_runs(name, runs[name], reference, runs[reference], key))
         ]
+        tests += [
+            test for key, label in PER_IMAGE_KEYS if (test := per_image_test(runs[name], runs[reference], key, label))
+        ]
         if tests:
             lines.append(f"- **{name} vs {reference}**: " + "; ".join(tests) + ".")
     return lines
+
+
+def per_image_test(first_runs: list[dict], second_runs: list[dict], key: str, label: str) -> str:
+    """Image-by-image paired t per seed (same seed: same images), e.g. ``ROAD MoRF AUC per image: ...``."""
+    by_seed = {run["seed"]: run for run in second_runs}
+    parts = []
+    for run in first_runs:
+        other = by_seed.get(run["seed"])
+        first, second = run.get("per_image", {}).get(key), (other or {}).get("per_image", {}).get(key)
+        if not first or not second or len(first) != len(second):
+            continue
+        diffs = [a - b for a, b in zip(first, second, strict=True) if a == a and b == b]  # NaN: empty masks
+        if len(diffs) < 3:
+            continue
+        mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+        t = mean / (std / len(diffs) ** 0.5) if std > 0 else 0.0
+        parts.append(f"seed {run['seed']} {mean:+.3g} (t = {t:.1f}, n = {len(diffs)})")
+    return f"{label} per image: " + ", ".join(parts) if parts else ""
 
 
 def write_report(output: Path, results: dict) -> None:
@@ -252,7 +330,10 @@ def write_report(output: Path, results: dict) -> None:
         "",
         "MoRF / LeRF: accuracy (%) as the most / least salient p% of the pixels (|dL/dx| at the true label, "
         "channel mean) are replaced by the image mean, p = 0..100 step 5 (AUC 0-10000). Gap = (AUC_random − "
-        "AUC_MoRF) / AUC_random; LeRF−MoRF = (AUC_LeRF − AUC_MoRF) / AUC_random.",
+        "AUC_MoRF) / AUC_random; LeRF−MoRF = (AUC_LeRF − AUC_MoRF) / AUC_random. ROAD: the same curves with the "
+        "removed pixels filled by ROAD's noisy linear imputation; blurred: the same maps Gaussian-blurred (sigma 2 "
+        "px), the blur control; relevance mass / rank, pointing game: against the ground-truth object masks "
+        "(localization dataset only). `sgt:mask_selection=random` is the control: SGT with random masks.",
         "",
         "## Paired comparisons (same seed: same head initialisation and data order)",
         "",
@@ -263,11 +344,11 @@ def write_report(output: Path, results: dict) -> None:
 
 
 def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
-    setup = ("model", "data", "image_size", "epochs", "learning_rate", "batch_size", "metric_images", "bf16")
+    setup = ("model", "data", "image_size", "epochs", "learning_rate", "batch_size", "metric_images", "bf16", "step")
     found: dict[str, dict] = {}
     for folder in folders:
         earlier = json.loads((Path(folder) / "results.json").read_text())
-        if any(earlier["meta"].get(key) != meta[key] for key in setup):
+        if any(earlier["meta"].get(key) != meta.get(key) for key in setup):
             raise SystemExit(f"--reuse {folder}: another setup ({', '.join(setup)} must match).")
         found.update(earlier.get("finished", {}))
     return found
@@ -290,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant-seeds", type=int, nargs="+", default=None, help="default: --seeds")
     parser.add_argument("--metric-images", type=int, default=300)
     parser.add_argument("--eval-batch-size", type=int, default=100)
+    parser.add_argument("--step", type=float, default=5.0, help="removal-curve step in percent")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     parser.add_argument("--output-dir", default="benchmarks/results/finetune")
     parser.add_argument(
@@ -314,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             "python -m sd_plugin convert-efficientnet-lite0 models/efficientnet_lite0"
         )
     variants = {text: parse_variant(text, args.group_size) for text in args.variants}
-    probe = load_for_finetuning(args.model, 2)
+    probe = load_model(args.model, 2)
     cfg = getattr(probe, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
     train, evaluation, classes, eval_split = load_splits(Path(args.data), args.image_size, mean, std)
@@ -345,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval_images": len(evaluation),
             "image_size": args.image_size,
             "metric_images": min(args.metric_images, len(evaluation)),
+            **({"step": args.step} if args.step != 5.0 else {}),
             "seeds": args.seeds,
             "group_size": args.group_size,
             **{k: v for k, v in hyper.items() if k not in ("warmup_steps", "image_size")},
@@ -377,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                     if args.models_dir:
                         save_to = Path(args.models_dir) / f"{label.replace('=', '-')}-seed{seed}"
                     model, seconds = train_one(config, seed, args.model, classes, train, hyper, workdir, save_to)
-                    metrics = evaluate(model.to(device), evaluation, args.metric_images, args.eval_batch_size)
+                    metrics = evaluate(
+                        model.to(device), evaluation, args.metric_images, args.eval_batch_size, args.step
+                    )
                     finished[key] = {**metrics, "seed": seed, "train_seconds": seconds}
                     print(
                         f"{label} seed {seed}: acc {metrics['accuracy']:.2f} gap {metrics['faithfulness_gap']:.3f} "

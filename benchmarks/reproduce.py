@@ -53,6 +53,18 @@ ABLATIONS = {
 OBJECTIVES = {"paper": {"decor_liveness_weight": 0.0, "decor_weight": 0.01}, "default": {}}
 SUMMARY_KEYS = (
     "accuracy",
+    "road_masking_auc",
+    "road_masking_auc_least",
+    "road_masking_auc_random",
+    "road_faithfulness_gap",
+    "road_lerf_morf_gap",
+    "blurred_lerf_morf_gap",
+    "blurred_road_lerf_morf_gap",
+    "blurred_insertion_auc",
+    "relevance_mass",
+    "relevance_rank",
+    "pointing_game",
+    "blurred_relevance_mass",
     "masking_auc",
     "masking_auc_random",
     "faithfulness_gap",

@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         ours = noisy_linear_impute(images, masks, noise=0.0)
         reference = reference_impute_batch(images[subset], masks[subset])
         error = float((ours[subset].double() - reference).abs().max())
-        t_ours = best_of(3, lambda: noisy_linear_impute(images, masks, noise=0.0)) / args.images
-        t_ref = best_of(2, lambda: reference_impute_batch(images[subset], masks[subset])) / args.reference_images
+        t_ours = best_of(3, lambda x=images, m=masks: noisy_linear_impute(x, m, noise=0.0)) / args.images
+        reference_work = (images[subset], masks[subset])
+        t_ref = best_of(2, lambda work=reference_work: reference_impute_batch(*work)) / args.reference_images
         rows.append(
             dict(
                 size=size,

@@ -94,13 +94,14 @@ def _compose(
     background = np.asarray(background, dtype=np.float32) / 255.0
     size = max(4, int(round(rng.uniform(*scale) * image_size)))
     alpha = Image.fromarray((item * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
-    alpha = np.asarray(alpha, dtype=np.float32) / 255.0
+    alpha = np.clip(np.asarray(alpha, dtype=np.float32) / 255.0 * 2.0, 0.0, 1.0)  # a solid object
     row, col = int(rng.integers(0, image_size - size + 1)), int(rng.integers(0, image_size - size + 1))
     full = np.zeros((image_size, image_size), dtype=np.float32)
     full[row : row + size, col : col + size] = alpha
     colour = rng.uniform(0.0, 1.0, size=3).astype(np.float32)
-    if abs(float(colour.mean()) - float(background.mean())) < 0.25:  # keep the object visible
-        colour = 1.0 - colour
+    under = (background * full[..., None]).sum((0, 1)) / max(float(full.sum()), 1e-6)  # what it covers
+    if float(np.abs(colour - under).mean()) < 0.35:  # keep the object visible against what it covers
+        colour = np.where(under > 0.5, under - 0.5, under + 0.5).astype(np.float32)
     image = background * (1 - full[..., None]) + colour * full[..., None]
     return (image * 255).round().astype(np.uint8), full > 0.25
 
