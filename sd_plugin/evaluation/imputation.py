@@ -6,8 +6,7 @@ removed pixels, then absolute Gaussian noise (``noise``, ROAD's default 0.01) is
 imputed pixels. The reference (``road/imputations.py``, ``NoisyLinearImputer``) builds a sparse
 system per image and solves it with scipy on the CPU; here the system of every image and channel
 is solved at once by Jacobi-preconditioned conjugate gradients, the operator being a 3x3
-stencil restricted to the removed pixels, started from the solution of the same problem on a
-grid of half the size (recursively: a cascade from coarse to fine).
+convolution restricted to the removed pixels, started from a coarse-to-fine guess.
 
 The system is symmetric positive definite wherever a group of removed pixels touches a kept
 one; a group with no kept pixel at all (e.g. 100% removed) keeps its starting value, the
@@ -48,35 +47,25 @@ def _neighbour_sum(values: Tensor) -> Tensor:
     return both / 12 - values / 3
 
 
-def _solve(planes: Tensor, known: Tensor, tolerance: float, limit: int | None, check_every: int) -> Tensor:
-    """The linear imputation of ``(N, 1, H, W)`` planes (``known``: 1 = kept), cascading coarse to fine.
+def _coarse_guess(planes: Tensor, known: Tensor, levels: int) -> Tensor:
+    """A smooth fill of the unknown pixels by averaging known ones over a pyramid (push-pull).
 
-    The start of the fine solve is the coarse grid's solution (2x2 blocks, a block known where any
-    child is, with their mean), bilinearly upsampled: the coarse levels remove the smooth error that
-    costs the fine conjugate gradients most of their iterations. The start changes the iteration
-    count, not the result (the fine system is solved to ``tolerance``).
+    Only a starting point for the solver: its accuracy changes the iteration count, not the result.
     """
-    height, width = planes.shape[-2:]
-    missing = 1.0 - known
-    nothing_known = known.sum((2, 3), keepdim=True) == 0
-    if min(height, width) >= 8:
-        down_known = F.avg_pool2d(known, 2, ceil_mode=True)
-        down_values = F.avg_pool2d(planes * known, 2, ceil_mode=True) / down_known.clamp_min(1e-12)
-        coarse_known = (down_known > 0).to(planes.dtype)
-        coarse = _solve(down_values * coarse_known, coarse_known, max(tolerance, 1e-3), None, check_every)
-        start = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[..., :height, :width]
-    else:
+    if levels == 0 or min(planes.shape[-2:]) < 4:
+        total = (planes * known).sum((2, 3), keepdim=True)
         count = known.sum((2, 3), keepdim=True)
-        start = ((planes * known).sum((2, 3), keepdim=True) / count.clamp_min(1e-12)).expand_as(planes)
-    start = torch.where(nothing_known, planes.mean((2, 3), keepdim=True), start)
-    solution = missing * start
-    weight_sum = _neighbour_sum(torch.ones_like(planes[:1]))  # s_i: in-image neighbour weights
-    rhs = missing * _neighbour_sum(known * planes)
-    threshold = (tolerance * rhs.flatten(1).norm(dim=1)).clamp_min(1e-30)
-    threshold[nothing_known.flatten()] = float("inf")  # nothing to solve: the mean stays
-    limit = limit if limit is not None else 4 * (height + width)
-    _conjugate_gradients(solution, rhs, missing, weight_sum, threshold, limit, check_every)
-    return known * planes + solution
+        mean_of_known = total / count.clamp_min(1e-12)
+        return torch.where(count > 0, mean_of_known, planes.mean((2, 3), keepdim=True)).expand_as(planes)
+    down_values = F.avg_pool2d(planes * known, 2, ceil_mode=True)
+    down_known = F.avg_pool2d(known, 2, ceil_mode=True)
+    coarse_known = (down_known > 0).to(planes.dtype)
+    coarse = torch.where(down_known > 0, down_values / down_known.clamp_min(1e-12), torch.zeros_like(down_values))
+    filled = _coarse_guess(coarse, coarse_known, levels - 1)
+    coarse = torch.where(coarse_known > 0, coarse, filled)
+    up = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)
+    up = up[..., : planes.shape[-2], : planes.shape[-1]]
+    return torch.where(known > 0, planes, up)
 
 
 def noisy_linear_impute(
@@ -100,7 +89,7 @@ def noisy_linear_impute(
         tolerance: the solver stops when every plane's residual norm is below ``tolerance``
             times the norm of its right-hand side (default: 1e-6 in float32, near its round-off,
             1e-10 in float64).
-        max_iterations: cap on conjugate-gradient iterations on the full-size grid (default ``4 * (H + W)``).
+        max_iterations: cap on conjugate-gradient iterations (default ``4 * (H + W)``).
         check_every: iterations between convergence checks (each check reads one flag on the host).
 
     Returns:
@@ -118,8 +107,18 @@ def noisy_linear_impute(
     planes = images.to(dtype).reshape(batch * channels, 1, height, width)
     missing = removed.to(dtype).repeat_interleave(channels, 0).unsqueeze(1)
     known = 1.0 - missing
+    weight_sum = _neighbour_sum(torch.ones_like(planes[:1]))  # s_i: in-image neighbour weights
+    rhs = missing * _neighbour_sum(known * planes)
+    levels = max(0, min(height, width).bit_length() - 2)
+    guess = _coarse_guess(planes, known, levels)
+    nothing_known = known.sum((2, 3), keepdim=True) == 0
+    solution = missing * torch.where(nothing_known, planes.mean((2, 3), keepdim=True), guess)
     tolerance = tolerance if tolerance is not None else (1e-10 if dtype == torch.float64 else 1e-6)
-    imputed = _solve(planes, known, tolerance, max_iterations, check_every)
+    threshold = (tolerance * rhs.flatten(1).norm(dim=1)).clamp_min(1e-30)
+    threshold[nothing_known.flatten()] = float("inf")  # nothing to solve: the mean stays
+    limit = max_iterations if max_iterations is not None else 4 * (height + width)
+    _conjugate_gradients(solution, rhs, missing, weight_sum, threshold, limit, check_every)
+    imputed = known * planes + solution
     if noise > 0:
         draw = torch.randn(imputed.shape, generator=generator, device=images.device, dtype=dtype)
         imputed = imputed + missing * noise * draw
