@@ -206,6 +206,12 @@ class SaliencyDecorArguments:
         check_choice("saliency_target", self.saliency_target, SALIENCY_TARGETS)
         check_choice("whitening_method", self.whitening_method, WHITENING_METHODS)
         check_mask_ratio(self.mask_ratio)
+        if self.mask_ratio == 0 and self.method in ("sgt", "saliencydecor"):
+            raise ValueError(
+                f"mask_ratio=0 masks no pixel: with method={self.method!r} the masked pass would repeat the clean "
+                "pass and the KL term would be 0. Use a ratio in (0, 1), e.g. 0.25, or method='baseline' / 'decor' "
+                "to train without masking."
+            )
         for name in ("decor_weight", "consistency_weight", "decor_liveness_weight"):
             check_weight(name, getattr(self, name))
         if self.group_size < 1:

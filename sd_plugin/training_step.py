@@ -401,7 +401,7 @@ class SaliencyDecorStep:
         if bool(finite.all()):
             return
         bad = [name for name, ok in zip(present, finite.tolist(), strict=True) if not ok]
-        values = {name: float(present[name]) for name in bad}
+        values = {name: float(present[name].detach()) for name in bad}
         advice = "Lower the learning rate or check the inputs for NaN"
         if self.whitening is not None:  # only the decorrelation methods whiten
             advice += ", or raise whitening_shrinkage"

@@ -35,7 +35,10 @@ def test_wheel__installed_outside_the_repository_exports_a_model_with_its_card(t
     wheel = build("wheel", tmp_path / "dist")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert set(RUNTIME_FILES) <= names
+    # an SPDX license expression: setuptools deprecates the `license = {text = ...}` table (issue 22, item 7)
+    assert "License-Expression: Apache-2.0" in metadata
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", str(site), wheel],
