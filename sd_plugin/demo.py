@@ -51,6 +51,7 @@ def _train_one(method: str, seed: int, train: TensorImageDataset, output_dir: Pa
         group_size=16,
         num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
+        dataloader_drop_last=True,  # the last 30 images would make a batch below 2 x group_size
         learning_rate=3e-3,
         weight_decay=1e-4,
         warmup_steps=10,

@@ -14,8 +14,14 @@ def test_digits__real_data_split():
 
 
 def test_demo_cli__writes_models_figures_and_table(tmp_path, capsys):
+    import warnings
+
     out = tmp_path / "demo"
-    assert cli(["demo", "--output-dir", str(out), "--epochs", "1", "--seeds", "0"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli(["demo", "--output-dir", str(out), "--epochs", "1", "--seeds", "0"]) == 0
+    own = [str(w.message) for w in caught if "sd_plugin" in w.filename and issubclass(w.category, UserWarning)]
+    assert own == []  # the demo runs clean: no warning of the package about its own defaults (issue 22, item 5)
     printed = capsys.readouterr().out
     assert "| baseline |" in printed and "| saliencydecor |" in printed
     results = json.loads((out / "results.json").read_text())

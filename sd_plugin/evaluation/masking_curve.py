@@ -28,7 +28,15 @@ from torch.utils.data import Dataset
 
 from ..arguments import MaskingTestArguments
 from ..masking import MASK_FILLS, fill_values, num_masked_pixels, pixel_saliency
-from .attribution import Attribution, blur_maps, blurred, check_attribution, input_gradients, saliency_maps
+from .attribution import (
+    Attribution,
+    attribution_name,
+    blur_maps,
+    blurred,
+    check_attribution,
+    input_gradients,
+    saliency_maps,
+)
 from .imputation import noisy_linear_impute
 from .model_fn import LogitsFn, evaluation_mode, prepare_for_evaluation
 
@@ -349,8 +357,8 @@ def faithfulness_curves(
             seen += images.shape[0]
     if seen == 0:
         raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
-    name = getattr(attribution, "name", attribution if isinstance(attribution, str) else "custom")
-    return {key: _curve(torch.cat(correct[key], 1), percentages, key, seen, str(name), blur_sigma) for key in keys}
+    name = attribution_name(attribution)
+    return {key: _curve(torch.cat(correct[key], 1), percentages, key, seen, name, blur_sigma) for key in keys}
 
 
 def _batch_maps(model, forward, images, labels, orders, attribution, generators, offset):

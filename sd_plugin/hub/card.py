@@ -94,7 +94,8 @@ def render_model_card(
     eval_results = []
     if evaluation:
         for key, (metric_type, metric_name) in METRIC_LABELS.items():
-            if isinstance(evaluation.get(key), (int, float)):
+            value = evaluation.get(key)
+            if isinstance(value, (int, float)) and value == value:  # NaN (e.g. no ground truth) is no result
                 eval_results.append(
                     EvalResult(
                         task_type="image-classification",
