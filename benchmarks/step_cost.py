@@ -36,6 +36,7 @@ from sd_plugin.models import PaperCNN  # noqa: E402
 VARIANTS = (
     ("baseline", {"method": "baseline"}),
     ("sgt", {"method": "sgt"}),
+    ("sgt (random masks)", {"method": "sgt", "mask_selection": "random"}),
     ("decor", {"method": "decor"}),
     ("saliencydecor", {"method": "saliencydecor"}),
     ("saliencydecor (both)", {"method": "saliencydecor", "consistency_grad": "both"}),
