@@ -97,75 +97,50 @@ def deletion_insertion(
     if target not in ("prediction", "label"):
         raise ValueError(f"target={target!r} is not supported; use 'prediction' or 'label'.")
     check_attribution(attribution)
-    with evaluation_mode(model):
-        return _deletion_insertion(
-            model,
-            dataloader,
-            steps,
-            attribution,
-            target,
-            deletion_fill,
-            insertion_fill,
-            max_batch_size,
-            device,
-            max_images,
-            seed,
-            progress,
+    with evaluation_mode(model):  # every submodule gets its own mode back
+        forward, device, generator = prepare_for_evaluation(model, device, seed)
+        fractions = [i / steps for i in range(steps + 1)]
+        per_image: list[Tensor] = []  # (points, 2, B) target probabilities per batch
+        seen = 0
+        for batch in maybe_progress(dataloader, progress, "deletion/insertion"):
+            images, labels = unpack_batch(batch)
+            if max_images is not None:
+                if seen >= max_images:
+                    break
+                images, labels = images[: max_images - seen], labels[: max_images - seen]
+            images, labels = images.to(device), labels.to(device)
+            if target == "prediction":
+                labels = forward(images).argmax(-1)
+            source = forward if isinstance(attribution, str) else model
+            ranks = pixel_ranks(saliency_maps(source, images, labels, attribution, generator, offset=seen))
+            substrates = (fill_values(images, deletion_fill, generator), fill_values(images, insertion_fill, generator))
+            batch_size, num_pixels = images.shape[0], ranks.shape[1]
+            per_chunk = max(1, (max_batch_size or 2 * batch_size) // (2 * batch_size))
+            picked_batch = torch.zeros(len(fractions), 2, batch_size, dtype=torch.float64, device=device)
+            for start in range(0, len(fractions), per_chunk):
+                chunk = fractions[start : start + per_chunk]
+                variants = []
+                for fraction in chunk:
+                    changed = (ranks < num_masked_pixels(fraction, num_pixels)).view(batch_size, 1, *images.shape[2:])
+                    variants.append(torch.where(changed, substrates[0], images))
+                    variants.append(torch.where(changed, images, substrates[1]))
+                probabilities = forward(torch.cat(variants)).float().softmax(-1)
+                probabilities = probabilities.view(len(chunk), 2, batch_size, -1)
+                picked = probabilities.gather(-1, labels.view(1, 1, -1, 1).expand(len(chunk), 2, -1, 1))[..., 0]
+                picked_batch[start : start + len(chunk)] = picked.double()
+            per_image.append(picked_batch)
+            seen += batch_size
+        if seen == 0:
+            raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
+        probabilities = torch.cat(per_image, 2)  # (points, 2, N)
+        mean = probabilities.mean(2)
+        # RISE's auc per image: the trapezoid over equally spaced points
+        per_image_auc = (probabilities.sum(0) - probabilities[0] / 2 - probabilities[-1] / 2) / (len(fractions) - 1)
+        return DeletionInsertion(
+            fractions,
+            mean[:, 0].tolist(),
+            mean[:, 1].tolist(),
+            seen,
+            per_image_auc[0].tolist(),
+            per_image_auc[1].tolist(),
         )
-
-
-def _deletion_insertion(
-    model,
-    dataloader,
-    steps,
-    attribution,
-    target,
-    deletion_fill,
-    insertion_fill,
-    max_batch_size,
-    device,
-    max_images,
-    seed,
-    progress,
-) -> DeletionInsertion:
-    forward, device, generator = prepare_for_evaluation(model, device, seed)
-    fractions = [i / steps for i in range(steps + 1)]
-    per_image: list[Tensor] = []  # (points, 2, B) target probabilities per batch
-    seen = 0
-    for batch in maybe_progress(dataloader, progress, "deletion/insertion"):
-        images, labels = unpack_batch(batch)
-        if max_images is not None:
-            if seen >= max_images:
-                break
-            images, labels = images[: max_images - seen], labels[: max_images - seen]
-        images, labels = images.to(device), labels.to(device)
-        if target == "prediction":
-            labels = forward(images).argmax(-1)
-        source = forward if isinstance(attribution, str) else model
-        ranks = pixel_ranks(saliency_maps(source, images, labels, attribution, generator, offset=seen))
-        substrates = (fill_values(images, deletion_fill, generator), fill_values(images, insertion_fill, generator))
-        batch_size, num_pixels = images.shape[0], ranks.shape[1]
-        per_chunk = max(1, (max_batch_size or 2 * batch_size) // (2 * batch_size))
-        picked_batch = torch.zeros(len(fractions), 2, batch_size, dtype=torch.float64, device=device)
-        for start in range(0, len(fractions), per_chunk):
-            chunk = fractions[start : start + per_chunk]
-            variants = []
-            for fraction in chunk:
-                changed = (ranks < num_masked_pixels(fraction, num_pixels)).view(batch_size, 1, *images.shape[2:])
-                variants.append(torch.where(changed, substrates[0], images))
-                variants.append(torch.where(changed, images, substrates[1]))
-            probabilities = forward(torch.cat(variants)).float().softmax(-1)
-            probabilities = probabilities.view(len(chunk), 2, batch_size, -1)
-            picked = probabilities.gather(-1, labels.view(1, 1, -1, 1).expand(len(chunk), 2, -1, 1))[..., 0]
-            picked_batch[start : start + len(chunk)] = picked.double()
-        per_image.append(picked_batch)
-        seen += batch_size
-    if seen == 0:
-        raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
-    probabilities = torch.cat(per_image, 2)  # (points, 2, N)
-    mean = probabilities.mean(2)
-    # RISE's auc per image: the trapezoid over equally spaced points
-    per_image_auc = (probabilities.sum(0) - probabilities[0] / 2 - probabilities[-1] / 2) / (len(fractions) - 1)
-    return DeletionInsertion(
-        fractions, mean[:, 0].tolist(), mean[:, 1].tolist(), seen, per_image_auc[0].tolist(), per_image_auc[1].tolist()
-    )
