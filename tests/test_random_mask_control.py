@@ -82,3 +82,13 @@ def test_mask_selection__validated_and_recorded_in_the_settings():
         SaliencyDecorArguments(method="sgt", mask_selection="random"),
     )
     assert step.settings()["mask_selection"] == "random"
+
+
+def test_model_card__names_the_random_mask_control():
+    from sd_plugin.hub.card import render_model_card
+
+    metadata = SaliencyDecorArguments(method="sgt", mask_selection="random").to_dict()
+    card = render_model_card("m", "timm", metadata)
+    assert "**Control run:**" in card and "| mask_selection | random |" in card.replace("`", "")
+    guided = render_model_card("m", "timm", SaliencyDecorArguments(method="sgt").to_dict())
+    assert "Control run" not in guided
