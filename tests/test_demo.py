@@ -54,3 +54,13 @@ def test_cli__evaluate_help_states_every_default(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for shown in ("(default: 5.0)", "(default: mean)", "(default: gradient)", "(default: 64)", "(default: 0)"):
         assert shown in text, shown
+
+
+def test_cli__export_help_explains_overwrite(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["export", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--overwrite replace an existing, non-empty OUTPUT folder: everything in it is deleted" in text

@@ -12,7 +12,11 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sd_plugin export", description="Export a trained model folder.")
     parser.add_argument("source", help="a SaliencyDecorTrainer output or checkpoint folder")
     parser.add_argument("output", help="folder to write (must not exist or be empty, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing, non-empty OUTPUT folder: everything in it is deleted and the export takes its place",
+    )
     parser.add_argument("--keep-adapter", action="store_true", help="save PEFT adapters separately (no merge)")
     parser.add_argument("--evaluation", default=None, help="results.json of `python -m sd_plugin evaluate`")
     parser.add_argument("--dataset", action="append", default=None, help="dataset id for the card (repeatable)")
