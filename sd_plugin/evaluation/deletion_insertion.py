@@ -111,8 +111,7 @@ def deletion_insertion(
             images, labels = images.to(device), labels.to(device)
             if target == "prediction":
                 labels = forward(images).argmax(-1)
-            source = forward if isinstance(attribution, str) else model
-            ranks = pixel_ranks(saliency_maps(source, images, labels, attribution, generator, offset=seen))
+            ranks = pixel_ranks(saliency_maps(model, images, labels, attribution, generator, offset=seen))
             substrates = (fill_values(images, deletion_fill, generator), fill_values(images, insertion_fill, generator))
             batch_size, num_pixels = images.shape[0], ranks.shape[1]
             per_chunk = max(1, (max_batch_size or 2 * batch_size) // (2 * batch_size))

@@ -27,12 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ROAD_NEIGHBOUR_WEIGHTS", "noisy_linear_impute"]
-
-# (row offset, column offset) -> weight, as ROAD's ``neighbors_weights``.
-ROAD_NEIGHBOUR_WEIGHTS = torch.tensor(
-    [[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]], dtype=torch.float64
-)
+__all__ = ["noisy_linear_impute"]
 
 
 def _neighbour_sum(values: Tensor) -> Tensor:

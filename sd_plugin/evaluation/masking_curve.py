@@ -32,7 +32,6 @@ from .attribution import (
     Attribution,
     attribution_name,
     blur_maps,
-    blurred,
     check_attribution,
     input_gradients,
     saliency_maps,
@@ -369,8 +368,7 @@ def _batch_maps(model, forward, images, labels, orders, attribution, generators,
         grad, clean_logits = input_gradients(forward, images, labels)  # the clean forward comes free
         return pixel_saliency(grad), clean_logits
     generator = next(iter(generators.values()))
-    source = model if not isinstance(attribution, (str, blurred)) else forward
-    return saliency_maps(source, images, labels, attribution, generator, offset=offset), None
+    return saliency_maps(model, images, labels, attribution, generator, offset=offset), None
 
 
 def _curve(

@@ -110,7 +110,7 @@ def localization_metrics(
     max_images: int | None = None,
 ) -> dict[str, list[float]] | None:
     """Per-image relevance mass / rank and pointing game (and their blur control); None without masks."""
-    forward, device, generator = prepare_for_evaluation(model, None, 0)
+    _, device, generator = prepare_for_evaluation(model, None, 0)
     scores: dict[str, list[float]] = {}
     seen = 0
     for batch in loader:
@@ -123,8 +123,7 @@ def localization_metrics(
                 break
             images, labels, masks = images[: max_images - seen], labels[: max_images - seen], masks[: max_images - seen]
         images, labels, masks = images.to(device), labels.to(device), masks.to(device)
-        source = forward if isinstance(attribution, str) else model
-        maps = saliency_maps(source, images, labels, attribution, generator, offset=seen)
+        maps = saliency_maps(model, images, labels, attribution, generator, offset=seen)
         variants = {"": maps, "blurred_": blur_maps(maps, blur_sigma)} if blur_sigma else {"": maps}
         for prefix, values in variants.items():
             for name, per_image in localization_scores(values, masks).items():
@@ -171,8 +170,7 @@ def evaluate_model(
         rise = deletion_insertion(model, loader, steps=deletion_steps, attribution=attribution, **common)
         images, labels = first_images(dataset, min(sparseness_images, len(dataset)))
         device = next(model.parameters()).device
-        source = model
-        maps = saliency_maps(source, images.to(device), labels.to(device), attribution)
+        maps = saliency_maps(model, images.to(device), labels.to(device), attribution)
         features = collect_features(model, loader, feature_layer, max_images)
         located = localization_metrics(model, loader, attribution, blur_sigma, max_images)
         blurred_rise = None
@@ -200,7 +198,8 @@ def evaluate_model(
         metrics["blurred_faithfulness_gap"] = blurred_removal["blurred_faithfulness_gap"]
         metrics["blurred_lerf_morf_gap"] = blurred_removal["blurred_lerf_morf_gap"]
         if road:
-            metrics["blurred_road_lerf_morf_gap"] = _removal_metrics(curves, "road", "blurred", "x_")["x_lerf_morf_gap"]
+            road_blurred = _removal_metrics(curves, "road", "blurred", "blurred_road_")
+            metrics["blurred_road_lerf_morf_gap"] = road_blurred["blurred_road_lerf_morf_gap"]
         metrics["blurred_deletion_auc"] = blurred_rise.deletion_auc
         metrics["blurred_insertion_auc"] = blurred_rise.insertion_auc
         metrics["blur_sigma"] = blur_sigma
