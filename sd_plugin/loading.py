@@ -25,6 +25,7 @@ from .checkpoint import (
     read_whitening_buffers,
     weights_fingerprint,
 )
+from .peft_folders import ADAPTER_CONFIG, adapter_base
 
 __all__ = [
     "METADATA_FILE",
@@ -73,12 +74,15 @@ def _load_timm_folder(directory: Path, config: dict[str, Any]) -> nn.Module:
 def load_classifier(name_or_path: str | Path, **kwargs: Any) -> nn.Module:
     """A classifier from a local folder or a Hub id, in eval mode.
 
-    Local folders: transformers (``config.json`` with ``model_type``) or timm
-    (``config.json`` with ``architecture``). Hub ids: ``timm/...`` (or ``hf-hub:...``)
-    through timm, anything else through ``AutoModelForImageClassification``. ``kwargs``
-    go to ``from_pretrained`` / ``create_model`` (e.g. ``num_labels``).
+    Local folders: transformers (``config.json`` with ``model_type``), timm
+    (``config.json`` with ``architecture``) or a PEFT adapter folder (``adapter_config.json``;
+    its base rebuilt as ``sd_plugin.peft_folders`` says, returned as the ``PeftModel``).
+    Hub ids: ``timm/...`` (or ``hf-hub:...``) through timm, anything else through
+    ``AutoModelForImageClassification``. ``kwargs`` go to ``from_pretrained`` / ``create_model`` (e.g. ``num_labels``).
     """
     path = Path(name_or_path)
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
+        return _load_adapter_folder(path)
     if path.is_dir():
         config = _read_config(path)
         if config is None:
@@ -118,6 +122,24 @@ def load_classifier(name_or_path: str | Path, **kwargs: Any) -> nn.Module:
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
             "Offline, pass the path of a folder saved with save_pretrained."
         ) from error
+
+
+def _load_adapter_folder(directory: Path) -> nn.Module:
+    from peft import PeftModel
+
+    base = adapter_base(directory)
+    if base.folder is not None:
+        model = load_classifier(base.folder)
+    elif base.num_classes is not None:  # a head resized for the adapter's classes
+        try:
+            model = load_for_finetuning(base.name, base.num_classes, base.labels)
+        except (ValueError, FileNotFoundError) as error:
+            raise ValueError(f"the base model of the adapter folder {directory}: {error}") from error
+    else:
+        model = load_classifier(base.name)
+    model = PeftModel.from_pretrained(model, str(directory))
+    restore_whitening(model, directory)
+    return model.eval()
 
 
 def restore_whitening(model: nn.Module, directory: str | Path) -> bool:

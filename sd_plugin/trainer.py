@@ -42,6 +42,7 @@ from .collapse import CollapseMonitor
 from .config import METHOD_FIELDS, SaliencyDecorConfig
 from .evaluation.masking_curve import masking_metrics_during_training
 from .meter import MetricMeter
+from .peft_folders import save_adapter_base
 from .training_step import SaliencyDecorStep
 
 __all__ = ["SaliencyDecorTrainer"]
@@ -190,9 +191,10 @@ class SaliencyDecorTrainer(Trainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         checkpoint.save_training_state(output_dir, split.training_only)
-        checkpoint.write_metadata(
-            output_dir, {**self.saliency_decor_metadata(), "whitening_folded_into_head": split.head_folded}
-        )
+        metadata = {**self.saliency_decor_metadata(), "whitening_folded_into_head": split.head_folded}
+        if self._is_peft_model():  # the base the adapter needs (peft_folders: resized head, BatchNorm...)
+            metadata["peft_base"] = save_adapter_base(model, output_dir)
+        checkpoint.write_metadata(output_dir, metadata)
         if self.sd_adapter.library == "timm" and not self._is_peft_model():
             checkpoint.write_timm_config(self.sd_adapter.base_model, output_dir)
         elif hasattr(self.sd_adapter.base_model, "config_dict"):  # sd_plugin.PaperCNN

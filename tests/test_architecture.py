@@ -30,6 +30,7 @@ LAYERS = {
     "loss": 1,
     "checkpoint": 2,
     "loading": 2,
+    "peft_folders": 2,
     "data": 2,
     "localization_data": 2,
     "convert": 2,

@@ -50,6 +50,8 @@ def models(tmp_path_factory):
     for family in ("hf_vit", "hf_resnet", "timm_resnet", "timm_vit"):
         tiny_models.build(family, root)
         built[family] = root / family
+    tiny_models.build("hf_vit", root / "ten", num_labels=10)
+    built["hf_vit_10_classes"] = root / "ten" / "hf_vit"
     return built
 
 
@@ -193,7 +195,7 @@ def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
     [
         ("timm_resnet", ["--peft", "lora"]),
         ("timm_vit", []),
-        ("hf_vit", ["--peft", "lora", "--save_adapter"]),
+        ("hf_vit_10_classes", ["--peft", "lora", "--save_adapter"]),  # the head resized 10 -> 3
     ],
 )
 def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra):
@@ -216,10 +218,30 @@ def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra)
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0 <= results["eval_masking_auc"] <= 10000
     exported = output / "model"
     assert (exported / "README.md").is_file()
-    if "--save_adapter" in extra:
-        assert (exported / "adapter_model.safetensors").is_file()
-    else:
+    if "--save_adapter" not in extra:
         assert (exported / "model.safetensors").is_file()
+        return
+    # The adapter folder exports (merged) and evaluates like any other folder the package writes.
+    assert (exported / "adapter_model.safetensors").is_file()
+    run(["-m", "sd_plugin", "export", str(exported), str(tmp_path / "merged")], tmp_path)
+    from transformers import AutoModelForImageClassification
+
+    from sd_plugin.loading import load_classifier
+
+    merged = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, load_classifier(exported)(x).logits, rtol=1e-5, atol=1e-5)
+    assert merged.config.num_labels == 3
+    images = tmp_path / "images"
+    for k, wnid in enumerate(WNIDS):
+        (images / wnid).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (20, 20), (70 * k, 20 * i, 0)).save(images / wnid / f"{i}.png")
+    evaluation = tmp_path / "evaluation"
+    run(["-m", "sd_plugin", "evaluate", "--model", str(exported), "--dataset", str(images), "--output-dir",
+         str(evaluation), "--step", "50", "--no-progress"], tmp_path)
+    assert json.loads((evaluation / "results.json").read_text())["models"]
 
 
 def test_paper_cnn_recipe__digits(tmp_path):

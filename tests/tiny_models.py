@@ -60,7 +60,7 @@ def _hf_resnet(path: Path) -> nn.Module:
     return AutoModelForImageClassification.from_pretrained(path)
 
 
-def _hf_vit(path: Path) -> nn.Module:
+def _hf_vit(path: Path, num_labels: int = NUM_CLASSES) -> nn.Module:
     from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
@@ -72,7 +72,7 @@ def _hf_vit(path: Path) -> nn.Module:
         intermediate_size=32,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        num_labels=NUM_CLASSES,
+        num_labels=num_labels,
     )
     ViTForImageClassification(config).save_pretrained(path)
     return AutoModelForImageClassification.from_pretrained(path)
@@ -163,9 +163,13 @@ _FACTORIES = {
 }
 
 
-def build(family: str, path: Path, seed: int = 0) -> nn.Module:
-    """A tiny model of ``family``, saved under ``path`` and loaded back."""
+def build(family: str, path: Path, seed: int = 0, num_labels: int = NUM_CLASSES) -> nn.Module:
+    """A tiny model of ``family``, saved under ``path`` and loaded back (``num_labels``: hf_vit only)."""
     torch.manual_seed(seed)
+    if num_labels != NUM_CLASSES:
+        if family != "hf_vit":
+            raise ValueError("num_labels is only supported for hf_vit")
+        return _hf_vit(path / family, num_labels)
     return _FACTORIES[family](path / family)
 
 

@@ -29,7 +29,8 @@ from torch import nn
 from ..adapter import is_peft, library_of, unwrap_model
 from ..checkpoint import read_metadata, weights_fingerprint, write_metadata
 from ..folding import find_whitening, fold_whitening_into_head
-from ..loading import load_classifier, restore_whitening
+from ..loading import load_classifier
+from ..peft_folders import save_adapter_base
 from .card import REPO_ID_PLACEHOLDER, render_model_card, usage_snippet
 
 __all__ = ["ExportSource", "export", "REPO_ID_PLACEHOLDER"]
@@ -60,17 +61,7 @@ def _load_source(source: Any) -> tuple[nn.Module, dict[str, Any], Any, Path | No
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a folder, a model or a SaliencyDecorTrainer.")
     metadata = read_metadata(directory) or {}
-    adapter_config = directory / "adapter_config.json"
-    if adapter_config.is_file():
-        from peft import PeftModel
-
-        base_name = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-        if not base_name:
-            raise ValueError(f"{adapter_config} names no base_model_name_or_path to load the adapter onto.")
-        model = PeftModel.from_pretrained(load_classifier(base_name), str(directory))
-        restore_whitening(model, directory)
-    else:
-        model = load_classifier(directory)
+    model = load_classifier(directory)  # a PEFT adapter folder loads as its PeftModel
     return model, metadata, None, directory
 
 
@@ -81,13 +72,14 @@ def _prepare_target(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
 
 
-def _write_weights(model: nn.Module, library: str, folder: Path, metadata: dict, source_dir: Path | None) -> None:
+def _write_weights(model: nn.Module, library: str, folder: Path, source_dir: Path | None) -> dict[str, Any]:
+    """Write the weights (and config); returns metadata to add (a PEFT adapter's ``peft_base``)."""
     if is_peft(model):
         model.save_pretrained(str(folder), safe_serialization=True)
-        return
+        return {"peft_base": save_adapter_base(model, folder)}
     if library == "transformers":
         model.save_pretrained(str(folder), safe_serialization=True)
-        return
+        return {}
     if library == "timm":
         from timm.models._hub import save_for_hf
 
@@ -95,13 +87,14 @@ def _write_weights(model: nn.Module, library: str, folder: Path, metadata: dict,
         if model_args is None and source_dir is not None and (source_dir / "config.json").is_file():
             model_args = json.loads((source_dir / "config.json").read_text()).get("model_args")
         save_for_hf(model, str(folder), model_args=model_args, safe_serialization=True)
-        return
+        return {}
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if hasattr(model, "config_dict"):  # sd_plugin.PaperCNN: load_classifier rebuilds it from this
         (folder / "config.json").write_text(json.dumps(model.config_dict(), indent=2))
+    return {}
 
 
 def _save_processor(processor: Any, source_dir: Path | None, folder: Path) -> None:
@@ -188,7 +181,7 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        _write_weights(exported, library, staging, metadata, source_dir)
+        metadata = {**metadata, **_write_weights(exported, library, staging, source_dir)}
         _save_processor(processor, source_dir or (Path(preprocessing_from) if preprocessing_from else None), staging)
         figures = []
         for figure in figure_paths:
