@@ -27,6 +27,7 @@ from sd_plugin.arguments import SaliencyDecorArguments
 from sd_plugin.data import HFImageDataset, folder_classes, image_folder_dataset, image_transform
 from sd_plugin.loading import load_for_finetuning
 from sd_plugin.loop import RecipeArguments, make_accelerator, train
+from sd_plugin.run_lock import output_dir_lock
 
 DEFAULT_DATASET = "zh-plus/tiny-imagenet"
 
@@ -85,6 +86,10 @@ def build(args: RecipeArguments, accelerator: Accelerator):
         transform = image_transform(model, _processor_source(args.model))
         train_set = HFImageDataset(train_split, transform)
         eval_set = HFImageDataset(eval_split, transform) if eval_split is not None else None
+    if args.skip_unreadable_images:
+        with accelerator.main_process_first():
+            train_set = train_set.without_unreadable()
+            eval_set = eval_set.without_unreadable() if eval_set is not None else None
     return model, train_set, eval_set
 
 
@@ -98,9 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.set_defaults(output_dir="outputs/tiny_imagenet")
     args, method_args = parser.parse_args_into_dataclasses(args=argv)
     accelerator = make_accelerator(args)
-    model, train_set, eval_set = build(args, accelerator)
     command = "accelerate launch recipes/tiny_imagenet.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    results = train(args, method_args, model, train_set, eval_set, accelerator, command=command)
+    with output_dir_lock(args.output_dir, enabled=accelerator.is_main_process):  # refused before loading anything
+        model, train_set, eval_set = build(args, accelerator)
+        results = train(args, method_args, model, train_set, eval_set, accelerator, command=command)
     accelerator.print({k: v for k, v in results.items() if k != "history"})
     return results
 

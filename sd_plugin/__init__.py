@@ -4,7 +4,7 @@ from .adapter import ModelAdapter, adapt
 from .arguments import SaliencyDecorArguments
 from .consistency import consistency_loss
 from .decorrelation import decorrelation_loss
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, SaliencyDecorWarning
 from .loss import SaliencyDecorLoss
 from .masking import mask_least_salient
 from .training_step import SaliencyDecorOutput, SaliencyDecorStep
@@ -21,6 +21,7 @@ __all__ = [
     "SaliencyDecorOutput",
     "SaliencyDecorStep",
     "SaliencyDecorTrainer",
+    "SaliencyDecorWarning",
     "adapt",
     "consistency_loss",
     "decorrelation_loss",

@@ -208,6 +208,11 @@ class ModelAdapter:
             )
         if labels.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {pixel_values.shape[0]} images.")
+        if self.num_classes == 1:
+            raise ValueError(
+                "the model's head has 1 output: a classifier needs at least 2 classes (cross-entropy over one class is "
+                "always 0). Build the head with num_labels/num_classes equal to the dataset's number of classes."
+            )
         if not self.labels_checked and self.num_classes > 0 and labels.numel() > 0:
             # once (the first batch): reading the labels waits for the device
             low, high = int(labels.min()), int(labels.max())
@@ -376,7 +381,9 @@ def _probe_sizes(
     except Exception as error:  # noqa: BLE001 - re-raised with context
         raise ValueError(
             f"could not run a probe forward to size the features at {tap.module_name!r}: {error}. "
-            "Pass example_inputs= (a batch of real images) to adapt()."
+            "Pass example_inputs= (a batch of real images) to adapt(); SaliencyDecorTrainer and the recipes take "
+            "them from the first training example, so give the training set items whose 'pixel_values' is a float "
+            "(C, H, W) tensor the model accepts (a dataset transform, e.g. with_transform), or check feature_layer."
         ) from error
     finally:
         base.train(was_training)

@@ -246,6 +246,18 @@ class SaliencyDecorArguments:
         """``sync_whitening`` resolved: ``None`` means on when training runs in several processes."""
         return bool(num_processes > 1 if self.sync_whitening is None else self.sync_whitening)
 
+    def check_batch_size(self, batch_size: int, num_processes: int = 1) -> None:
+        """Refuse a per-device batch of one sample, on which the decorrelation term never acts.
+
+        (Across several processes with ``sync_whitening`` the statistics are pooled, so it does.)
+        """
+        if self.uses_decorrelation and batch_size < 2 and not self.sync_whitening_for(num_processes):
+            raise ValueError(
+                f"per_device_train_batch_size={batch_size}: with method={self.method!r} the decorrelation term needs "
+                "at least 2 samples per batch, so it would never be applied. Raise the batch size (gradient "
+                "accumulation does not help: each forward is one batch), or use method='sgt'."
+            )
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The method fields, in declaration order."""

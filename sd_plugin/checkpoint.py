@@ -60,6 +60,7 @@ from .folding import find_whitening, folded_head, head_fed_by
 
 __all__ = [
     "METADATA_FILE",
+    "explain_save_error",
     "SplitState",
     "WHITENING_FILE",
     "WEIGHT_FILES",
@@ -69,6 +70,8 @@ __all__ = [
     "restore_training_state",
     "save_training_state",
     "split_state_dict",
+    "timm_label_names",
+    "trained_pretrained_cfg",
     "weights_fingerprint",
     "write_metadata",
     "write_timm_config",
@@ -80,6 +83,28 @@ WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safeten
 _WHITENING_KEY = "whitening."
 _HEAD_KEY = "unfolded_head."
 _HUB_CFG_KEYS = ("url", "hf_hub_id", "file")  # where the *pretrained* weights were; not these
+
+
+def explain_save_error(error: BaseException, folder: str | Path) -> BaseException:
+    """A clear ``OSError`` (errno ENOSPC) for a save that failed on a full disk; ``error`` itself otherwise.
+
+    torch's writer reports a full disk as ``RuntimeError: ... iostream error``, without "No space left".
+    """
+    import errno
+    import shutil
+
+    folder = Path(folder)
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(existing).free
+    full = getattr(error, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+    if not full:
+        return error
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on device saving {folder} ({free / 2**20:.0f} MiB free; {type(error).__name__}: {error}). "
+        "Free space, keep fewer checkpoints (--checkpoints_total_limit / save_total_limit) or use another output "
+        "folder; nothing half-written was kept.",
+    )
 
 
 def is_whitening_key(key: str) -> bool:
@@ -210,21 +235,44 @@ def restore_training_state(model: nn.Module, directory: str | Path) -> bool:
     return True
 
 
-def write_timm_config(model: nn.Module, directory: str | Path, **extra: Any) -> bool:
+def timm_label_names(model: nn.Module) -> list[str] | None:
+    """The class names a timm model carries (``pretrained_cfg["label_names"]``), if one per output."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if not names or len(names) != getattr(model, "num_classes", None):
+        return None
+    return [str(name) for name in (names.values() if isinstance(names, dict) else names)]
+
+
+def trained_pretrained_cfg(model: nn.Module, input_size: list[int] | tuple[int, ...] | None) -> dict[str, Any]:
+    """A timm model's ``pretrained_cfg`` with ``input_size`` the size it was trained at (so timm's data config,
+    and ``evaluate``, preprocess at that size; ``test_input_size`` is dropped when it differs)."""
+    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if input_size and tuple(pretrained_cfg.get("input_size") or ()) != tuple(input_size):
+        pretrained_cfg["input_size"] = tuple(input_size)
+        pretrained_cfg.pop("test_input_size", None)
+    return pretrained_cfg
+
+
+def write_timm_config(
+    model: nn.Module, directory: str | Path, *, input_size: list[int] | None = None, **extra: Any
+) -> bool:
     """timm's ``config.json`` (architecture, classes, ``pretrained_cfg``) so ``local-dir:`` reloads it.
 
+    ``input_size``: the ``(C, H, W)`` it was trained at, recorded in ``pretrained_cfg``.
     ``extra`` adds keys (``label_names``, ``global_pool``...); ``model.sd_plugin_model_args``
     (constructor arguments timm does not record) becomes ``model_args``. False (nothing
     written) when the model has no ``pretrained_cfg["architecture"]``.
     """
-    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    pretrained_cfg = trained_pretrained_cfg(model, input_size)
     architecture = pretrained_cfg.get("architecture")
     if not architecture:
         return False
+    labels = timm_label_names(model)
     config = {
         "architecture": architecture,
         "num_classes": getattr(model, "num_classes", None),
         "num_features": getattr(model, "num_features", None),
+        **({"label_names": labels} if labels else {}),
         **extra,
         "pretrained_cfg": {k: v for k, v in pretrained_cfg.items() if k not in _HUB_CFG_KEYS and _json_safe(v)},
     }

@@ -21,12 +21,14 @@ import warnings
 import torch
 from torch import Tensor
 
+from .errors import SaliencyDecorWarning
+
 __all__ = ["DEAD_STD_RATIO", "CollapseMonitor", "FeatureCollapseWarning", "live_feature_fraction"]
 
 DEAD_STD_RATIO = 1e-3
 
 
-class FeatureCollapseWarning(UserWarning):
+class FeatureCollapseWarning(SaliencyDecorWarning):
     """The penultimate features lost most of their live units during training."""
 
 

@@ -48,6 +48,7 @@ class SaliencyDecorConfig(TrainingArguments, SaliencyDecorArguments, MaskingTest
     def __post_init__(self) -> None:
         self.validate()
         TrainingArguments.__post_init__(self)
+        self.check_batch_size(self.per_device_train_batch_size, self.world_size)
 
     def validate(self) -> None:
         """The method fields' checks (``SaliencyDecorArguments.validate``) and the evaluation fields'."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+
+from .errors import SaliencyDecorWarning
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -111,15 +114,21 @@ def load_fashion_mnist(
 def image_transform(model: nn.Module, directory: str | Path | None = None) -> Callable[[Any], Tensor]:
     """PIL image -> ``(C, H, W)`` tensor with the model's own preprocessing.
 
-    transformers: the ``AutoImageProcessor`` saved with the model; timm: its data config;
-    otherwise: convert to the model's channel count, resize to its input size, scale to
-    [-1, 1].
+    transformers: the ``AutoImageProcessor`` saved with the model; timm: its data config
+    (``pretrained_cfg``, which the package's folders write at the size trained at); otherwise:
+    convert to the model's channel count, resize to its input size, scale to [-1, 1]. A
+    folder's ``saliency_decor.json`` ``input_size`` (the training batches' size) wins over a
+    guessed size, and a folder without a recorded preprocessing gets a warning that says what
+    was guessed.
     """
     from .adapter import expected_channels, is_timm_model, unwrap_model
+    from .checkpoint import read_metadata
 
     base = unwrap_model(model)
     channels = expected_channels(base) or 3
     mode = "RGB" if channels == 3 else "L"
+    metadata = (read_metadata(directory) if directory is not None else None) or {}
+    trained = tuple(metadata["input_size"]) if metadata.get("input_size") else None
     if directory is not None and (Path(directory) / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
@@ -130,10 +139,25 @@ def image_transform(model: nn.Module, directory: str | Path | None = None) -> Ca
         import timm.data
 
         config = timm.data.resolve_data_config(model=timm_model)
+        if trained and tuple(config["input_size"]) != trained:
+            _warn_guessed(directory, f"timm's data config says {config['input_size'][1:]} px; using the trained size")
+            config = timm.data.resolve_data_config({"input_size": trained}, model=timm_model)
         transform = timm.data.create_transform(**config)
         return lambda image: transform(image.convert(mode))
-    size = getattr(getattr(base, "config", None), "image_size", None) or 224
+    size = trained[-1] if trained else (getattr(getattr(base, "config", None), "image_size", None) or 224)
+    if directory is not None:
+        _warn_guessed(directory, f"resizing to {size} px and scaling to [-1, 1]")
     return resize_and_scale(size, channels)
+
+
+def _warn_guessed(directory: str | Path | None, what: str) -> None:
+    warnings.warn(
+        f"{directory} records no preprocessing (no preprocessor_config.json): {what}. If the model was trained "
+        "with another transform, every score is wrong. Save the image processor with the model "
+        "(SaliencyDecorTrainer(processing_class=...), processor.save_pretrained(folder)).",
+        SaliencyDecorWarning,
+        stacklevel=3,
+    )
 
 
 def resize_and_scale(size: int, channels: int) -> Callable[[Any], Tensor]:
@@ -168,6 +192,18 @@ class HFImageDataset(Dataset):
             raise ValueError(f"the dataset has columns {columns} but no label column (one of {self.LABEL_COLUMNS}).")
         self.dataset = dataset
         self.transform = transform
+        self._check_labels()
+
+    def _check_labels(self) -> None:
+        """Refuse labels below 0 up front (``datasets`` writes -1 for "no label", e.g. an unlabelled test split)."""
+        labels = torch.as_tensor(self.dataset[self.label_column]) if len(self.dataset) else torch.zeros(0)
+        if labels.numel() and int(labels.min()) < 0:
+            count = int((labels < 0).sum())
+            raise ValueError(
+                f"the dataset's {self.label_column!r} column holds {int(labels.min())} for {count} of {labels.numel()} "
+                "examples: a label below 0 (datasets' 'no label', as in unlabelled test splits) cannot be trained on "
+                f"or scored. Use a labelled split, or filter: dataset.filter(lambda x: x[{self.label_column!r}] >= 0)."
+            )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -179,10 +215,35 @@ class HFImageDataset(Dataset):
         return list(names) if names else None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.dataset[index]
+        try:
+            row = self.dataset[index]
+        except (OSError, SyntaxError) as error:  # PIL decodes lazily: truncated / not an image
+            raise UnreadableImageError(f"{self.image_path(index)} (example {index}): {error}{SKIP_HINT}") from error
         image = row[self.image_column]
         pixels = image if isinstance(image, Tensor) else self.transform(image)
         return {"pixel_values": pixels, "labels": int(row[self.label_column])}
+
+    def image_path(self, index: int) -> str:
+        """The file an example's image was read from (``datasets``' image feature), or ``example <index>``."""
+        try:
+            import datasets
+
+            raw = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))[index][self.image_column]
+            return str(raw.get("path") or f"example {index}")
+        except Exception:  # noqa: BLE001 - only for the error message
+            return f"example {index}"
+
+    def without_unreadable(self) -> HFImageDataset:
+        """This dataset without the examples whose image does not decode (one warning counts them)."""
+        import datasets
+
+        raw = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))
+        bad = [i for i, row in enumerate(raw) if not _readable(row[self.image_column])]
+        if not bad:
+            return self
+        _warn_skipped([raw[i][self.image_column].get("path") or f"example {i}" for i in bad], len(self))
+        keep = sorted(set(range(len(self))) - set(bad))
+        return HFImageDataset(self.dataset.select(keep), self.transform)
 
 
 def load_eval_dataset(
@@ -298,8 +359,45 @@ def with_channels(dataset: Dataset, channels: int | None) -> Dataset:
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif")
 
 
+SKIP_HINT = (
+    ". Remove or replace the file, or skip unreadable images (recipes: --skip_unreadable_images; "
+    "evaluate: --skip-unreadable-images)."
+)
+
+
+class UnreadableImageError(OSError):
+    """An image file that does not decode (truncated, empty, not an image); the message names it."""
+
+
+def _readable(image: Any) -> bool:
+    """True when a path, or a ``datasets`` ``{"path", "bytes"}`` record, decodes as an image."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+def _warn_skipped(paths: list[Any], total: int) -> None:
+    shown = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    warnings.warn(
+        f"skipped {len(paths)} of {total} images that do not decode: {shown}", SaliencyDecorWarning, stacklevel=3
+    )
+
+
 class ImagePathDataset(Dataset):
-    """``(path, label)`` pairs read lazily as ``{"pixel_values", "labels"}``."""
+    """``(path, label)`` pairs read lazily as ``{"pixel_values", "labels"}``.
+
+    A file that does not decode raises ``UnreadableImageError`` naming it;
+    ``without_unreadable()`` drops such files up front (decoding each once) with one warning.
+    """
 
     def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform: Callable[[Any], Tensor]):
         self.samples = samples
@@ -313,9 +411,21 @@ class ImagePathDataset(Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            pixels = self.transform(image.convert("RGB"))
-        return {"pixel_values": pixels, "labels": label}
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, SyntaxError) as error:
+            raise UnreadableImageError(f"{path}: {error}{SKIP_HINT}") from error
+        return {"pixel_values": self.transform(image), "labels": label}
+
+    def without_unreadable(self) -> ImagePathDataset:
+        """This dataset without the files that do not decode (one warning counts them)."""
+        bad = [path for path, _ in self.samples if not _readable(path)]
+        if not bad:
+            return self
+        _warn_skipped(bad, len(self.samples))
+        dropped = set(bad)
+        return ImagePathDataset([s for s in self.samples if s[0] not in dropped], self.classes, self.transform)
 
 
 def _images_in(directory: Path) -> list[Path]:
@@ -327,11 +437,23 @@ def folder_classes(train_dir: str | Path) -> list[str]:
     root = Path(train_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist.")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _images_in(p))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = [p.name for p in folders if _images_in(p)]
     if not classes:
         raise ValueError(
             f"{root} holds no class sub-folders with images ({', '.join(IMAGE_EXTENSIONS)}); expected "
             "<class>/<image> (or Tiny ImageNet's <wnid>/images/<image>)."
+        )
+    empty = [p.name for p in folders if p.name not in classes]
+    if empty:
+        raise ValueError(
+            f"{root}: the class folder(s) {empty[:5]} hold no images ({', '.join(IMAGE_EXTENSIONS)}); add their "
+            "training images or remove the folders."
+        )
+    if len(classes) < 2:
+        raise ValueError(
+            f"{root} holds one class ({classes[0]!r}): a classifier needs at least 2 (its accuracy would be 100% and "
+            "every saliency score meaningless). Expected one sub-folder per class."
         )
     return classes
 
@@ -362,8 +484,12 @@ def image_folder_dataset(
             samples.append((image_root / parts[0], index[parts[1]]))
     else:
         for name in sorted(p.name for p in root.iterdir() if p.is_dir()):
-            if name not in index:
-                raise ValueError(f"{root / name} is not one of the {len(classes)} training classes.")
+            if name not in index and _images_in(root / name):
+                shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+                raise ValueError(
+                    f"{root / name} is not one of the {len(classes)} training classes ({shown}): this split has a "
+                    "class the training folder lacks (or whose training folder is empty)."
+                )
             samples += [(path, index[name]) for path in _images_in(root / name)]
     if not samples:
         raise ValueError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")

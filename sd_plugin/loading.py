@@ -68,6 +68,8 @@ def _load_timm_folder(directory: Path, config: dict[str, Any]) -> nn.Module:
     pretrained_cfg = config.get("pretrained_cfg")
     if isinstance(pretrained_cfg, dict):
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **pretrained_cfg}
+    if config.get("label_names"):  # timm keeps the class names at the top of its config.json
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": list(config["label_names"])}
     return model
 
 
@@ -190,7 +192,11 @@ def load_for_finetuning(name_or_path: str, num_labels: int, labels: list[str] | 
                 if path.is_dir()
                 else (name_or_path if name_or_path.startswith("hf-hub:") else f"hf-hub:{name_or_path}")
             )
-            return timm.create_model(source, pretrained=True, num_classes=num_labels)
+            model = timm.create_model(source, pretrained=True, num_classes=num_labels)
+            if labels:  # timm's place for class names; saved folders write them to config.json
+                cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "label_descriptions"}
+                model.pretrained_cfg = {**cfg, "label_names": list(labels), "num_classes": num_labels}
+            return model
         from transformers import AutoModelForImageClassification
 
         extra: dict[str, Any] = {}

@@ -27,9 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from .adapter import adapt, unwrap_model
 from .arguments import EXECUTION_FIELDS, MaskingTestArguments, SaliencyDecorArguments
+from .checkpoint import explain_save_error
 from .collapse import CollapseMonitor
+from .errors import SaliencyDecorWarning
 from .evaluation.masking_curve import masking_metrics_during_training
 from .meter import MetricMeter
+from .run_lock import output_dir_lock
 from .training_step import SaliencyDecorStep
 
 __all__ = ["RecipeArguments", "make_accelerator", "train", "apply_lora", "checkpoint_step"]
@@ -69,6 +72,9 @@ class RecipeArguments(MaskingTestArguments):
     mixed_precision: Optional[str] = field(  # noqa: UP045
         default=None, metadata={"help": "'no', 'bf16' or 'fp16' (default: accelerate's config)."}
     )
+    checkpoints_total_limit: Optional[int] = field(  # noqa: UP045
+        default=None, metadata={"help": "Keep only the last N checkpoints (older step_*/epoch_* folders are deleted)."}
+    )
     checkpointing_steps: Optional[str] = field(  # noqa: UP045
         default=None, metadata={"help": "Save state every N steps, or 'epoch'."}
     )
@@ -82,6 +88,10 @@ class RecipeArguments(MaskingTestArguments):
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})  # noqa: UP045
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the validation set."})  # noqa: UP045
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
+    skip_unreadable_images: bool = field(
+        default=False,
+        metadata={"help": "Drop image files that do not decode (each decoded once up front; one warning counts them)."},
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Push the exported model at the end."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "user/name on the Hub."})  # noqa: UP045
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository private."})
@@ -102,6 +112,8 @@ class RecipeArguments(MaskingTestArguments):
         MaskingTestArguments.validate(self)
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"checkpoints_total_limit={self.checkpoints_total_limit} must be >= 1 (unset: all kept).")
         if self.checkpointing_steps not in (None, "epoch") and not str(self.checkpointing_steps).isdigit():
             raise ValueError(f"checkpointing_steps={self.checkpointing_steps!r}: use a number of steps or 'epoch'.")
         if self.push_to_hub and not self.hub_model_id:
@@ -125,7 +137,7 @@ class RecipeArguments(MaskingTestArguments):
                 warnings.warn(
                     f"--with_tracking --report_to {tracker}: {modules[0]} is not installed, so nothing is logged "
                     f"to it; `pip install {modules[0]}`.",
-                    UserWarning,
+                    SaliencyDecorWarning,
                     stacklevel=3,
                 )
 
@@ -214,6 +226,11 @@ def _truncate(dataset: Dataset | None, limit: int | None) -> Dataset | None:
 def _check_arguments(args: RecipeArguments, method_args: SaliencyDecorArguments, num_processes: int) -> None:
     args.validate()
     method_args.validate()
+    method_args.check_batch_size(args.per_device_train_batch_size, num_processes)
+    if args.push_to_hub:  # before training, not after it
+        from .hub.push import check_push_credentials
+
+        check_push_credentials(args.hub_model_id)
     if method_args.consistency_grad == "both" and num_processes > 1:
         raise ValueError(
             "consistency_grad='both' keeps two graphs alive and is not supported with several "
@@ -275,14 +292,19 @@ def _atomic_save_state(
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"completed_steps": completed_steps, "identity": identity, "history": history}
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+    try:
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"completed_steps": completed_steps, "identity": identity, "history": history}
+            (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+    except (OSError, RuntimeError) as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # no half-written checkpoint left behind
+        raise explain_save_error(error, folder) from error
     accelerator.wait_for_everyone()
 
 
@@ -360,11 +382,13 @@ def train(
     checkpoint of the same run), ``_train_epochs`` (steps, logging, checkpoints) and
     ``_finish`` (evaluation, ``all_results.json``, export, push).
     """
-    run = _setup(args, method_args, accelerator, model, (train_dataset, eval_dataset))
-    if args.resume_from_checkpoint:
-        _resume(run, args.resume_from_checkpoint)
-    _train_epochs(run)
-    return _finish(run, command)
+    # one run per --output_dir: a second one would overwrite this one's checkpoints and model
+    with output_dir_lock(args.output_dir, enabled=accelerator.is_main_process):
+        run = _setup(args, method_args, accelerator, model, (train_dataset, eval_dataset))
+        if args.resume_from_checkpoint:
+            _resume(run, args.resume_from_checkpoint)
+        _train_epochs(run)
+        return _finish(run, command)
 
 
 def _setup(
@@ -420,6 +444,19 @@ def _setup(
     )
 
 
+def _identity_difference(saved: dict | None, current: dict) -> str:
+    """The settings that differ between a checkpoint's run and this one, ``name: saved -> now``."""
+    if saved is None or not isinstance(saved.get("identity"), dict):
+        return f"it has no readable {STATE_FILE}"
+    before = saved["identity"]
+    changed = [
+        f"{key}: {before.get(key, '<unset>')!r} -> {current.get(key, '<unset>')!r}"
+        for key in sorted(set(before) | set(current))
+        if before.get(key) != current.get(key)
+    ]
+    return "it was saved with other settings (" + "; ".join(changed) + ")"
+
+
 def _resume(run: _Run, checkpoint: str) -> None:
     """Load a checkpoint of this run (refused if its identity differs) and its position and history."""
     folder = Path(checkpoint)
@@ -427,14 +464,16 @@ def _resume(run: _Run, checkpoint: str) -> None:
         folder = _latest_checkpoint(run.output_dir)
         if folder is None:
             raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {run.output_dir}.")
+    elif not folder.is_absolute() and not folder.is_dir() and (run.output_dir / folder).is_dir():
+        folder = run.output_dir / folder  # `step_8`: a checkpoint of --output_dir, as `latest` finds them
     if not folder.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {folder} does not exist.")
-    saved = json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).is_file() else None
-    if saved is None or saved.get("identity") != json.loads(json.dumps(run.identity)):
-        raise ValueError(
-            f"{folder} is not a checkpoint of this run: it was saved with {saved and saved.get('identity')}, "
-            f"this run is {run.identity}."
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {checkpoint}: neither {folder} nor {run.output_dir / checkpoint} exists."
         )
+    saved = json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).is_file() else None
+    current = json.loads(json.dumps(run.identity))
+    if saved is None or saved.get("identity") != current:
+        raise ValueError(f"{folder} is not a checkpoint of this run: {_identity_difference(saved, current)}.")
     run.accelerator.load_state(str(folder))
     run.completed_steps = int(saved["completed_steps"])
     run.history = list(saved.get("history", []))
@@ -509,6 +548,14 @@ class _Logger:
 
 def _save_checkpoint(run: _Run, name: str) -> None:
     _atomic_save_state(run.accelerator, run.output_dir / name, run.completed_steps, run.identity, run.history)
+    limit = run.args.checkpoints_total_limit
+    if limit is not None and run.accelerator.is_main_process:
+        saved = sorted(
+            (p for p in run.output_dir.glob("*_*") if p.is_dir() and (p / STATE_FILE).is_file()), key=checkpoint_step
+        )
+        for old in saved[:-limit]:
+            shutil.rmtree(old)
+    run.accelerator.wait_for_everyone()
 
 
 def _finish(run: _Run, command: str | None) -> dict[str, Any]:
@@ -526,6 +573,7 @@ def _finish(run: _Run, command: str | None) -> dict[str, Any]:
     if accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         method_settings = {**_scalars(run.method_args.to_dict()), **run.step.settings()}
+        method_settings["input_size"] = list(run.step.input_size) if run.step.input_size else None
         _save_final(args, accelerator.unwrap_model(run.model), run.output_dir, results, command, method_settings)
     accelerator.wait_for_everyone()
     if args.with_tracking:

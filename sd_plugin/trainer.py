@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,7 @@ from . import checkpoint
 from .adapter import ModelAdapter, adapt
 from .collapse import CollapseMonitor
 from .config import METHOD_FIELDS, SaliencyDecorConfig
+from .errors import SaliencyDecorWarning
 from .evaluation.masking_curve import masking_metrics_during_training
 from .meter import MetricMeter
 from .peft_folders import save_adapter_base
@@ -121,7 +123,7 @@ class SaliencyDecorTrainer(Trainer):
                 f"push_to_hub=True: checkpoints stay local (hub_strategy={self.args.hub_strategy!r} is not applied); "
                 "call trainer.push_to_hub() after training to publish the exported model (whitening folded, "
                 "model card).",
-                UserWarning,
+                SaliencyDecorWarning,
                 stacklevel=2,
             )
 
@@ -135,6 +137,24 @@ class SaliencyDecorTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
             self._signature_columns = ["pixel_values", "labels", "label", "label_ids", *self.label_names]
+
+    def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
+        """Keep every column of a dataset with an on-the-fly transform (``with_transform`` / ``set_transform``).
+
+        Its transform makes ``pixel_values`` from the raw columns (``image``), which ``Trainer`` would
+        otherwise drop first (``KeyError: 'image'``; transformers' guide sets ``remove_unused_columns=False``
+        and a collate function): the columns the model does not take are dropped after the transform.
+        """
+        transform = (getattr(dataset, "format", None) or {}).get("format_kwargs", {}).get("transform")
+        if not self.args.remove_unused_columns or transform is None:
+            return super()._remove_unused_columns(dataset, description)
+        self._set_signature_columns_if_needed()
+        keep = set(self._signature_columns)
+
+        def transform_then_keep_model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+            return {key: value for key, value in transform(batch).items() if key in keep}
+
+        return dataset.with_transform(transform_then_keep_model_inputs)  # the user's dataset is unchanged
 
     @staticmethod
     def _unpack(inputs: dict[str, Any]) -> tuple[Any, Any]:
@@ -175,6 +195,64 @@ class SaliencyDecorTrainer(Trainer):
 
     # -- checkpoints ------------------------------------------------------------------
 
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> Any:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the last *complete* checkpoint.
+
+        A checkpoint cut short (a killed process: no ``trainer_state.json``, which the Trainer writes
+        last) is skipped with a warning instead of failing the resume.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._last_complete_checkpoint()
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
+        )
+
+    def _last_complete_checkpoint(self) -> str:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        root = self.args.output_dir
+        found = []
+        if os.path.isdir(root):
+            for name in os.listdir(root):
+                step = name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+                if step.isdigit() and os.path.isdir(os.path.join(root, name)):
+                    found.append((int(step), os.path.join(root, name)))
+        skipped = []
+        for _, folder in sorted(found, reverse=True):
+            try:
+                with open(os.path.join(folder, "trainer_state.json")) as handle:
+                    json.load(handle)
+            except (OSError, ValueError):
+                skipped.append(os.path.basename(folder))
+                continue
+            if skipped:
+                warnings.warn(
+                    f"resume_from_checkpoint=True: skipped the incomplete checkpoint(s) {skipped} (no readable "
+                    f"trainer_state.json: a run stopped while saving them); resuming from {folder}.",
+                    SaliencyDecorWarning,
+                    stacklevel=3,
+                )
+            return folder
+        raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in output_dir {root} ({skipped=}).")
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """``Trainer._save_checkpoint``; a failed save removes its half-written folder and says why (full disk)."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        existed = os.path.exists(folder)
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as error:
+            if self.args.should_save and not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise checkpoint.explain_save_error(error, folder) from error
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the plain model as ``Trainer`` does, plus the SaliencyDecor state (``sd_plugin.checkpoint``).
 
@@ -196,7 +274,7 @@ class SaliencyDecorTrainer(Trainer):
             metadata["peft_base"] = save_adapter_base(model, output_dir)
         checkpoint.write_metadata(output_dir, metadata)
         if self.sd_adapter.library == "timm" and not self._is_peft_model():
-            checkpoint.write_timm_config(self.sd_adapter.base_model, output_dir)
+            checkpoint.write_timm_config(self.sd_adapter.base_model, output_dir, input_size=metadata["input_size"])
         elif hasattr(self.sd_adapter.base_model, "config_dict"):  # sd_plugin.PaperCNN
             with open(os.path.join(output_dir, "config.json"), "w") as handle:
                 json.dump(self.sd_adapter.base_model.config_dict(), handle, indent=2)
@@ -211,6 +289,7 @@ class SaliencyDecorTrainer(Trainer):
             "bias in the saved weights): saved folders give the trained logits only through "
             "sd_plugin.loading.load_classifier, not plain from_pretrained. Train with whiten_head_input=False "
             "for a plain checkpoint.",
+            SaliencyDecorWarning,
             stacklevel=3,
         )
 
@@ -233,6 +312,7 @@ class SaliencyDecorTrainer(Trainer):
             num_features=self.sd_adapter.num_features,
             num_classes=self.sd_adapter.num_classes,
             is_transformer=self.sd_adapter.is_transformer,
+            input_size=list(self.sd_step.input_size) if self.sd_step.input_size else None,
             sd_plugin_version=__version__,
         )
         return metadata

@@ -48,7 +48,7 @@ from .arguments import SETTING_FIELDS, SaliencyDecorArguments
 from .collapse import live_feature_fraction
 from .consistency import consistency_loss
 from .decorrelation import compiled_decorrelation_loss, decorrelation_loss
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, SaliencyDecorWarning
 from .masking import mask_least_salient, pixel_saliency
 from .running_stats import frozen_running_stats
 
@@ -123,6 +123,8 @@ class SaliencyDecorStep:
         self.uses_masking = args.uses_masking
         self.uses_decorrelation = args.uses_decorrelation
         self._warned: set[str] = set()
+        # ``(C, H, W)`` of the first training batch: the size the model is trained at, for the saved metadata
+        self.input_size: tuple[int, ...] | None = None
         self._warn_if_head_frozen()
         self._decorrelation_loss = compiled_decorrelation_loss() if args.whitening_compile else decorrelation_loss
         self.whitening = None
@@ -330,6 +332,8 @@ class SaliencyDecorStep:
     def _prepare_batch(self, pixel_values: Tensor, labels: Tensor) -> bool:
         """Check the batch; True when it gets the decorrelation term."""
         self.adapter.check_batch(pixel_values, labels)
+        if self.input_size is None:
+            self.input_size = tuple(int(n) for n in pixel_values.shape[1:])
         return self.uses_decorrelation and self._batch_can_decorrelate(pixel_values.shape[0])
 
     def _batch_can_decorrelate(self, batch: int) -> bool:
@@ -377,7 +381,7 @@ class SaliencyDecorStep:
         """Warn once per key, pointing at the caller of the public method (``step``, the constructor)."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=stacklevel)
+            warnings.warn(message, SaliencyDecorWarning, stacklevel=stacklevel)
 
     @contextlib.contextmanager
     def _whitening_on_running_statistics(self, enabled: bool) -> Iterator[None]:

@@ -17,6 +17,7 @@ LAYERS = {
     "meter": 0,
     "models": 0,
     "version": 0,
+    "run_lock": 0,
     "arguments": 1,
     "whitening": 1,
     "decorrelation": 1,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,10 +171,10 @@ def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
     import shutil
 
     shutil.copytree(full / "step_2", resumed / "step_2")
-    run(
-        recipe_args(models["hf_resnet"], tiny_imagenet, resumed, *common, "--resume_from_checkpoint", "latest"),
-        tmp_path,
-    )
+    # `step_2` as the README writes it: a checkpoint of --output_dir (the command runs elsewhere)
+    resume = ["--resume_from_checkpoint", "step_2", "--checkpoints_total_limit", "1"]
+    run(recipe_args(models["hf_resnet"], tiny_imagenet, resumed, *common, *resume), tmp_path)
+    assert sorted(p.name for p in resumed.glob("step_*")) == ["step_4"]  # the older one deleted
     uninterrupted = [h["loss"] for h in history(full)["history"]]
     continued = [h["loss"] for h in history(resumed)["history"]]
     # the whole run's history, the first steps carried by the checkpoint (issue 11, item 11)
@@ -188,6 +189,7 @@ def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
     changed = [*common, "--group_size", "4", "--resume_from_checkpoint", "latest"]
     refused = run(recipe_args(models["hf_resnet"], tiny_imagenet, other, *changed), tmp_path, check=False)
     assert refused.returncode != 0 and "is not a checkpoint of this run" in refused.stderr
+    assert re.search(r"group_size: \d+ -> 4\)", refused.stderr)  # the fields that differ, not two dicts
 
 
 @pytest.mark.parametrize(
@@ -239,8 +241,23 @@ def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra)
         for i in range(2):
             Image.new("RGB", (20, 20), (70 * k, 20 * i, 0)).save(images / wnid / f"{i}.png")
     evaluation = tmp_path / "evaluation"
-    run(["-m", "sd_plugin", "evaluate", "--model", str(exported), "--dataset", str(images), "--output-dir",
-         str(evaluation), "--step", "50", "--no-progress"], tmp_path)
+    run(
+        [
+            "-m",
+            "sd_plugin",
+            "evaluate",
+            "--model",
+            str(exported),
+            "--dataset",
+            str(images),
+            "--output-dir",
+            str(evaluation),
+            "--step",
+            "50",
+            "--no-progress",
+        ],
+        tmp_path,
+    )
     assert json.loads((evaluation / "results.json").read_text())["models"]
 
 

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random order and fill")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--skip-unreadable-images",
+        action="store_true",
+        help="drop image files that do not decode (each decoded once first; one warning counts them)",
+    )
     return parser
 
 
@@ -98,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[2:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = Path(args.output_dir)  # created when there is something to write
     results: dict[str, dict] = {}
     saliency: dict[str, torch.Tensor] = {}
     curves: dict[str, list[MaskingCurve]] = {}
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = _load_dataset(args.dataset, args.split, model, directory)
         if len(dataset) == 0:
             raise SystemExit(f"dataset {args.dataset!r} (split {args.split}) is empty.")
+        if args.skip_unreadable_images and hasattr(dataset, "without_unreadable"):
+            dataset = dataset.without_unreadable()
         if args.max_images is not None:  # the same seeded, class-spread images for every model
             dataset = random_subset(dataset, args.max_images)
         metrics = evaluate_model(
@@ -141,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics["randomization"] = check.to_dict()
         results[name] = metrics
         print(f"evaluated {name}: accuracy {metrics['accuracy']:.2f}%, masking AUC {metrics['masking_auc']:.0f}")
+    output_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(output_dir, examples, saliency, curves, class_names)
     (output_dir / "results.json").write_text(
         json.dumps(

@@ -153,8 +153,11 @@ def render_model_card(
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
-def usage_snippet(library: str, model_class: str) -> str:
-    """The card's "how to load it" code for a model of ``library`` (``timm``, ``transformers``, other)."""
+def usage_snippet(library: str, model_class: str, has_processor: bool = True) -> str:
+    """The card's "how to load it" code for a model of ``library`` (``timm``, ``transformers``, other).
+
+    ``has_processor``: the folder holds a ``preprocessor_config.json`` (transformers).
+    """
     if library == "timm":
         return (
             "import timm\n"
@@ -164,10 +167,19 @@ def usage_snippet(library: str, model_class: str) -> str:
             "transform = timm.data.create_transform(**config)"
         )
     if library == "transformers":
+        load = f'model = AutoModelForImageClassification.from_pretrained("{REPO_ID_PLACEHOLDER}")  # or a local path\n'
+        if not has_processor:
+            return (
+                "from transformers import AutoModelForImageClassification\n"
+                f"{load}model.eval()\n"
+                "# no preprocessor_config.json was saved: preprocess images as in training"
+            )
         return (
             "from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
-            f'model = AutoModelForImageClassification.from_pretrained("{REPO_ID_PLACEHOLDER}")  # or a local path\n'
-            "model.eval()"
+            f"{load}"
+            f'processor = AutoImageProcessor.from_pretrained("{REPO_ID_PLACEHOLDER}")\n'
+            "model.eval()\n"
+            'logits = model(**processor(image, return_tensors="pt")).logits  # image: a PIL image'
         )
     if model_class == "PaperCNN":
         return (

@@ -21,13 +21,15 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
 from ..adapter import is_peft, library_of, unwrap_model
-from ..checkpoint import read_metadata, weights_fingerprint, write_metadata
+from ..checkpoint import METADATA_FILE, read_metadata, timm_label_names, weights_fingerprint, write_metadata
+from ..errors import SaliencyDecorWarning
 from ..folding import find_whitening, fold_whitening_into_head
 from ..loading import load_classifier
 from ..peft_folders import save_adapter_base
@@ -66,13 +68,32 @@ def _load_source(source: Any) -> tuple[nn.Module, dict[str, Any], Any, Path | No
 
 
 def _prepare_target(path: Path, overwrite: bool) -> None:
+    """Refuse to write over a file, a non-empty folder (unless ``overwrite``), or a folder that is not an export."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
+    if not (path / METADATA_FILE).is_file():  # --overwrite replaces an earlier export, never a user's folder
+        names = sorted(p.name for p in path.iterdir())
+        raise FileExistsError(
+            f"{path} is not an earlier export (no {METADATA_FILE}) and holds {names[:5]}"
+            f"{' ...' if len(names) > 5 else ''}: --overwrite would delete them. Choose another folder, or empty it."
+        )
 
 
-def _write_weights(model: nn.Module, library: str, folder: Path, source_dir: Path | None) -> dict[str, Any]:
+def _readable_by_others(folder: Path) -> None:
+    """``mkdtemp`` makes the staging folder 0700: give it the permissions a new folder gets (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for directory in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        directory.chmod(0o777 & ~umask)
+
+
+def _write_weights(
+    model: nn.Module, library: str, folder: Path, source_dir: Path | None, input_size: list[int] | None
+) -> dict[str, Any]:
     """Write the weights (and config); returns metadata to add (a PEFT adapter's ``peft_base``)."""
     if is_peft(model):
         model.save_pretrained(str(folder), safe_serialization=True)
@@ -86,7 +107,15 @@ def _write_weights(model: nn.Module, library: str, folder: Path, source_dir: Pat
         model_args = getattr(model, "sd_plugin_model_args", None)
         if model_args is None and source_dir is not None and (source_dir / "config.json").is_file():
             model_args = json.loads((source_dir / "config.json").read_text()).get("model_args")
-        save_for_hf(model, str(folder), model_args=model_args, safe_serialization=True)
+        labels = timm_label_names(model)
+        save_for_hf(
+            model,
+            str(folder),
+            model_config={"label_names": labels} if labels else None,
+            model_args=model_args,
+            safe_serialization=True,
+            data_config={"input_size": tuple(input_size)} if input_size else None,  # the size it was trained at
+        )
         return {}
     from safetensors.torch import save_file
 
@@ -97,11 +126,35 @@ def _write_weights(model: nn.Module, library: str, folder: Path, source_dir: Pat
     return {}
 
 
-def _save_processor(processor: Any, source_dir: Path | None, folder: Path) -> None:
+def _save_processor(
+    processor: Any, candidates: list[Path | None], folder: Path, library: str, input_size: list[int] | None
+) -> bool:
+    """Write the preprocessing config: the processor, else the first candidate folder's; True if written.
+
+    A copied config whose fixed ``size`` is not the trained ``input_size`` is set to it. A transformers
+    model with none gets a warning (its card then says to preprocess as in training).
+    """
+    target = folder / "preprocessor_config.json"
     if processor is not None and hasattr(processor, "save_pretrained"):
         processor.save_pretrained(str(folder))
-    elif source_dir is not None and (source_dir / "preprocessor_config.json").is_file():
-        shutil.copy2(source_dir / "preprocessor_config.json", folder / "preprocessor_config.json")
+        return target.is_file()
+    source = next((c / target.name for c in candidates if c is not None and (c / target.name).is_file()), None)
+    if source is not None:
+        config = json.loads(source.read_text())
+        size = config.get("size")
+        if input_size and isinstance(size, dict) and {"height", "width"} <= set(size):
+            config["size"] = {"height": int(input_size[-2]), "width": int(input_size[-1])}
+        target.write_text(json.dumps(config, indent=2))
+        return True
+    if library == "transformers":
+        warnings.warn(
+            "export: no image processor to save (the trainer had no processing_class and no source folder holds a "
+            "preprocessor_config.json), so the folder does not say how to preprocess images. Pass "
+            "processing_class= to SaliencyDecorTrainer, or preprocessing_from=<folder with one> to export.",
+            SaliencyDecorWarning,
+            stacklevel=3,
+        )
+    return False
 
 
 def _read_evaluation(evaluation: Any) -> tuple[dict | None, dict[str, dict], list[Path], str | None, str | None]:
@@ -181,8 +234,14 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        metadata = {**metadata, **_write_weights(exported, library, staging, source_dir)}
-        _save_processor(processor, source_dir or (Path(preprocessing_from) if preprocessing_from else None), staging)
+        metadata = {**metadata, **_write_weights(exported, library, staging, source_dir, metadata.get("input_size"))}
+        name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
+        candidates = [
+            source_dir,
+            Path(preprocessing_from) if preprocessing_from else None,
+            Path(name_or_path) if name_or_path and Path(name_or_path).is_dir() else None,  # the model it started from
+        ]
+        has_processor = _save_processor(processor, candidates, staging, library, metadata.get("input_size"))
         figures = []
         for figure in figure_paths:
             if figure.is_file():
@@ -203,12 +262,13 @@ def export(
             datasets=datasets or ([dataset_name] if dataset_name else None),
             base_model=base_model,
             figures=figures,
-            usage=usage_snippet(library, type(base).__name__),
+            usage=usage_snippet(library, type(base).__name__, has_processor=has_processor),
             training_command=training_command,
             evaluation_command=eval_command,
             dataset_name=dataset_name,
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
+        _readable_by_others(staging)
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)

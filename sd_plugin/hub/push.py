@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .card import REPO_ID_PLACEHOLDER
 
-__all__ = ["PushError", "push", "validate_repo_id"]
+__all__ = ["PushError", "check_push_credentials", "push", "validate_repo_id"]
 
 
 class PushError(RuntimeError):
@@ -82,6 +82,22 @@ def _staged_with_repo_id(folder: Path, repo_id: str) -> Iterator[Path]:
         yield staged
 
 
+def check_push_credentials(repo_id: str | None, token: str | None = None) -> str:
+    """The token to push to ``repo_id`` with, checked without the network (before a training run).
+
+    Raises ``ValueError`` for a missing or malformed id and ``PushError`` without a token.
+    """
+    from huggingface_hub import get_token
+
+    if not repo_id:
+        raise ValueError("push_to_hub needs hub_model_id='user-or-org/model-name' (--hub_model_id).")
+    validate_repo_id(repo_id)
+    token = token or os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise PushError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a write token).")
+    return token
+
+
 def push(
     folder: str | Path,
     repo_id: str,
@@ -92,18 +108,16 @@ def push(
     commit_message: str = "Upload SaliencyDecor model",
 ) -> str:
     """Create ``repo_id`` (if needed) and upload ``folder``; returns the commit URL."""
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     validate_repo_id(repo_id)
     _check_folder(folder)
-    token = token or os.environ.get("HF_TOKEN") or get_token()
-    if not token:
-        raise PushError(
-            "no Hugging Face token: run `hf auth login` or set HF_TOKEN (a write token); "
-            f"the exported folder {folder} is complete and can be pushed later."
-        )
+    try:
+        token = check_push_credentials(repo_id, token)
+    except PushError as error:
+        raise PushError(f"{error} The exported folder {folder} is complete and can be pushed later.") from None
     # The card names the repository; it is filled in a staging copy (files hard-linked, not copied),
     # so the folder stays as it was: a failed push, or a later push to another id, never publishes a
     # stale id.
