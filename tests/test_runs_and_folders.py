@@ -1,7 +1,9 @@
 """Runs and the folders they write: one run per folder, crashes mid-write, full disks, permissions, credentials."""
 
 import errno
+import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -118,12 +120,13 @@ def test_one_run_per_output_dir__a_second_live_run_is_refused_a_stale_lock_taken
         refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert refused.returncode != 0 and "is in use by another run" in refused.stderr
     assert not lock.exists()
-    lock.write_text('{"pid": 999999999, "host": "%s"}' % __import__("socket").gethostname())  # its run ended
+    host = socket.gethostname()
+    lock.write_text(json.dumps({"pid": 999999999, "host": host}))  # its run ended
     with output_dir_lock(tmp_path):
         pass
     with output_dir_lock(tmp_path), output_dir_lock(tmp_path):  # the same process may take it again
         pass
-    lock.write_text('{"pid": %d, "host": "%s"}' % (os.getppid(), __import__("socket").gethostname()))  # alive
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process
     with pytest.raises(OutputDirInUseError, match="is in use by another run"):
         with output_dir_lock(tmp_path):
             pass
