@@ -60,6 +60,8 @@ from .folding import find_whitening, folded_head, head_fed_by
 
 __all__ = [
     "METADATA_FILE",
+    "PREPROCESSOR_FILE",
+    "copy_preprocessor_config",
     "explain_save_error",
     "SplitState",
     "WHITENING_FILE",
@@ -83,6 +85,30 @@ WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safeten
 _WHITENING_KEY = "whitening."
 _HEAD_KEY = "unfolded_head."
 _HUB_CFG_KEYS = ("url", "hf_hub_id", "file")  # where the *pretrained* weights were; not these
+
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def copy_preprocessor_config(
+    candidates: list[str | Path | None], folder: str | Path, input_size: list[int] | None = None
+) -> bool:
+    """Copy the first candidate folder's ``preprocessor_config.json`` into ``folder``; True if one was found.
+
+    A fixed ``size`` (``height``/``width``) that is not the trained ``input_size`` is set to it, so
+    the processor preprocesses as training did (e.g. the 224 px processor of a model trained at 64 px).
+    """
+    source = next(
+        (Path(c) / PREPROCESSOR_FILE for c in candidates if c and (Path(c) / PREPROCESSOR_FILE).is_file()), None
+    )
+    if source is None:
+        return False
+    config = json.loads(source.read_text())
+    size = config.get("size")
+    if input_size and isinstance(size, dict) and {"height", "width"} <= set(size):
+        config["size"] = {"height": int(input_size[-2]), "width": int(input_size[-1])}
+    (Path(folder) / PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2))
+    return True
 
 
 def explain_save_error(error: BaseException, folder: str | Path) -> BaseException:

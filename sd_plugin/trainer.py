@@ -273,6 +273,14 @@ class SaliencyDecorTrainer(Trainer):
         if self._is_peft_model():  # the base the adapter needs (peft_folders: resized head, BatchNorm...)
             metadata["peft_base"] = save_adapter_base(model, output_dir)
         checkpoint.write_metadata(output_dir, metadata)
+        if self.processing_class is None:  # record the preprocessing of the model training started from
+            name_or_path = getattr(getattr(self.sd_adapter.base_model, "config", None), "_name_or_path", None)
+            if (
+                name_or_path
+                and os.path.isdir(name_or_path)
+                and os.path.abspath(name_or_path) != os.path.abspath(output_dir)
+            ):
+                checkpoint.copy_preprocessor_config([name_or_path], output_dir, metadata["input_size"])
         if self.sd_adapter.library == "timm" and not self._is_peft_model():
             checkpoint.write_timm_config(self.sd_adapter.base_model, output_dir, input_size=metadata["input_size"])
         elif hasattr(self.sd_adapter.base_model, "config_dict"):  # sd_plugin.PaperCNN

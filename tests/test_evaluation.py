@@ -308,7 +308,7 @@ def test_trainer__reports_masking_auc_at_evaluation(tmp_path):
     args = SaliencyDecorConfig(
         output_dir=str(tmp_path),
         max_steps=1,
-        per_device_train_batch_size=12,
+        per_device_train_batch_size=16,
         group_size=8,
         report_to="none",
         use_cpu=True,

@@ -15,7 +15,7 @@ from sd_plugin.peft_folders import BASE_FOLDER, adapter_base
 
 def vit_with_resized_head(tmp_path):
     """A 10-class ViT saved as a Hub checkpoint would be, loaded with a new 3-class head, LoRA on it."""
-    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
     config = ViTConfig(
@@ -28,6 +28,7 @@ def vit_with_resized_head(tmp_path):
         num_labels=10,
     )
     ViTForImageClassification(config).save_pretrained(tmp_path / "vit10")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit10")
     labels = {"id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}}
     model = AutoModelForImageClassification.from_pretrained(
         tmp_path / "vit10", num_labels=3, ignore_mismatched_sizes=True, **labels

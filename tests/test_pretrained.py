@@ -131,7 +131,7 @@ def test_finetune_benchmark__short_run_from_the_converted_model_reused_on_a_seco
     data = photo_folder(tmp_path / "photos")
     output = tmp_path / "results"
     common = ["--data", str(data), "--model", f"local-dir:{converted['timm']}", "--image-size", "32"]
-    common += ["--epochs", "1", "--batch-size", "8", "--metric-images", "4", "--step", "25"]
+    common += ["--epochs", "1", "--batch-size", "8", "--group-size", "4", "--metric-images", "4", "--step", "25"]
     common += ["--output-dir", str(output)]
     finetune.main(
         [*common, "--seeds", "0", "1", "--methods", "sgt", "saliencydecor", "--models-dir", str(tmp_path / "models")]

@@ -60,7 +60,9 @@ def test_timm_folder__records_the_trained_size_and_evaluate_preprocesses_at_it(t
 
 
 def test_transformers_folder_without_processor__export_warns_and_evaluate_says_what_it_guessed(tmp_path):
-    trainer = train_and_save(tiny_models.build("hf_resnet", tmp_path), tmp_path)
+    model = tiny_models.build("hf_resnet", tmp_path)
+    (tmp_path / "hf_resnet" / "preprocessor_config.json").unlink()  # a checkpoint without a processor
+    trainer = train_and_save(model, tmp_path)
     with pytest.warns(UserWarning, match="no image processor to save"):
         exported = export(trainer, tmp_path / "exported")
     assert not (exported / "preprocessor_config.json").exists()

@@ -50,6 +50,13 @@ class TinyNet(nn.Module):
         return self.out(torch.relu(self.embed(self.body(x))))
 
 
+def _save_processor(path: Path) -> None:
+    """The image processor a Hub checkpoint comes with (resize to the tiny size, scale to [-1, 1])."""
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
 def _hf_resnet(path: Path) -> nn.Module:
     from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification
 
@@ -57,6 +64,7 @@ def _hf_resnet(path: Path) -> nn.Module:
         num_channels=3, embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], num_labels=NUM_CLASSES
     )
     ResNetForImageClassification(config).save_pretrained(path)
+    _save_processor(path)
     return AutoModelForImageClassification.from_pretrained(path)
 
 
@@ -75,6 +83,7 @@ def _hf_vit(path: Path, num_labels: int = NUM_CLASSES) -> nn.Module:
         num_labels=num_labels,
     )
     ViTForImageClassification(config).save_pretrained(path)
+    _save_processor(path)
     return AutoModelForImageClassification.from_pretrained(path)
 
 
@@ -83,6 +92,7 @@ def _hf_convnext(path: Path) -> nn.Module:
 
     config = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=NUM_CLASSES)
     ConvNextForImageClassification(config).save_pretrained(path)
+    _save_processor(path)
     return AutoModelForImageClassification.from_pretrained(path)
 
 
@@ -92,6 +102,7 @@ def _hf_timm_wrapper(path: Path) -> nn.Module:
     TimmWrapperForImageClassification(
         TimmWrapperConfig(architecture="resnet10t", num_labels=NUM_CLASSES)
     ).save_pretrained(path)
+    _save_processor(path)
     return AutoModelForImageClassification.from_pretrained(path)
 
 

@@ -28,7 +28,15 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 
 from ..adapter import is_peft, library_of, unwrap_model
-from ..checkpoint import METADATA_FILE, read_metadata, timm_label_names, weights_fingerprint, write_metadata
+from ..checkpoint import (
+    METADATA_FILE,
+    PREPROCESSOR_FILE,
+    copy_preprocessor_config,
+    read_metadata,
+    timm_label_names,
+    weights_fingerprint,
+    write_metadata,
+)
 from ..errors import SaliencyDecorWarning
 from ..folding import find_whitening, fold_whitening_into_head
 from ..loading import load_classifier
@@ -131,20 +139,12 @@ def _save_processor(
 ) -> bool:
     """Write the preprocessing config: the processor, else the first candidate folder's; True if written.
 
-    A copied config whose fixed ``size`` is not the trained ``input_size`` is set to it. A transformers
-    model with none gets a warning (its card then says to preprocess as in training).
+    A transformers model with none gets a warning (its card then says to preprocess as in training).
     """
-    target = folder / "preprocessor_config.json"
     if processor is not None and hasattr(processor, "save_pretrained"):
         processor.save_pretrained(str(folder))
-        return target.is_file()
-    source = next((c / target.name for c in candidates if c is not None and (c / target.name).is_file()), None)
-    if source is not None:
-        config = json.loads(source.read_text())
-        size = config.get("size")
-        if input_size and isinstance(size, dict) and {"height", "width"} <= set(size):
-            config["size"] = {"height": int(input_size[-2]), "width": int(input_size[-1])}
-        target.write_text(json.dumps(config, indent=2))
+        return (folder / PREPROCESSOR_FILE).is_file()
+    if copy_preprocessor_config(candidates, folder, input_size):
         return True
     if library == "transformers":
         warnings.warn(
