@@ -74,7 +74,7 @@ def build(args: RecipeArguments, accelerator: Accelerator):
         with accelerator.main_process_first():
             classes = folder_classes(args.train_dir)
         model = load_for_finetuning(args.model, len(classes), classes)
-        transform = image_transform(model, _processor_source(args.model))
+        transform = image_transform(model, _processor_source(args.model), args.image_size)
         train_set = image_folder_dataset(args.train_dir, classes, transform)
         eval_set = image_folder_dataset(args.validation_dir, classes, transform) if args.validation_dir else None
     else:
@@ -83,7 +83,7 @@ def build(args: RecipeArguments, accelerator: Accelerator):
             train_split, eval_split = _hub_splits(args)
         classes = _labels_of(train_split)
         model = load_for_finetuning(args.model, len(classes), classes)
-        transform = image_transform(model, _processor_source(args.model))
+        transform = image_transform(model, _processor_source(args.model), args.image_size)
         train_set = HFImageDataset(train_split, transform)
         eval_set = HFImageDataset(eval_split, transform) if eval_split is not None else None
     if args.skip_unreadable_images:

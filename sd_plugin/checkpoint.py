@@ -107,6 +107,9 @@ def copy_preprocessor_config(
     size = config.get("size")
     if input_size and isinstance(size, dict) and {"height", "width"} <= set(size):
         config["size"] = {"height": int(input_size[-2]), "width": int(input_size[-1])}
+    elif input_size and isinstance(size, dict) and "shortest_edge" in size and config.get("crop_size"):
+        config["size"] = {"shortest_edge": int(input_size[-1])}
+        config["crop_size"] = {"height": int(input_size[-2]), "width": int(input_size[-1])}
     (Path(folder) / PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2))
     return True
 

@@ -111,7 +111,9 @@ def load_fashion_mnist(
     return TensorImageDataset(pixels, labels)
 
 
-def image_transform(model: nn.Module, directory: str | Path | None = None) -> Callable[[Any], Tensor]:
+def image_transform(
+    model: nn.Module, directory: str | Path | None = None, image_size: int | None = None
+) -> Callable[[Any], Tensor]:
     """PIL image -> ``(C, H, W)`` tensor with the model's own preprocessing.
 
     transformers: the ``AutoImageProcessor`` saved with the model; timm: its data config
@@ -119,7 +121,7 @@ def image_transform(model: nn.Module, directory: str | Path | None = None) -> Ca
     convert to the model's channel count, resize to its input size, scale to [-1, 1]. A
     folder's ``saliency_decor.json`` ``input_size`` (the training batches' size) wins over a
     guessed size, and a folder without a recorded preprocessing gets a warning that says what
-    was guessed.
+    was guessed. ``image_size`` overrides the size (square), keeping the normalisation.
     """
     from .adapter import expected_channels, is_timm_model, unwrap_model
     from .checkpoint import read_metadata
@@ -129,18 +131,23 @@ def image_transform(model: nn.Module, directory: str | Path | None = None) -> Ca
     mode = "RGB" if channels == 3 else "L"
     metadata = (read_metadata(directory) if directory is not None else None) or {}
     trained = tuple(metadata["input_size"]) if metadata.get("input_size") else None
+    if image_size:
+        trained = (channels, int(image_size), int(image_size))
     if directory is not None and (Path(directory) / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(str(directory))
+        if image_size:
+            _resize_processor(processor, int(image_size))
         return lambda image: processor(image.convert(mode), return_tensors="pt")["pixel_values"][0]
     timm_model = getattr(base, "timm_model", base)
     if is_timm_model(timm_model):
         import timm.data
 
         config = timm.data.resolve_data_config(model=timm_model)
-        if trained and tuple(config["input_size"]) != trained:
+        if trained and tuple(config["input_size"]) != trained and not image_size:
             _warn_guessed(directory, f"timm's data config says {config['input_size'][1:]} px; using the trained size")
+        if trained and tuple(config["input_size"]) != trained:
             config = timm.data.resolve_data_config({"input_size": trained}, model=timm_model)
         transform = timm.data.create_transform(**config)
         return lambda image: transform(image.convert(mode))
@@ -148,6 +155,16 @@ def image_transform(model: nn.Module, directory: str | Path | None = None) -> Ca
     if directory is not None:
         _warn_guessed(directory, f"resizing to {size} px and scaling to [-1, 1]")
     return resize_and_scale(size, channels)
+
+
+def _resize_processor(processor: Any, size: int) -> None:
+    """Make a transformers image processor output ``size x size`` images (fixed size or resize + crop)."""
+    current = dict(getattr(processor, "size", None) or {})
+    if "shortest_edge" in current and getattr(processor, "crop_size", None):
+        processor.size = {"shortest_edge": size}
+        processor.crop_size = {"height": size, "width": size}
+    else:
+        processor.size = {"height": size, "width": size}
 
 
 def _warn_guessed(directory: str | Path | None, what: str) -> None:

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["sum_over_processes"]
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) forward; the gradient of a sum is the sum of the processes' gradients.
+
+    (What the deprecated ``torch.distributed.nn.functional.all_reduce`` did for ``SUM``.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        summed = tensor.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        summed = grad.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
 
 
 def sum_over_processes(tensor: Tensor, enabled: bool = True) -> Tensor:
@@ -15,7 +37,5 @@ def sum_over_processes(tensor: Tensor, enabled: bool = True) -> Tensor:
     computed from all processes' batches gets the same gradients as on one process.
     """
     if enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return _SumOverProcesses.apply(tensor)
     return tensor

@@ -72,6 +72,15 @@ class RecipeArguments(MaskingTestArguments):
     mixed_precision: Optional[str] = field(  # noqa: UP045
         default=None, metadata={"help": "'no', 'bf16' or 'fp16' (default: accelerate's config)."}
     )
+    eval_steps: Optional[int] = field(  # noqa: UP045
+        default=None, metadata={"help": "Also evaluate every N optimizer steps (logged to the history and trackers)."}
+    )
+    image_size: Optional[int] = field(  # noqa: UP045
+        default=None, metadata={"help": "Train and evaluate at this size (default: the model's preprocessing)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, more time."}
+    )
     checkpoints_total_limit: Optional[int] = field(  # noqa: UP045
         default=None, metadata={"help": "Keep only the last N checkpoints (older step_*/epoch_* folders are deleted)."}
     )
@@ -112,6 +121,8 @@ class RecipeArguments(MaskingTestArguments):
         MaskingTestArguments.validate(self)
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1.")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"eval_steps={self.eval_steps} must be >= 1 (or unset: evaluate at the end only).")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoints_total_limit={self.checkpoints_total_limit} must be >= 1 (unset: all kept).")
         if self.checkpointing_steps not in (None, "epoch") and not str(self.checkpointing_steps).isdigit():
@@ -200,6 +211,20 @@ def default_lora_targets(model: nn.Module, is_transformer: bool) -> list[str]:
     if not convs:
         raise ValueError("no convolutions found for LoRA; pass --lora_target_modules.")
     return convs[-2:]
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' ``gradient_checkpointing_enable`` / timm's ``set_grad_checkpointing`` (non-reentrant:
+    the input gradient SGT reads flows through the recomputed blocks)."""
+    if hasattr(model, "gradient_checkpointing_enable") and getattr(model, "supports_gradient_checkpointing", True):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    else:
+        raise ValueError(
+            f"--gradient_checkpointing: {type(model).__name__} supports neither transformers' "
+            "gradient_checkpointing_enable nor timm's set_grad_checkpointing."
+        )
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets: list[str] | None = None) -> nn.Module:
@@ -403,6 +428,8 @@ def _setup(
 
     _check_arguments(args, method_args, accelerator.num_processes)
     set_seed(args.seed)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if args.peft == "lora":
         targets = args.lora_target_modules.split(",") if args.lora_target_modules else None
         model = apply_lora(model, args.lora_r, args.lora_alpha, targets)
@@ -515,6 +542,8 @@ def _train_epochs(run: _Run) -> None:
             progress.update(1)
             if run.completed_steps % args.logging_steps == 0 or run.completed_steps == run.max_steps:
                 logger.log()
+            if args.eval_steps and run.eval_loader is not None and run.completed_steps % args.eval_steps == 0:
+                _evaluate_during_training(run)
             if args.checkpointing_steps and args.checkpointing_steps.isdigit():
                 if run.completed_steps % int(args.checkpointing_steps) == 0:
                     _save_checkpoint(run, f"step_{run.completed_steps}")
@@ -525,6 +554,15 @@ def _train_epochs(run: _Run) -> None:
         if run.completed_steps >= run.max_steps:
             break
     progress.close()
+
+
+def _evaluate_during_training(run: _Run) -> None:
+    """``--eval_steps``: the validation metrics at this step, in the history and the trackers."""
+    metrics = evaluate(run.accelerator, run.model, run.adapter, run.eval_loader, run.args, run.args.seed)
+    run.history.append({"step": run.completed_steps, **metrics})
+    if run.args.with_tracking:
+        run.accelerator.log(metrics, step=run.completed_steps)
+    run.accelerator.print({"step": run.completed_steps, **{k: round(v, 4) for k, v in metrics.items()}})
 
 
 class _Logger:
@@ -563,7 +601,7 @@ def _finish(run: _Run, command: str | None) -> dict[str, Any]:
     args, accelerator = run.args, run.accelerator
     results: dict[str, Any] = {"completed_steps": run.completed_steps, "history": run.history}
     if run.history:
-        results["train_loss"] = run.history[-1]["loss"]
+        results["train_loss"] = next(h["loss"] for h in reversed(run.history) if "loss" in h)
     if run.eval_loader is not None:
         metrics = evaluate(accelerator, run.model, run.adapter, run.eval_loader, args, args.seed)
         results.update(metrics)

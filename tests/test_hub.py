@@ -392,3 +392,17 @@ def test_create_model_card__writes_the_saliencydecor_card_with_the_last_evaluati
     assert "`method=saliencydecor`" in card.text and "| `decor_liveness_weight` |" in card.text
     accuracy = next(r.metric_value for r in card.data.eval_results if r.metric_type == "accuracy")
     assert accuracy == pytest.approx(100.0 * metrics["eval_accuracy"])
+
+
+def test_card__license_and_local_datasets(tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = tiny_models.build("timm_resnet", tmp_path)
+    local = tmp_path / "my-photos"
+    local.mkdir()
+    folder = export(model, tmp_path / "licensed", datasets=[str(local), "cifar10"], license="apache-2.0")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["cifar10"]  # a path is no Hub dataset
+    assert "a local dataset (`my-photos`)" in card.text and "License: not stated" not in card.text
+    unstated = ModelCard.load(export(model, tmp_path / "unstated") / "README.md")
+    assert unstated.data.license == "other" and "License: not stated" in unstated.text

@@ -261,6 +261,19 @@ def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra)
     assert json.loads((evaluation / "results.json").read_text())["models"]
 
 
+def test_recipe_flags__periodic_evaluation_gradient_checkpointing_and_image_size(tiny_imagenet, models, tmp_path):
+    output = tmp_path / "out"
+    extra = ["--max_train_steps", "2", "--per_device_train_batch_size", "8", "--group_size", "4", "--eval_steps", "1"]
+    extra += ["--gradient_checkpointing", "--image_size", "24"]
+    run(recipe_args(models["timm_resnet"], tiny_imagenet, output, *extra), tmp_path)
+    results = history(output)
+    evaluations = [h for h in results["history"] if "eval_accuracy" in h]
+    assert [h["step"] for h in evaluations] == [1, 2] and "train_loss" in results
+    # trained at 24 px (the tiny model's own config says 16): recorded where timm and evaluate read it
+    assert json.loads((output / "model" / "saliency_decor.json").read_text())["input_size"] == [3, 24, 24]
+    assert json.loads((output / "model" / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 24, 24]
+
+
 def test_paper_cnn_recipe__digits(tmp_path):
     output = tmp_path / "cnn"
     run(

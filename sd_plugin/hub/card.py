@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 from string import Template
 from typing import Any
 
@@ -86,11 +87,20 @@ def render_model_card(
     training_command: str | None = None,
     evaluation_command: str | None = None,
     dataset_name: str | None = None,
+    license: str | None = None,
 ) -> str:
-    """The full ``README.md`` text (YAML front matter + body) of an exported model."""
+    """The full ``README.md`` text (YAML front matter + body) of an exported model.
+
+    ``datasets`` / ``dataset_name`` that are local paths stay out of the metadata (they are no Hub
+    dataset) and are named in the text; ``license`` (an SPDX-style Hub id such as ``apache-2.0``)
+    defaults to ``other``, with a line saying it was not stated.
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
     comparisons = comparisons or {}
+    local = [name for name in [*(datasets or []), dataset_name] if name and is_local_path(name)]
+    datasets = [name for name in datasets or [] if not is_local_path(name)]
+    dataset_name = None if dataset_name and is_local_path(dataset_name) else dataset_name
     eval_results = []
     if evaluation:
         for key, (metric_type, metric_name) in METRIC_LABELS.items():
@@ -110,6 +120,7 @@ def render_model_card(
         model_name=model_name,
         library_name=library_name,
         pipeline_tag="image-classification",
+        license=license or "other",
         tags=["saliencydecor", "interpretability", "image-classification", "sd-plugin"],
         datasets=datasets or None,
         base_model=base_model,
@@ -139,6 +150,14 @@ def render_model_card(
         training.append(f"Trained with:\n\n```bash\n{training_command}\n```")
     if evaluation_command:
         training.append(f"Evaluated with:\n\n```bash\n{evaluation_command}\n```")
+    if local:
+        names = ", ".join(f"`{Path(name).name}`" for name in dict.fromkeys(local))
+        training.append(f"Data: a local dataset ({names}), not on the Hub.")
+    if not license:
+        training.append(
+            "License: not stated by the exporter (`license: other`); set it with `export(..., license=...)` "
+            "(`--license`), usually the base model's."
+        )
     body = _template().substitute(
         summary=f"# {model_name}\n\nAn image classifier trained with sd-plugin (`method={method}`) for "
         "more faithful gradient saliency maps.",
@@ -151,6 +170,16 @@ def render_model_card(
         training="\n\n".join(training) or "Trained with `sd_plugin.SaliencyDecorTrainer`.",
     )
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
+
+
+def is_local_path(name: str) -> bool:
+    """True for a dataset / model name that is a path on this machine rather than a Hub id.
+
+    Example:
+        >>> is_local_path("/data/photos"), is_local_path("./data"), is_local_path("cifar10"), is_local_path("a/b")
+        (True, True, False, False)
+    """
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
 def usage_snippet(library: str, model_class: str, has_processor: bool = True) -> str:

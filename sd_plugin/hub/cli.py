@@ -22,6 +22,7 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", action="append", default=None, help="dataset id for the card (repeatable)")
     parser.add_argument("--base-model", default=None, help="Hub id of the model it was fine-tuned from")
     parser.add_argument("--training-command", default=None, help="the command that trained it, for the card")
+    parser.add_argument("--license", default=None, help="the card's license, a Hub id such as apache-2.0")
     args = parser.parse_args(argv)
     from .export import export
 
@@ -35,6 +36,7 @@ def export_main(argv: list[str] | None = None) -> int:
             datasets=args.dataset,
             base_model=args.base_model,
             training_command=args.training_command,
+            license=args.license,
         )
     except (FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

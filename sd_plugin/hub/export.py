@@ -204,6 +204,7 @@ def export(
     training_command: str | None = None,
     metadata: dict[str, Any] | None = None,
     preprocessing_from: str | Path | None = None,
+    license: str | None = None,
 ) -> Path:
     """Write an exportable checkpoint folder with its model card; returns the folder.
 
@@ -217,6 +218,7 @@ def export(
         metadata: method settings to record (default: those the source carries).
         preprocessing_from: a folder whose ``preprocessor_config.json`` goes with the model when the
             source carries none (e.g. the pretrained model a recipe started from).
+        license: the card's license (a Hub license id, e.g. ``apache-2.0``; default ``other``).
     """
     path = Path(path)
     _prepare_target(path, overwrite)
@@ -266,6 +268,7 @@ def export(
             training_command=training_command,
             evaluation_command=eval_command,
             dataset_name=dataset_name,
+            license=license,
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
         _readable_by_others(staging)
