@@ -34,6 +34,7 @@ from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer  # noqa: E402
 from sd_plugin.choices import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS  # noqa: E402
 from sd_plugin.data import load_digits_splits, load_fashion_mnist  # noqa: E402
 from sd_plugin.evaluation import masking_curve, saliency_maps  # noqa: E402
+from sd_plugin.evaluation.masking_curve import percentages_every  # noqa: E402
 from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
 from sd_plugin.models import PaperCNN  # noqa: E402
 
@@ -164,7 +165,8 @@ def ablation_config(name: str, value: object) -> dict:
     return {**main_config("saliencydecor"), name: value}
 
 
-SETUP_KEYS = ("dataset", "quick", "epochs", "train_images", "test_images", "metric_images")
+SETUP_KEYS = ("dataset", "quick", "epochs", "train_images", "test_images", "metric_images", "step")
+SETUP_DEFAULTS = {"step": 5.0}  # what folders written before the key existed used
 
 
 def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
@@ -183,9 +185,9 @@ def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
             )
         earlier = json.loads(path.read_text())
         differing = [
-            f"{k}: {earlier['meta'].get(k)!r} there, {meta[k]!r} here"
+            f"{k}: {earlier['meta'].get(k, SETUP_DEFAULTS.get(k))!r} there, {meta[k]!r} here"
             for k in SETUP_KEYS
-            if earlier["meta"].get(k) != meta[k]
+            if earlier["meta"].get(k, SETUP_DEFAULTS.get(k)) != meta[k]
         ]
         if differing:
             raise ValueError(
@@ -207,9 +209,9 @@ def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
     return found
 
 
-def evaluate(model, test, metric_images: int) -> dict:
+def evaluate(model, test, metric_images: int, step: float = 5.0) -> dict:
     subset = Subset(test, range(min(metric_images, len(test))))
-    metrics = evaluate_model(model, subset, batch_size=250)
+    metrics = evaluate_model(model, subset, batch_size=250, percentages=percentages_every(step))
     metrics["accuracy_subset"] = metrics["accuracy"]
     metrics["accuracy"] = accuracy(model, DataLoader(test, batch_size=500))  # the whole test set
     return metrics
@@ -467,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ablations to run, in this order: NAME (all its values) or NAME=V1,V2 (some of them)",
     )
     parser.add_argument("--metric-images", type=int, default=None)
+    parser.add_argument("--step", type=float, default=5.0, help="removal-curve step in percent")
     parser.add_argument("--output-dir", default="benchmarks/results/reproduce")
     parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
     parser.add_argument(
@@ -505,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_images": len(train),
             "test_images": len(test),
             "metric_images": metric_images,
+            "step": args.step,
             "decorrelation_objective": DECORRELATION_OBJECTIVE,
             "machine": machine,
             "command": command,
@@ -528,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{label} seed {seed}: same run as before, reused", flush=True)
                     continue
                 model, seconds = train_one(config, seed, train, epochs, workdir)
-                metrics = evaluate(model.to(device), test, metric_images)
+                metrics = evaluate(model.to(device), test, metric_images, args.step)
                 metrics.update(seed=seed, train_seconds=seconds)
                 metrics.pop("curves", None)
                 runs.append(metrics)

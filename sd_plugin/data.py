@@ -213,7 +213,7 @@ class HFImageDataset(Dataset):
 
     def _check_labels(self) -> None:
         """Refuse labels below 0 up front (``datasets`` writes -1 for "no label", e.g. an unlabelled test split)."""
-        labels = torch.as_tensor(self.dataset[self.label_column]) if len(self.dataset) else torch.zeros(0)
+        labels = torch.as_tensor(list(self.dataset[self.label_column])) if len(self.dataset) else torch.zeros(0)
         if labels.numel() and int(labels.min()) < 0:
             count = int((labels < 0).sum())
             raise ValueError(

@@ -139,7 +139,7 @@ class SaliencyDecorTrainer(Trainer):
             self._signature_columns = ["pixel_values", "labels", "label", "label_ids", *self.label_names]
 
     def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
-        """Keep every column of a dataset with an on-the-fly transform (``with_transform`` / ``set_transform``).
+        """A dataset with an on-the-fly transform (``with_transform``) keeps the raw columns it reads.
 
         Its transform makes ``pixel_values`` from the raw columns (``image``), which ``Trainer`` would
         otherwise drop first (``KeyError: 'image'``; transformers' guide sets ``remove_unused_columns=False``

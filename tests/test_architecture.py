@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sd_plugin"
@@ -82,8 +83,14 @@ def unit(module: str) -> str | None:
     return parts[1] if len(parts) > 1 else None
 
 
-def graph() -> dict[str, list[tuple[str, list[str]]]]:
+@functools.cache
+def _graph(stamp: tuple) -> dict[str, list[tuple[str, list[str]]]]:
     return {module_name(path): imports_of(path) for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def graph() -> dict[str, list[tuple[str, list[str]]]]:
+    """Every module's imports; parsed once per state of the files (it was parsed once per lookup)."""
+    return _graph(tuple((str(p), p.stat().st_mtime_ns) for p in sorted(PACKAGE.rglob("*.py"))))
 
 
 def test_every_module_has_a_layer():
@@ -117,7 +124,8 @@ def test_front_ends_never_import_each_other():
 
 
 def test_no_cycles_between_modules():
-    edges = {m: {t for t, _ in imports if t in graph() and t != m} for m, imports in graph().items()}
+    modules = graph()
+    edges = {m: {t for t, _ in imports if t in modules and t != m} for m, imports in modules.items()}
     edges = {m: targets for m, targets in edges.items() if unit(m) is not None}  # not the facades
     for m in list(edges):
         if m.count(".") == 1 and (PACKAGE / m.split(".")[1] / "__init__.py").exists():

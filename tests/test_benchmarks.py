@@ -72,7 +72,7 @@ def test_step_cost__saliencydecor_memory_within_target_on_cpu(tmp_path):
 
 def test_reproduce__tiny_run_writes_tables_and_reuses_default_ablations(tmp_path, capsys):
     argv = "--dataset digits --epochs 1 --seeds 0 --methods baseline sgt saliencydecor".split()
-    argv += ["--ablations", "mask_ratio", "--metric-images", "40", "--output-dir", str(tmp_path)]
+    argv += ["--ablations", "mask_ratio", "--metric-images", "40", "--step", "50", "--output-dir", str(tmp_path)]
     assert reproduce.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["main"]) == {"baseline", "sgt", "saliencydecor"}
@@ -87,7 +87,7 @@ def test_reproduce__tiny_run_writes_tables_and_reuses_default_ablations(tmp_path
 
 def test_reproduce__reuse_trains_only_missing_seeds_and_refuses_other_setups(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
-    setup = "--dataset digits --epochs 1 --methods baseline --no-ablations --metric-images 40".split()
+    setup = "--dataset digits --epochs 1 --methods baseline --no-ablations --metric-images 40 --step 50".split()
     assert reproduce.main([*setup, "--seeds", "0", "--output-dir", str(first)]) == 0
     capsys.readouterr()
     assert reproduce.main([*setup, "--seeds", "0", "1", "--output-dir", str(second), "--reuse", str(first)]) == 0
@@ -105,7 +105,7 @@ def test_reproduce__reuse_trains_only_missing_seeds_and_refuses_other_setups(tmp
 
 def test_reproduce__runs_of_an_older_decorrelation_objective_are_not_reused(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
-    setup = "--dataset digits --epochs 1 --seeds 0 --methods baseline decor --metric-images 40".split()
+    setup = "--dataset digits --epochs 1 --seeds 0 --methods baseline decor --metric-images 40 --step 50".split()
     setup += ["--ablations", "decor_liveness_weight=0.0"]
     assert reproduce.main([*setup, "--output-dir", str(first)]) == 0
     results = json.loads((first / "results.json").read_text())

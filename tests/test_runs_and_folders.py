@@ -140,7 +140,11 @@ def test_export__overwrite_replaces_only_an_earlier_export_and_the_folder_is_rea
     with pytest.raises(FileExistsError, match="is not an earlier export.*notes.txt.*would delete them"):
         export(model, target, overwrite=True)
     assert (target / "notes.txt").read_text() == "mine"
+    (target / "saliency_decor.json").write_text('{"method": "sgt"}')  # a training run's folder, not an export
+    with pytest.raises(FileExistsError, match="is not an earlier export"):
+        export(model, target, overwrite=True)
     (target / "notes.txt").unlink()
+    (target / "saliency_decor.json").unlink()
     export(model, target)
     export(model, target, overwrite=True)  # an earlier export: replaced
     umask = os.umask(0)

@@ -83,10 +83,10 @@ def _prepare_target(path: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
-    if not (path / METADATA_FILE).is_file():  # --overwrite replaces an earlier export, never a user's folder
+    if "exported_library" not in (read_metadata(path) or {}):  # only an earlier export, never a user's folder
         names = sorted(p.name for p in path.iterdir())
         raise FileExistsError(
-            f"{path} is not an earlier export (no {METADATA_FILE}) and holds {names[:5]}"
+            f"{path} is not an earlier export (its {METADATA_FILE} does not say so) and holds {names[:5]}"
             f"{' ...' if len(names) > 5 else ''}: --overwrite would delete them. Choose another folder, or empty it."
         )
 
