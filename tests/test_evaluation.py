@@ -265,8 +265,19 @@ def test_cli__two_saved_models_write_table_json_and_figures(tmp_path, capsys):
         assert (out / name).stat().st_size > 5_000
 
 
-def test_cli__timm_model_on_image_folder(tmp_path, capsys):
+def test_cli__timm_model_on_image_folder(tmp_path, capsys, monkeypatch):
     from PIL import Image
+
+    import sd_plugin.evaluation.figures as figures
+
+    captions = []
+    original = figures.saliency_grid
+
+    def recording_grid(images, maps, path, labels=None, **kwargs):
+        captions.extend(labels or [])
+        return original(images, maps, path, labels=labels, **kwargs)
+
+    monkeypatch.setattr(figures, "saliency_grid", recording_grid)
 
     from sd_plugin.__main__ import main as cli
 
@@ -274,7 +285,7 @@ def test_cli__timm_model_on_image_folder(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     for label in ("cat", "dog", "fox"):
         (folder / label).mkdir(parents=True)
-        for i in range(3):
+        for i in range(6):  # class-sorted: the first 6 images are all cats
             pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(folder / label / f"{i}.png")
     model = tiny_models.build("timm_vit", tmp_path)
@@ -295,7 +306,9 @@ def test_cli__timm_model_on_image_folder(tmp_path, capsys):
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     (metrics,) = results["models"].values()
-    assert metrics["num_images"] == 9 and metrics["num_features"] == 32
+    assert metrics["num_images"] == 18 and metrics["num_features"] == 32
+    # the figure's 6 images come from the seeded subset of this class-sorted folder, labelled
+    assert len(captions) == 6 and len(set(captions)) > 1
     del model
 
 

@@ -272,6 +272,8 @@ def test_recipe_flags__periodic_evaluation_gradient_checkpointing_and_image_size
     # trained at 24 px (the tiny model's own config says 16): recorded where timm and evaluate read it
     assert json.loads((output / "model" / "saliency_decor.json").read_text())["input_size"] == [3, 24, 24]
     assert json.loads((output / "model" / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 24, 24]
+    card = (output / "model" / "README.md").read_text()
+    assert "accelerate launch recipes/tiny_imagenet.py" in card and "--image_size 24" in card  # the command
 
 
 def test_paper_cnn_recipe__digits(tmp_path):
