@@ -610,8 +610,7 @@ def _finish(run: _Run, command: str | None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
-        method_settings = {**_scalars(run.method_args.to_dict()), **run.step.settings()}
-        method_settings["input_size"] = list(run.step.input_size) if run.step.input_size else None
+        method_settings = {**_scalars(run.method_args.to_dict()), **run.step.metadata()}
         _save_final(args, accelerator.unwrap_model(run.model), run.output_dir, results, command, method_settings)
     accelerator.wait_for_everyone()
     if args.with_tracking:

@@ -310,19 +310,8 @@ class SaliencyDecorTrainer(Trainer):
 
     def saliency_decor_metadata(self) -> dict[str, Any]:
         """The method's settings as trained (written to ``saliency_decor.json``)."""
-        from .version import __version__
-
         metadata = {name: getattr(self.args, name) for name in METHOD_FIELDS}
-        metadata.update(self.sd_step.settings())
-        metadata.update(
-            library=self.sd_adapter.library,
-            head_name=self.sd_adapter.head_name,
-            num_features=self.sd_adapter.num_features,
-            num_classes=self.sd_adapter.num_classes,
-            is_transformer=self.sd_adapter.is_transformer,
-            input_size=list(self.sd_step.input_size) if self.sd_step.input_size else None,
-            sd_plugin_version=__version__,
-        )
+        metadata.update(self.sd_step.metadata())  # the same record the recipes' loop writes
         return metadata
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

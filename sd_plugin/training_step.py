@@ -154,6 +154,25 @@ class SaliencyDecorStep:
             )
         return settings
 
+    def metadata(self) -> dict[str, object]:
+        """What a saved folder's ``saliency_decor.json`` records, for both front-ends.
+
+        The settings as they act (``settings()``), the model's facts (library, head, feature and
+        class counts), the ``(C, H, W)`` trained at and the package version.
+        """
+        from .version import __version__
+
+        return {
+            **self.settings(),
+            "library": self.adapter.library,
+            "head_name": self.adapter.head_name,
+            "num_features": self.adapter.num_features,
+            "num_classes": self.adapter.num_classes,
+            "is_transformer": self.adapter.is_transformer,
+            "input_size": list(self.input_size) if self.input_size else None,
+            "sd_plugin_version": __version__,
+        }
+
     # -- entry points -----------------------------------------------------------------
 
     def step(

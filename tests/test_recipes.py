@@ -270,7 +270,11 @@ def test_recipe_flags__periodic_evaluation_gradient_checkpointing_and_image_size
     evaluations = [h for h in results["history"] if "eval_accuracy" in h]
     assert [h["step"] for h in evaluations] == [1, 2] and "train_loss" in results
     # trained at 24 px (the tiny model's own config says 16): recorded where timm and evaluate read it
-    assert json.loads((output / "model" / "saliency_decor.json").read_text())["input_size"] == [3, 24, 24]
+    saved = json.loads((output / "model" / "saliency_decor.json").read_text())
+    assert saved["input_size"] == [3, 24, 24]
+    # the same record as the Trainer's folders (it lacked these)
+    assert saved["library"] == "timm" and saved["head_name"] == "fc" and saved["num_features"] == 512
+    assert saved["sd_plugin_version"]
     assert json.loads((output / "model" / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 24, 24]
     card = (output / "model" / "README.md").read_text()
     assert "accelerate launch recipes/tiny_imagenet.py" in card and "--image_size 24" in card  # the command
