@@ -329,7 +329,8 @@ def write_report(output: Path, results: dict) -> None:
         *table({**results["main"], **results["variants"]}),
         "",
         "MoRF / LeRF: accuracy (%) as the most / least salient p% of the pixels (|dL/dx| at the true label, "
-        "channel mean) are replaced by the image mean, p = 0..100 step 5 (AUC 0-10000). Gap = (AUC_random − "
+        f"channel mean) are replaced by the image mean, p = 0..100 step {meta.get('step', 5.0):g} (AUC 0-10000). "
+        "Gap = (AUC_random − "
         "AUC_MoRF) / AUC_random; LeRF−MoRF = (AUC_LeRF − AUC_MoRF) / AUC_random. ROAD: the same curves with the "
         "removed pixels filled by ROAD's noisy linear imputation; blurred: the same maps Gaussian-blurred (sigma 2 "
         "px), the blur control; relevance mass / rank, pointing game: against the ground-truth object masks "
