@@ -404,5 +404,6 @@ def test_card__license_and_local_datasets(tmp_path):
     card = ModelCard.load(folder / "README.md")
     assert card.data.license == "apache-2.0" and card.data.datasets == ["cifar10"]  # a path is no Hub dataset
     assert "a local dataset (`my-photos`)" in card.text and "License: not stated" not in card.text
+    assert "## Limitations" in card.text and "random* masks scores as" in card.text
     unstated = ModelCard.load(export(model, tmp_path / "unstated") / "README.md")
     assert unstated.data.license == "other" and "License: not stated" in unstated.text

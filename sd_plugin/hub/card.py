@@ -159,8 +159,9 @@ def render_model_card(
             "(`--license`), usually the base model's."
         )
     body = _template().substitute(
-        summary=f"# {model_name}\n\nAn image classifier trained with sd-plugin (`method={method}`) for "
-        "more faithful gradient saliency maps.",
+        summary=f"# {model_name}\n\nAn image classifier trained with sd-plugin (`method={method}`), the "
+        "SaliencyDecor paper's objective for more faithful gradient saliency (see Limitations for what the "
+        "controls found).",
         method_description=method_description,
         inference_note=inference_note,
         hyperparameters=hyperparameters or "| method | " + method + " |",
