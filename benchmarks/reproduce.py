@@ -48,6 +48,8 @@ ABLATIONS = {
     "group_size": [8, 28],
     "decor_liveness_weight": [0.0, 2.0],
     "decor_objective": ["paper", "default"],
+    # the random-mask control (issue 19): the same masking and KL, pixels drawn at random
+    "mask_selection": ["least_salient", "random"],
 }
 # ``decor_objective`` sets two fields at once: the paper's decorrelation term alone at the paper's
 # weight (this package's default before the liveness diagonal) against today's default.
