@@ -70,6 +70,7 @@ def test_step_cost__saliencydecor_memory_within_target_on_cpu(tmp_path):
     assert set(result["whitening_seconds"]) == {"eigh", "newton_schulz", "eigh compiled"}
 
 
+@pytest.mark.slow  # trains real models for bookkeeping; CI runs it (.ci/run: make test-slow)
 def test_reproduce__tiny_run_writes_tables_and_reuses_default_ablations(tmp_path, capsys):
     argv = "--dataset digits --epochs 1 --seeds 0 --methods baseline sgt saliencydecor".split()
     argv += ["--ablations", "mask_ratio", "--metric-images", "40", "--step", "50", "--output-dir", str(tmp_path)]
@@ -85,6 +86,7 @@ def test_reproduce__tiny_run_writes_tables_and_reuses_default_ablations(tmp_path
         assert (tmp_path / figure).stat().st_size > 0
 
 
+@pytest.mark.slow  # trains real models for bookkeeping; CI runs it (.ci/run: make test-slow)
 def test_reproduce__reuse_trains_only_missing_seeds_and_refuses_other_setups(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     setup = "--dataset digits --epochs 1 --methods baseline --no-ablations --metric-images 40 --step 50".split()
@@ -103,6 +105,7 @@ def test_reproduce__reuse_trains_only_missing_seeds_and_refuses_other_setups(tmp
         )
 
 
+@pytest.mark.slow  # trains real models for bookkeeping; CI runs it (.ci/run: make test-slow)
 def test_reproduce__runs_of_an_older_decorrelation_objective_are_not_reused(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     setup = "--dataset digits --epochs 1 --seeds 0 --methods baseline decor --metric-images 40 --step 50".split()

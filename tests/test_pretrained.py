@@ -124,6 +124,7 @@ def photo_folder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # fine-tunes EfficientNet-Lite0 five times (~45 s); CI runs it (make test-slow)
 def test_finetune_benchmark__short_run_from_the_converted_model_reused_on_a_second_call(converted, tmp_path):
     sys.path.insert(0, str(TESTS.parent / "benchmarks"))
     import finetune
