@@ -63,6 +63,7 @@ __all__ = [
     "PREPROCESSOR_FILE",
     "copy_preprocessor_config",
     "explain_save_error",
+    "fitted_processor_size",
     "SplitState",
     "WHITENING_FILE",
     "WEIGHT_FILES",
@@ -104,14 +105,24 @@ def copy_preprocessor_config(
     if source is None:
         return False
     config = json.loads(source.read_text())
-    size = config.get("size")
-    if input_size and isinstance(size, dict) and {"height", "width"} <= set(size):
-        config["size"] = {"height": int(input_size[-2]), "width": int(input_size[-1])}
-    elif input_size and isinstance(size, dict) and "shortest_edge" in size and config.get("crop_size"):
-        config["size"] = {"shortest_edge": int(input_size[-1])}
-        config["crop_size"] = {"height": int(input_size[-2]), "width": int(input_size[-1])}
+    if input_size:
+        config.update(fitted_processor_size(config.get("size"), config.get("crop_size"), *input_size[-2:]))
     (Path(folder) / PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2))
     return True
+
+
+def fitted_processor_size(size: Any, crop_size: Any, height: int, width: int) -> dict[str, Any]:
+    """An image processor's ``size`` (and ``crop_size``) changed to output ``height x width`` images.
+
+    Example:
+        >>> fitted_processor_size({"height": 224, "width": 224}, None, 64, 64)
+        {'size': {'height': 64, 'width': 64}}
+        >>> fitted_processor_size({"shortest_edge": 256}, {"height": 224, "width": 224}, 64, 64)
+        {'size': {'shortest_edge': 64}, 'crop_size': {'height': 64, 'width': 64}}
+    """
+    if isinstance(size, dict) and "shortest_edge" in size and crop_size:  # resize, then centre crop
+        return {"size": {"shortest_edge": int(width)}, "crop_size": {"height": int(height), "width": int(width)}}
+    return {"size": {"height": int(height), "width": int(width)}}
 
 
 def explain_save_error(error: BaseException, folder: str | Path) -> BaseException:

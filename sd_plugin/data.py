@@ -159,12 +159,11 @@ def image_transform(
 
 def _resize_processor(processor: Any, size: int) -> None:
     """Make a transformers image processor output ``size x size`` images (fixed size or resize + crop)."""
+    from .checkpoint import fitted_processor_size
+
     current = dict(getattr(processor, "size", None) or {})
-    if "shortest_edge" in current and getattr(processor, "crop_size", None):
-        processor.size = {"shortest_edge": size}
-        processor.crop_size = {"height": size, "width": size}
-    else:
-        processor.size = {"height": size, "width": size}
+    for name, value in fitted_processor_size(current, getattr(processor, "crop_size", None), size, size).items():
+        setattr(processor, name, value)
 
 
 def _warn_guessed(directory: str | Path | None, what: str) -> None:
@@ -323,8 +322,10 @@ def model_class_names(model: nn.Module) -> tuple[int | None, list[str] | None]:
     id2label = getattr(config, "id2label", None)
     if id2label:
         names = [str(id2label[i]) for i in sorted(id2label)]
-    elif isinstance(getattr(timm_model, "pretrained_cfg", None), dict):
-        names = timm_model.pretrained_cfg.get("label_names")
+    else:  # timm: pretrained_cfg["label_names"], when there is one name per output
+        from .checkpoint import timm_label_names
+
+        names = timm_label_names(timm_model)
     if names and all(name == f"LABEL_{i}" for i, name in enumerate(names)):
         names = None
     return (int(count) if count else None), (list(names) if names else None)

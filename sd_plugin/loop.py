@@ -194,9 +194,14 @@ def checkpoint_step(folder: str | Path) -> int:
     return int(json.loads(state.read_text())["completed_steps"])
 
 
+def _saved_checkpoints(output_dir: Path) -> list[Path]:
+    """This run's complete checkpoints (``step_N`` / ``epoch_N`` with a state file), oldest first."""
+    return sorted((p for p in output_dir.glob("*_*") if p.is_dir() and (p / STATE_FILE).is_file()), key=checkpoint_step)
+
+
 def _latest_checkpoint(output_dir: Path) -> Path | None:
-    candidates = [p for p in output_dir.glob("*_*") if p.is_dir() and (p / STATE_FILE).is_file()]
-    return max(candidates, key=checkpoint_step) if candidates else None
+    saved = _saved_checkpoints(output_dir)
+    return saved[-1] if saved else None
 
 
 def default_lora_targets(model: nn.Module, is_transformer: bool) -> list[str]:
@@ -588,10 +593,7 @@ def _save_checkpoint(run: _Run, name: str) -> None:
     _atomic_save_state(run.accelerator, run.output_dir / name, run.completed_steps, run.identity, run.history)
     limit = run.args.checkpoints_total_limit
     if limit is not None and run.accelerator.is_main_process:
-        saved = sorted(
-            (p for p in run.output_dir.glob("*_*") if p.is_dir() and (p / STATE_FILE).is_file()), key=checkpoint_step
-        )
-        for old in saved[:-limit]:
+        for old in _saved_checkpoints(run.output_dir)[:-limit]:
             shutil.rmtree(old)
     run.accelerator.wait_for_everyone()
 

@@ -90,19 +90,6 @@ def _plain_base_state(model: nn.Module) -> dict[str, Any]:
     return state
 
 
-def _labels(base: nn.Module) -> list[str] | None:
-    id2label = getattr(getattr(base, "config", None), "id2label", None)
-    if id2label:
-        return [str(id2label[i]) for i in sorted(id2label, key=int)]
-    names = (getattr(base, "pretrained_cfg", None) or {}).get("label_names")
-    return list(names) if names else None
-
-
-def _num_classes(base: nn.Module) -> int | None:
-    config = getattr(base, "config", None)
-    return getattr(config, "num_labels", None) or getattr(base, "num_classes", None)
-
-
 def save_adapter_base(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     """Write ``base_model/`` when the adapter needs it; returns the ``peft_base`` metadata entry.
 
@@ -110,13 +97,15 @@ def save_adapter_base(model: nn.Module, directory: str | Path) -> dict[str, Any]
     count and label names (which rebuild a resized head) and whether ``base_model/`` was saved.
     """
     from .adapter import library_of
+    from .data import model_class_names
 
     directory = Path(directory)
     base = model.get_base_model()
+    num_classes, labels = model_class_names(base)
     entry: dict[str, Any] = {
         "name_or_path": _base_name(model),
-        "num_classes": _num_classes(base),
-        "labels": _labels(base),
+        "num_classes": num_classes,
+        "labels": labels,
         "saved_base": False,
     }
     reason = base_needs_saving(model)
@@ -128,7 +117,7 @@ def save_adapter_base(model: nn.Module, directory: str | Path) -> dict[str, Any]
     library = library_of(base)
     if library == "transformers":
         base.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
-    elif library == "timm" and write_timm_config(base, folder, label_names=entry["labels"]):
+    elif library == "timm" and write_timm_config(base, folder):
         from safetensors.torch import save_file
 
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -213,17 +213,11 @@ class SaliencyDecorTrainer(Trainer):
         )
 
     def _last_complete_checkpoint(self) -> str:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import sort_checkpoints
 
         root = self.args.output_dir
-        found = []
-        if os.path.isdir(root):
-            for name in os.listdir(root):
-                step = name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
-                if step.isdigit() and os.path.isdir(os.path.join(root, name)):
-                    found.append((int(step), os.path.join(root, name)))
         skipped = []
-        for _, folder in sorted(found, reverse=True):
+        for folder in reversed(sort_checkpoints(root) if os.path.isdir(root) else []):  # newest first
             try:
                 with open(os.path.join(folder, "trainer_state.json")) as handle:
                     json.load(handle)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import timm
+import tiny_models
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
 from sd_plugin.hub import export
 from sd_plugin.loading import load_classifier
 from sd_plugin.peft_folders import BASE_FOLDER, adapter_base
@@ -15,23 +15,12 @@ from sd_plugin.peft_folders import BASE_FOLDER, adapter_base
 
 def vit_with_resized_head(tmp_path):
     """A 10-class ViT saved as a Hub checkpoint would be, loaded with a new 3-class head, LoRA on it."""
-    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import AutoModelForImageClassification
 
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=10,
-    )
-    ViTForImageClassification(config).save_pretrained(tmp_path / "vit10")
-    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit10")
+    tiny_models.build("hf_vit", tmp_path / "ten", num_labels=10)  # with its image processor
     labels = {"id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}}
     model = AutoModelForImageClassification.from_pretrained(
-        tmp_path / "vit10", num_labels=3, ignore_mismatched_sizes=True, **labels
+        tmp_path / "ten" / "hf_vit", num_labels=3, ignore_mismatched_sizes=True, **labels
     )
     return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]))
 
@@ -43,23 +32,7 @@ def timm_resnet_built_in_code():
 
 
 def train_and_save(model, tmp_path):
-    g = torch.Generator().manual_seed(0)
-    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(32)]
-    args = SaliencyDecorConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        per_device_train_batch_size=16,
-        group_size=8,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        learning_rate=1e-2,
-    )
-    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
-    trainer.train()
-    trainer.save_model()
-    return trainer
+    return tiny_models.train_and_save(model, tmp_path / "run", steps=2, samples=32, learning_rate=1e-2)
 
 
 def logits_of(model, x):
@@ -81,7 +54,7 @@ def test_vit_with_resized_head__adapter_folder_loads_exports_and_reloads_with_pl
     # plain PEFT + transformers, as the card says: the base with the adapter's head size
     from transformers import AutoModelForImageClassification
 
-    vit10 = tmp_path / "vit10"
+    vit10 = tmp_path / "ten" / "hf_vit"
     base = AutoModelForImageClassification.from_pretrained(vit10, num_labels=3, ignore_mismatched_sizes=True)
     torch.testing.assert_close(logits_of(PeftModel.from_pretrained(base, str(folder)), X), expected)
     merged = export(folder, tmp_path / "exported")

@@ -5,10 +5,8 @@ import warnings
 
 import pytest
 import tiny_models
-import torch
 from PIL import Image
 
-from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
 from sd_plugin.data import check_labels_fit, image_transform
 from sd_plugin.hub import export
 from sd_plugin.loading import load_classifier, load_for_finetuning
@@ -16,23 +14,8 @@ from sd_plugin.loading import load_classifier, load_for_finetuning
 IMAGE = Image.new("RGB", (40, 30), (120, 60, 30))
 
 
-def train_and_save(model, tmp_path, processing_class=None):
-    g = torch.Generator().manual_seed(0)
-    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(16)]
-    args = SaliencyDecorConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=1,
-        per_device_train_batch_size=16,
-        group_size=8,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data, processing_class=processing_class)
-    trainer.train()
-    trainer.save_model()
-    return trainer
+def train_and_save(model, tmp_path):
+    return tiny_models.train_and_save(model, tmp_path / "run")
 
 
 def test_timm_folder__records_the_trained_size_and_evaluate_preprocesses_at_it(tmp_path):

@@ -184,6 +184,31 @@ def build(family: str, path: Path, seed: int = 0, num_labels: int = NUM_CLASSES)
     return _FACTORIES[family](path / family)
 
 
+def train_and_save(model: nn.Module, output_dir: Path, steps: int = 1, samples: int = 16, **config: object):
+    """A few ``SaliencyDecorTrainer`` steps on random 16 px images (batch 16, group 8), then ``save_model()``."""
+    from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
+
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"pixel_values": torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g), "labels": i % 3} for i in range(samples)
+    ]
+    args = SaliencyDecorConfig(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        group_size=8,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        **config,
+    )
+    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model()
+    return trainer
+
+
 def feature_layer(family: str) -> str | None:
     return "body" if family == "custom" else None
 
