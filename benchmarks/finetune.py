@@ -73,6 +73,9 @@ VARIANT_FIELDS = {
     "mask_fill": str,
     "saliency_target": str,
     "mask_selection": str,
+    "masked_pass_every": int,
+    "masked_fraction": float,
+    "whitening_method": str,
 }
 
 

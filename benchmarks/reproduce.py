@@ -50,6 +50,9 @@ ABLATIONS = {
     "decor_objective": ["paper", "default"],
     # the random-mask control (issue 19): the same masking and KL, pixels drawn at random
     "mask_selection": ["least_salient", "random"],
+    # below the two-pass cost (issue 20): the masked pass on every k-th step, or on part of the batch
+    "masked_pass_every": [1, 2, 4],
+    "masked_fraction": [1.0, 0.25],
 }
 # ``decor_objective`` sets two fields at once: the paper's decorrelation term alone at the paper's
 # weight (this package's default before the liveness diagonal) against today's default.
@@ -82,7 +85,9 @@ SUMMARY_KEYS = (
 )
 # The decorrelation loss these runs were trained with: runs of folders that record another one
 # (or none: before the liveness diagonal) are reused only where no decorrelation term was trained.
-DECORRELATION_OBJECTIVE = "off-diagonal + liveness diagonal (Barlow Twins), decor_weight 0.001"
+DECORRELATION_OBJECTIVE = (
+    "off-diagonal + liveness diagonal (Barlow Twins), decor_weight 0.001; loss-only whitening by Cholesky"
+)
 
 
 def load_data(name: str, quick: bool):

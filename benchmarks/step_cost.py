@@ -1,25 +1,39 @@
 """Cost of a SaliencyDecorTrainer step relative to a plain transformers.Trainer step.
 
-Same model weights, same batch, side by side in one run: median step time (forward,
-backward(s), optimizer step) after warm-up, the ratio to the plain step, the peak-memory
-ratio (CUDA allocator; on CPU the profiler's allocation events plus the resident weights,
-optimizer state and batch), the operators in the step that make the host wait for a GPU
-(counted on any device by ``common.HostSyncAudit``), and the share of the whitening +
-decorrelation in the plain step.
+Same model weights, same batch, in one run, built so that it cannot flatter:
+
+- **interleaved**: the plain step and every variant run in rounds (a few steps each, the
+  order rotated every round), and the ratio to the plain step is taken per round; the table
+  prints the median ratio and its range over the rounds, so a slow moment of the machine
+  shows as a wide range instead of a wrong ratio;
+- **defaults as users get them** (``check_finite`` on; the whitening ``auto``), with the
+  non-default settings as rows of their own;
+- **memory per variant with nothing else alive**: each variant is built alone for its peak
+  (CUDA allocator; on CPU the profiler's allocation events plus the resident weights,
+  optimizer state and batch), the reference weights kept on the host;
+- **host syncs per variant**: the operators in one training step that make the host wait for
+  a GPU (counted on any device by ``common.HostSyncAudit``).
+
+It also times the whitening + decorrelation alone (forward and backward) for each whitening
+method, as a share of the plain step.
 
     python benchmarks/step_cost.py --quick            # CPU size
     python benchmarks/step_cost.py                    # full size (GPU)
 
-Targets (DESIGN.md §6): step <= 2.1x plain, memory <= 1.15x, whitening+decor <= 5%.
+Targets (DESIGN.md §6 and issue 20): default step <= 2.1x plain, memory <= 1.15x,
+whitening+decor <= 5% of the plain step, no host sync in the default step, a cheaper
+masking setting <= 1.5x.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,22 +41,38 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import HostSyncAudit, machine_description, median_seconds, peak_memory, tensor_bytes  # noqa: E402
+from common import HostSyncAudit, machine_description, peak_memory, synchronize, tensor_bytes  # noqa: E402
 
-from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer, decorrelation_loss  # noqa: E402
-from sd_plugin.decorrelation import compiled_decorrelation_loss  # noqa: E402
+from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer  # noqa: E402
+from sd_plugin.decorrelation import (  # noqa: E402
+    compiled_whitened_decorrelation_loss,
+    whitened_decorrelation_loss,
+)
 from sd_plugin.models import PaperCNN  # noqa: E402
 
+PLAIN = "plain Trainer"
 VARIANTS = (
     ("baseline", {"method": "baseline"}),
     ("sgt", {"method": "sgt"}),
     ("sgt (random masks)", {"method": "sgt", "mask_selection": "random"}),
+    ("sgt (masked pass every 2nd step)", {"method": "sgt", "masked_pass_every": 2}),
+    ("sgt (masked pass every 4th step)", {"method": "sgt", "masked_pass_every": 4}),
+    ("sgt (masked pass on 1/4 of the batch)", {"method": "sgt", "masked_fraction": 0.25}),
     ("decor", {"method": "decor"}),
     ("saliencydecor", {"method": "saliencydecor"}),
-    ("saliencydecor (both)", {"method": "saliencydecor", "consistency_grad": "both"}),
+    ("saliencydecor (masked pass every 2nd step)", {"method": "saliencydecor", "masked_pass_every": 2}),
+    ("saliencydecor (eigh)", {"method": "saliencydecor", "whitening_method": "eigh"}),
     ("saliencydecor (newton_schulz)", {"method": "saliencydecor", "whitening_method": "newton_schulz"}),
     ("saliencydecor (compiled whitening)", {"method": "saliencydecor", "whitening_compile": True}),
-    ("saliencydecor (check_finite)", {"method": "saliencydecor", "check_finite": True}),
+    ("saliencydecor (check_finite off)", {"method": "saliencydecor", "check_finite": False}),
+    ("saliencydecor (both)", {"method": "saliencydecor", "consistency_grad": "both"}),
+)
+# the whitening + decorrelation alone: (label, method, compiled)
+WHITENINGS = (
+    ("cholesky", "cholesky", False),
+    ("eigh", "eigh", False),
+    ("newton_schulz", "newton_schulz", False),
+    ("cholesky compiled", "cholesky", True),
 )
 
 
@@ -108,132 +138,209 @@ def resident_bytes(trainer, batch) -> int:
     return tensor_bytes(trainer.model, list(trainer.optimizer.state.values()), batch)
 
 
-def host_syncs(trainer, batch) -> int:
-    """Operators in one ``training_step`` (forward and backward) that make the host wait on a GPU."""
-    with HostSyncAudit() as audit:
-        trainer.training_step(trainer.model, dict(batch))
-    trainer.optimizer.zero_grad(set_to_none=True)
-    return audit.total
+def build_trainer(case: dict, overrides: dict | None, reference_state: dict, device, output_dir: str):
+    """A plain ``Trainer`` (``overrides=None``) or a ``SaliencyDecorTrainer`` with the method settings."""
+    from transformers import Trainer, TrainingArguments
+
+    model = case["build"]()
+    model.load_state_dict(reference_state)
+    model.to(device)
+    common = dict(output_dir=output_dir, report_to="none", use_cpu=device.type == "cpu", learning_rate=1e-4)
+    if overrides is None:
+        trainer = Trainer(model=model, args=TrainingArguments(**common))
+    else:
+        args = SaliencyDecorConfig(**common, group_size=case["group_size"], **overrides)
+        trainer = SaliencyDecorTrainer(model=model, args=args)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); the step reads it
+    return trainer
 
 
 def make_step(trainer, batch):
-    trainer.create_optimizer()
-    trainer.current_gradient_accumulation_steps = 1  # set by train(); the step reads it
+    """One optimizer step as ``Trainer.train`` runs it (the global step advances: ``masked_pass_every`` reads it)."""
     model = trainer.model
 
     def step():
         trainer.training_step(model, dict(batch))
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.state.global_step += 1
 
     return step
 
 
-def run_case(case: dict, device: torch.device, warmup: int, repeats: int, output_dir: str) -> dict:
-    from transformers import Trainer, TrainingArguments
+def host_syncs(trainer, batch) -> int:
+    """Operators in one ``training_step`` (forward and backward) that make the host wait on a GPU."""
+    trainer.state.global_step = 0  # a step with the masked pass
+    with HostSyncAudit() as audit:
+        trainer.training_step(trainer.model, dict(batch))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return audit.total
 
+
+def interleaved_seconds(steps: dict, device, rounds: int, steps_per_round: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each function, per round; every round runs all of them, in a rotated order."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    labels = list(steps)
+    seconds: dict[str, list[float]] = {label: [] for label in labels}
+    for round_index in range(rounds):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                steps[label]()
+            synchronize(device)
+            seconds[label].append((time.perf_counter() - start) / steps_per_round)
+    return seconds
+
+
+def isolated_peak_memory(case, overrides, reference_state, device, batch, output_dir) -> float:
+    """Peak memory of one step of a variant built alone (nothing else on the device but the batch)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    trainer = build_trainer(case, overrides, reference_state, device, output_dir)
+    step = make_step(trainer, batch)
+    step()  # the optimizer state exists from here on, as in training
+    trainer.state.global_step = 0  # a step with the masked pass
+    peak = peak_memory(step, device, resident_bytes(trainer, batch))
+    del trainer, step
+    gc.collect()
+    return peak
+
+
+def run_case(
+    case: dict,
+    device: torch.device,
+    output_dir: str,
+    rounds: int = 5,
+    steps_per_round: int = 4,
+    warmup: int = 2,
+    variants: tuple = VARIANTS,
+) -> dict:
     torch.manual_seed(0)
-    reference = case["build"]().to(device)
+    reference_state = {k: v.clone() for k, v in case["build"]().state_dict().items()}  # host copy
     batch = {
         "pixel_values": torch.randn(case["batch"], *case["shape"], device=device),
         "labels": torch.randint(0, case["classes"], (case["batch"],), device=device),
     }
-    common = dict(output_dir=output_dir, report_to="none", use_cpu=device.type == "cpu", learning_rate=1e-4)
-    plain_trainer = Trainer(model=copy.deepcopy(reference), args=TrainingArguments(**common))
-    plain_step = make_step(plain_trainer, batch)
-    plain_time = median_seconds(plain_step, device, warmup, repeats)
-    plain_memory = peak_memory(plain_step, device, resident_bytes(plain_trainer, batch))
-    rows = [
-        {
-            "variant": "plain Trainer",
-            "seconds": plain_time,
-            "ratio": 1.0,
-            "memory_ratio": 1.0,
-            "host_syncs": host_syncs(plain_trainer, batch),
-        }
-    ]
-    for label, overrides in VARIANTS:
-        settings = {"group_size": case["group_size"], "check_finite": False, **overrides}
-        args = SaliencyDecorConfig(**common, **settings)
-        trainer = SaliencyDecorTrainer(model=copy.deepcopy(reference), args=args)
-        step = make_step(trainer, batch)
-        seconds = median_seconds(step, device, warmup, repeats)
-        memory = peak_memory(step, device, resident_bytes(trainer, batch))
+    settings = {PLAIN: None, **{label: overrides for label, overrides in variants}}
+    trainers = {label: build_trainer(case, o, reference_state, device, output_dir) for label, o in settings.items()}
+    width = next(t for t in trainers.values() if isinstance(t, SaliencyDecorTrainer)).sd_adapter.num_features
+    steps = {label: make_step(trainer, batch) for label, trainer in trainers.items()}
+    seconds = interleaved_seconds(steps, device, rounds, steps_per_round, warmup)
+    # a step as training runs it (after the first batch's one-time label check)
+    syncs = {label: host_syncs(trainer, batch) for label, trainer in trainers.items()}
+    del trainers, steps
+    memory = {
+        label: isolated_peak_memory(case, o, reference_state, device, batch, output_dir)
+        for label, o in settings.items()
+    }
+    rows = []
+    for label in settings:
+        ratios = [s / p for s, p in zip(seconds[label], seconds[PLAIN], strict=True)]
         rows.append(
             {
                 "variant": label,
-                "seconds": seconds,
-                "ratio": seconds / plain_time,
-                "memory_ratio": memory / plain_memory,
-                "host_syncs": host_syncs(trainer, batch),
+                "seconds": statistics.median(seconds[label]),
+                "ratio": statistics.median(ratios),
+                "ratio_range": [min(ratios), max(ratios)],
+                "memory_ratio": memory[label] / memory[PLAIN],
+                "host_syncs": syncs[label],
             }
         )
-    width = trainer.sd_adapter.num_features
-    features = torch.randn(case["batch"], width, device=device, requires_grad=True)
-    whitening_seconds = {}
-    for label, method, compiled in (
-        ("eigh", "eigh", False),
-        ("newton_schulz", "newton_schulz", False),
-        ("eigh compiled", "eigh", True),
-    ):
-        whitening = GroupZCA(width, group_size=case["group_size"], method=method, compiled=compiled).to(device)
-        loss_fn = compiled_decorrelation_loss() if compiled else decorrelation_loss
-
-        def whiten_and_decorrelate(whitening=whitening, loss_fn=loss_fn):
-            loss_fn(whitening(features)).backward()
-
-        whitening_seconds[label] = median_seconds(whiten_and_decorrelate, device, warmup, repeats)
+    whitening = whitening_costs(case, width, device, rounds, steps_per_round, warmup)
+    plain_seconds = statistics.median(seconds[PLAIN])
     return {
         "case": case["name"],
         "batch": case["batch"],
         "num_features": width,
         "group_size": case["group_size"],
+        "rounds": rounds,
+        "steps_per_round": steps_per_round,
         "rows": rows,
-        "whitening_seconds": whitening_seconds,
-        "whitening_share": {k: v / plain_time for k, v in whitening_seconds.items()},
+        "whitening_seconds": whitening["seconds"],
+        "whitening_host_syncs": whitening["host_syncs"],
+        "whitening_share": {k: v / plain_seconds for k, v in whitening["seconds"].items()},
     }
+
+
+def whitening_costs(case: dict, width: int, device, rounds: int, steps_per_round: int, warmup: int) -> dict:
+    """The whitening + decorrelation loss alone (forward and backward), per method, interleaved."""
+    features = torch.randn(case["batch"], width, device=device, requires_grad=True)
+    calls = {}
+    syncs = {}
+    for label, method, compiled in WHITENINGS:
+        whitening = GroupZCA(width, group_size=case["group_size"], method=method).to(device)
+        loss_fn = compiled_whitened_decorrelation_loss() if compiled else whitened_decorrelation_loss
+
+        def whiten_and_decorrelate(whitening=whitening, loss_fn=loss_fn):
+            loss_fn(whitening, features).backward()
+
+        whiten_and_decorrelate()  # compiles the compiled one before the audit
+        with HostSyncAudit() as audit:
+            whiten_and_decorrelate()
+        syncs[label] = audit.total
+        calls[label] = whiten_and_decorrelate
+    seconds = interleaved_seconds(calls, device, rounds, steps_per_round, warmup)
+    return {"seconds": {k: statistics.median(v) for k, v in seconds.items()}, "host_syncs": syncs}
 
 
 def format_results(results: list[dict], machine: str) -> str:
     lines = [f"Machine: {machine}", ""]
-    lines.append("| model (batch) | variant | step ms | × plain | peak memory × plain | host syncs |")
+    lines.append("| model (batch) | variant | step ms | × plain, median [range] | peak memory × plain | host syncs |")
     lines.append("|---|---|---|---|---|---|")
     for result in results:
         for row in result["rows"]:
+            low, high = row["ratio_range"]
             lines.append(
                 f"| {result['case']} ({result['batch']}) | {row['variant']} | {1000 * row['seconds']:.1f} "
-                f"| {row['ratio']:.2f} | {row['memory_ratio']:.2f} | {row['host_syncs']} |"
+                f"| {row['ratio']:.2f} [{low:.2f}–{high:.2f}] | {row['memory_ratio']:.2f} | {row['host_syncs']} |"
             )
     lines.append("")
+    labels = [label for label, _, _ in WHITENINGS]
     lines.append(
-        "| model | D | g | whitening + decorrelation (fwd+bwd): eigh | share | Newton–Schulz (15 it.) | share "
-        "| eigh, compiled | share |"
+        "| model | D | g | "
+        + " | ".join(f"whitening + decorrelation, {label} (ms, share of plain step, host syncs)" for label in labels)
+        + " |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|" + "---|" * len(labels))
     for result in results:
-        ms, share = result["whitening_seconds"], result["whitening_share"]
-        cells = " | ".join(
-            f"{1000 * ms[k]:.2f} ms | {100 * share[k]:.1f}%" for k in ("eigh", "newton_schulz", "eigh compiled")
-        )
+        ms, share, syncs = result["whitening_seconds"], result["whitening_share"], result["whitening_host_syncs"]
+        cells = " | ".join(f"{1000 * ms[k]:.2f} ms, {100 * share[k]:.1f}%, {syncs[k]}" for k in labels)
         lines.append(f"| {result['case']} | {result['num_features']} | {result['group_size']} | {cells} |")
+    lines.append("")
+    lines.append(
+        f"Ratios: per round of {results[0]['steps_per_round']} steps of every variant (order rotated), "
+        f"{results[0]['rounds']} rounds; memory: each variant built alone."
+        if results
+        else ""
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CPU-sized batches and fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="CPU-sized batches and fewer rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", nargs="*", default=None, help="subset of case names (substring match)")
+    parser.add_argument("--variants", nargs="*", default=None, help="subset of variant names (substring match)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of interleaved steps (default 5 quick, 10)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    warmup, repeats = (2, 5) if args.quick else (5, 20)
+    rounds = args.rounds or (5 if args.quick else 10)
+    warmup = 2 if args.quick else 5
     selected = [c for c in cases(args.quick) if not args.cases or any(s in c["name"] for s in args.cases)]
+    variants = tuple(v for v in VARIANTS if not args.variants or any(s == v[0] for s in args.variants)) or VARIANTS
     machine = machine_description(device)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in selected:  # the table and JSON after each case: a run cut short keeps what it measured
-            results.append(run_case(case, device, warmup, repeats, tmp))
+            results.append(run_case(case, device, tmp, rounds=rounds, warmup=warmup, variants=variants))
             print(format_results(results, machine), flush=True)
             if args.output:
                 Path(args.output).parent.mkdir(parents=True, exist_ok=True)

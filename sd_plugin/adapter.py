@@ -231,9 +231,21 @@ class ModelAdapter:
 
         ``whiten_head_input=None`` picks the paper's default: whitened features feed the
         head for CNNs, and only the decorrelation loss for transformers (§V-B4).
+        ``method="auto"`` (default) is ZCA by ``eigh`` when the whitening feeds the head and the
+        Cholesky whitening when it feeds only the loss (the same loss, cheaper, no host sync).
         """
         if whiten_head_input is None:
             whiten_head_input = not self.is_transformer
+        method = whitening_kwargs.pop("method", "auto")
+        if method == "auto":  # ZCA where the head reads the rotation, Cholesky where only the loss does
+            method = "eigh" if whiten_head_input else "cholesky"
+        if method == "cholesky" and whiten_head_input:
+            raise ValueError(
+                "whitening_method='cholesky' with whiten_head_input=True: the Cholesky whitening is a "
+                "feature-order-dependent rotation of ZCA, fine for the loss but not for features the head "
+                "reads. Use whitening_method='auto' (ZCA by eigh here) or 'eigh'."
+            )
+        whitening_kwargs["method"] = method
         whitening = getattr(self.base_model, WHITENING_MODULE_NAME, None)
         if not isinstance(whitening, GroupZCA):
             whitening = GroupZCA(self.num_features, group_size=group_size, **whitening_kwargs)

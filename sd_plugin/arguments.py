@@ -20,6 +20,10 @@ recipes' run identity read the fields from this class.
 - ``consistency_weight``: weight of ``KL(p_clean || p_masked)``; paper 1.0.
 - ``consistency_grad``: ``"detached"`` (default, two passes) or ``"both"``.
 - ``masked_pass_updates_stats``: the masked pass updates BatchNorm/whitening running stats.
+- ``masked_pass_every``: ``k``, run the masked pass (and its KL term, weighted ``k`` times so the
+  objective is the same on average: lazy regularisation) on every ``k``-th optimizer step only;
+  the other steps cost one pass. Default 1 (every step).
+- ``masked_fraction``: fraction of each batch's images that get the masked pass (default 1).
 
 > Whitening and decorrelation
 
@@ -38,7 +42,11 @@ recipes' run identity read the fields from this class.
   dead units).
 - ``saliency_target``: what the masking saliency is the input gradient of: ``"objective"``
   (default, free), ``"loss"`` (cross-entropy alone) or ``"logit"`` (true-class logit).
-- ``whitening_shrinkage``, ``whitening_momentum``, ``whitening_method``.
+- ``whitening_method``: ``"auto"`` (default): the Cholesky whitening when the whitening feeds only
+  the loss (the rotation within a group does not change the loss without shrinkage, and barely
+  with it; one factorisation, no host sync: RESULTS.md §P), ZCA by ``eigh`` when it feeds the
+  head; or ``"eigh"``, ``"newton_schulz"`` (ZCA), ``"cholesky"`` explicitly.
+- ``whitening_shrinkage``, ``whitening_momentum``.
 
 > Execution (``EXECUTION_FIELDS``: how a step runs, not what it computes)
 
@@ -76,7 +84,7 @@ from .choices import (
     MASK_SELECTIONS,
     METHODS,
     SALIENCY_TARGETS,
-    WHITENING_METHODS,
+    WHITENING_METHOD_SETTINGS,
     check_choice,
     check_fraction,
     check_mask_ratio,
@@ -126,6 +134,17 @@ class SaliencyDecorArguments:
         default=True,
         metadata={"help": "Whether the masked pass updates BatchNorm and whitening running statistics."},
     )
+    masked_pass_every: int = field(
+        default=1,
+        metadata={
+            "help": "Run the masked pass on every k-th optimizer step only (its KL weighted k times: the same "
+            "objective on average); the steps between cost one pass. 1: every step."
+        },
+    )
+    masked_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Fraction of each batch's images that get the masked pass, in (0, 1]."},
+    )
     decor_weight: float = field(
         default=0.001,
         metadata={"help": "Weight lambda of the decorrelation loss, >= 0 (paper 0.01; 0.001 chosen by measurement)."},
@@ -170,8 +189,12 @@ class SaliencyDecorArguments:
         default=0.1, metadata={"help": "Momentum of the whitening running statistics, in (0, 1]."}
     )
     whitening_method: str = field(
-        default="eigh",
-        metadata={"help": "Inverse square root: 'eigh' or 'newton_schulz'.", "choices": list(WHITENING_METHODS)},
+        default="auto",
+        metadata={
+            "help": "How each group is whitened: 'auto' (Cholesky when the whitening feeds only the loss, ZCA by "
+            "eigh when it feeds the head), 'eigh', 'newton_schulz' (ZCA) or 'cholesky' (loss only).",
+            "choices": list(WHITENING_METHOD_SETTINGS),
+        },
     )
     whitening_compile: bool = field(
         default=False,
@@ -204,7 +227,7 @@ class SaliencyDecorArguments:
         check_choice("consistency_grad", self.consistency_grad, CONSISTENCY_GRADS)
         check_choice("decor_target", self.decor_target, DECOR_TARGETS)
         check_choice("saliency_target", self.saliency_target, SALIENCY_TARGETS)
-        check_choice("whitening_method", self.whitening_method, WHITENING_METHODS)
+        check_choice("whitening_method", self.whitening_method, WHITENING_METHOD_SETTINGS)
         check_mask_ratio(self.mask_ratio)
         if self.mask_ratio == 0 and self.method in ("sgt", "saliencydecor"):
             raise ValueError(
@@ -212,6 +235,12 @@ class SaliencyDecorArguments:
                 "pass and the KL term would be 0. Use a ratio in (0, 1), e.g. 0.25, or method='baseline' / 'decor' "
                 "to train without masking."
             )
+        if not isinstance(self.masked_pass_every, int) or self.masked_pass_every < 1:
+            raise ValueError(
+                f"masked_pass_every={self.masked_pass_every!r} must be a whole number >= 1 (1: the masked pass on "
+                "every step, 4: on every 4th step)."
+            )
+        check_fraction("masked_fraction", self.masked_fraction, low_open=True)
         for name in ("decor_weight", "consistency_weight", "decor_liveness_weight"):
             check_weight(name, getattr(self, name))
         if self.group_size < 1:

@@ -20,6 +20,7 @@ __all__ = [
     "METHODS",
     "SALIENCY_TARGETS",
     "WHITENING_METHODS",
+    "WHITENING_METHOD_SETTINGS",
     "check_choice",
     "check_fraction",
     "check_mask_ratio",
@@ -39,7 +40,12 @@ DECOR_TARGETS = ("whitened", "features")
 # weighted decorrelation term: free, its backward runs anyway), the cross-entropy alone, or the
 # true-class logit. The last two cost one more backward to the input when they differ from the first.
 SALIENCY_TARGETS = ("objective", "loss", "logit")
-WHITENING_METHODS = ("eigh", "newton_schulz")
+# How a group's whitening matrix is computed: ZCA by eigendecomposition or by the Newton-Schulz
+# iteration, or a Cholesky whitening (not ZCA: a rotation of it, for whitening that feeds only
+# the loss, which does not see the rotation). "auto" in the settings: Cholesky when the whitening
+# only feeds the loss, ZCA by eigh when it feeds the head.
+WHITENING_METHODS = ("eigh", "newton_schulz", "cholesky")
+WHITENING_METHOD_SETTINGS = ("auto", *WHITENING_METHODS)
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -42,8 +42,15 @@ import torch
 from torch import Tensor
 
 from .distributed import sum_over_processes
+from .whitening import GroupZCA
 
-__all__ = ["decorrelation_loss", "compiled_decorrelation_loss", "decorrelation_floor"]
+__all__ = [
+    "compiled_decorrelation_loss",
+    "compiled_whitened_decorrelation_loss",
+    "decorrelation_floor",
+    "decorrelation_loss",
+    "whitened_decorrelation_loss",
+]
 
 LIVENESS_WEIGHT = 2.0
 DEAD_VARIANCE_RATIO = 0.01
@@ -96,6 +103,30 @@ def decorrelation_loss(
         if liveness_weight > 0:
             loss = loss + liveness_weight * (1.0 - diagonal).pow(2).sum()
         return loss
+
+
+def whitened_decorrelation_loss(whitening: GroupZCA, features: Tensor, **loss_kwargs: object) -> Tensor:
+    """``decorrelation_loss`` of ``features`` whitened with their batch statistics (``GroupZCA.whiten_for_loss``).
+
+    The loss of a whitening that feeds only the loss (``whiten_head_input=False``): the whitening
+    runs here, not in the model's forward, so it and the loss compile together
+    (``compiled_whitened_decorrelation_loss``) and the running statistics nobody reads are not
+    updated. ``loss_kwargs`` go to ``decorrelation_loss``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> f = torch.randn(256, 8, generator=g) @ torch.randn(8, 8, generator=g)  # correlated
+        >>> whitening = GroupZCA(8, group_size=8, method="cholesky")
+        >>> float(decorrelation_loss(f)) > 0.5, float(whitened_decorrelation_loss(whitening, f)) < 0.2
+        (True, True)
+    """
+    return decorrelation_loss(whitening.whiten_for_loss(features), **loss_kwargs)
+
+
+@functools.cache
+def compiled_whitened_decorrelation_loss() -> Callable[..., Tensor]:
+    """``whitened_decorrelation_loss`` under one ``torch.compile`` (whitening and loss fused; compiles per shape)."""
+    return torch.compile(whitened_decorrelation_loss)
 
 
 @functools.cache

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["sum_over_processes"]
+__all__ = ["max_over_processes", "sum_over_processes"]
 
 
 class _SumOverProcesses(torch.autograd.Function):
@@ -39,3 +39,14 @@ def sum_over_processes(tensor: Tensor, enabled: bool = True) -> Tensor:
     if enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return _SumOverProcesses.apply(tensor)
     return tensor
+
+
+def max_over_processes(tensor: Tensor) -> Tensor:
+    """Elementwise maximum of ``tensor`` over all processes (not differentiable); a copy when alone.
+
+    A collective: every process must call it at the same point.
+    """
+    result = tensor.clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    return result

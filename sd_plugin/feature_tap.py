@@ -4,14 +4,12 @@ The tap sits on the classifier head's input (or on the output of a named feature
 layer). On each forward it records the features ``f``; when a ``GroupZCA`` is attached
 and ``whiten_head_input`` is on, it hands ``z = GroupZCA(f)`` to the head instead of
 ``f`` (the paper's CNN variant) on every forward, so ``model(x)`` whitens in training,
-in evaluation and in the masked pass alike. Otherwise (the paper's ViT variant) ``z`` is
-computed only inside ``whitened_for_loss()``, for the decorrelation loss.
+in evaluation and in the masked pass alike. Otherwise (the paper's ViT variant) the tap only
+records ``f``, and the training step whitens it for the decorrelation loss.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -41,7 +39,6 @@ class FeatureTap:
         self.module_name = module_name
         self.whitening: GroupZCA | None = None
         self.whiten_head_input = False
-        self.compute_whitened = False  # whiten for the loss only (head reads f)
         self.features: Tensor | None = None
         self.whitened: Tensor | None = None
         if where == "input":
@@ -56,16 +53,6 @@ class FeatureTap:
     def clear(self) -> None:
         self.features = None
         self.whitened = None
-
-    @contextlib.contextmanager
-    def whitened_for_loss(self, enabled: bool = True) -> Iterator[None]:
-        """Also compute (and record) ``z`` in the forwards inside the block."""
-        previous = self.compute_whitened
-        self.compute_whitened = enabled
-        try:
-            yield
-        finally:
-            self.compute_whitened = previous
 
     def _transform(self, value: Tensor) -> Tensor | None:
         if not isinstance(value, Tensor):
@@ -83,13 +70,11 @@ class FeatureTap:
             )
         self.features = flat
         self.whitened = None
-        if self.whitening is None or not (self.whiten_head_input or self.compute_whitened):
+        if self.whitening is None or not self.whiten_head_input:
             return None
         whitened = self.whitening(flat)
         self.whitened = whitened
-        if self.whiten_head_input:
-            return whitened.view(shape)
-        return None
+        return whitened.view(shape)
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         replacement = self._transform(args[0])

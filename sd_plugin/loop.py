@@ -1,6 +1,6 @@
 """The Accelerate training loop shared by the recipes (``recipes/*.py``).
 
-It runs the same ``SaliencyDecorLoss`` as the Trainer, under ``accelerate launch`` on one
+It runs the same ``SaliencyDecorStep`` as the Trainer, under ``accelerate launch`` on one
 process or many: gradient accumulation with ``accelerator.accumulate``, the clean pass under
 ``no_sync`` (one gradient all-reduce per step), whitening statistics all-reduced across
 processes, cosine schedule with warmup, checkpoints every N steps with ``save_state``
@@ -535,7 +535,12 @@ def _train_epochs(run: _Run) -> None:
             micro_steps += 1
             with accelerator.accumulate(model):
                 out = run.step.step(
-                    model, batch["pixel_values"], batch["labels"], backward=accelerator.backward, no_sync=no_sync
+                    model,
+                    batch["pixel_values"],
+                    batch["labels"],
+                    backward=accelerator.backward,
+                    no_sync=no_sync,
+                    step_index=run.completed_steps,
                 )
                 run.optimizer.step()
                 run.scheduler.step()
@@ -580,6 +585,7 @@ class _Logger:
 
     def log(self) -> None:
         run, accelerator = self.run, self.run.accelerator
+        run.step.raise_if_nonfinite(step=run.completed_steps, across_processes=True)
         logs = self.meter.compute(mean_over_processes=functools.partial(accelerator.reduce, reduction="mean"))
         logs["lr"] = run.scheduler.get_last_lr()[0]
         run.history.append({"step": run.completed_steps, **logs})
@@ -590,6 +596,7 @@ class _Logger:
 
 
 def _save_checkpoint(run: _Run, name: str) -> None:
+    run.step.raise_if_nonfinite(step=run.completed_steps, across_processes=True)  # never save a non-finite state
     _atomic_save_state(run.accelerator, run.output_dir / name, run.completed_steps, run.identity, run.history)
     limit = run.args.checkpoints_total_limit
     if limit is not None and run.accelerator.is_main_process:
@@ -601,6 +608,7 @@ def _save_checkpoint(run: _Run, name: str) -> None:
 def _finish(run: _Run, command: str | None) -> dict[str, Any]:
     """Evaluate, write ``all_results.json``, export the model (and push it); returns the results."""
     args, accelerator = run.args, run.accelerator
+    run.step.raise_if_nonfinite(step=run.completed_steps, across_processes=True)  # the steps after the last log
     results: dict[str, Any] = {"completed_steps": run.completed_steps, "history": run.history}
     if run.history:
         results["train_loss"] = next(h["loss"] for h in reversed(run.history) if "loss" in h)

@@ -2,8 +2,11 @@
 
 Swap ``Trainer`` for ``SaliencyDecorTrainer`` and ``TrainingArguments`` for
 ``SaliencyDecorConfig``; the datasets yield ``pixel_values`` and ``labels`` as for any
-image classifier. Each training step runs ``SaliencyDecorLoss`` (clean pass, saliency
-mask, masked pass); evaluation is a plain forward under ``no_grad``. The loss components
+image classifier. Each training step runs ``SaliencyDecorStep`` (clean pass, saliency
+mask, masked pass; under several processes the clean pass runs under ``no_sync``, so each
+step all-reduces the gradients once); evaluation is a plain forward under ``no_grad``. A
+non-finite loss component stops training at the next logging step or save (whichever comes
+first) with an error naming it; no checkpoint is written from a non-finite state. The loss components
 ``loss_ce``, ``loss_kl``, ``loss_decor``, ``masked_accuracy`` and ``live_features`` (the fraction
 of penultimate features alive in the batch, ``sd_plugin.collapse``) are logged at every
 logging step through the configured ``report_to`` loggers.
@@ -179,12 +182,33 @@ class SaliencyDecorTrainer(Trainer):
         scale = 1.0 if self.loss_is_scaled_for_ga else 1.0 / self.current_gradient_accumulation_steps
         with self.compute_loss_context_manager():
             output = self.sd_step.step(
-                model, pixel_values, labels, backward=self.accelerator.backward, loss_scale=scale
+                model,
+                pixel_values,
+                labels,
+                backward=self.accelerator.backward,
+                loss_scale=scale,
+                no_sync=self._clean_pass_no_sync(model),
+                step_index=self.state.global_step,
             )
         self._metrics["train"].update(output.components())
         return output.loss * scale
 
+    def _clean_pass_no_sync(self, model: nn.Module) -> Callable | None:
+        """``no_sync`` for the step's clean pass with several processes: one gradient all-reduce per step.
+
+        As transformers' own loop does for the micro-batches before the last of an accumulation
+        (nested there, the inner one changes nothing), and not under DeepSpeed, whose engine
+        reduces on its own.
+        """
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.num_processes < 2 or self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return None
+        return functools.partial(self.accelerator.no_sync, model)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: a non-finite component since the last one stops training here
+            self.sd_step.raise_if_nonfinite(step=self.state.global_step, across_processes=True)
         if "loss" in logs and self._metrics["train"]:
             components = self._metrics["train"].compute(
                 mean_over_processes=functools.partial(self.accelerator.reduce, reduction="mean")
@@ -208,9 +232,12 @@ class SaliencyDecorTrainer(Trainer):
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = self._last_complete_checkpoint()
-        return super().train(
+        self.sd_step.finite_watch.reset()
+        result = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
+        self.sd_step.raise_if_nonfinite(step=self.state.global_step, across_processes=True)  # after the last log
+        return result
 
     def _last_complete_checkpoint(self) -> str:
         from transformers.trainer_utils import sort_checkpoints
@@ -238,6 +265,7 @@ class SaliencyDecorTrainer(Trainer):
         """``Trainer._save_checkpoint``; a failed save removes its half-written folder and says why (full disk)."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+        self.sd_step.raise_if_nonfinite(step=self.state.global_step, across_processes=True)  # never save NaN
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         existed = os.path.exists(folder)
         try:
@@ -255,6 +283,7 @@ class SaliencyDecorTrainer(Trainer):
         running statistics and the unfolded head go to ``saliency_decor_whitening.safetensors``,
         from which resuming restores them. timm models also get timm's ``config.json``.
         """
+        self.sd_step.raise_if_nonfinite(step=self.state.global_step)  # (only the saving process runs _save)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         split = checkpoint.split_state_dict(model, state_dict)
         self._warn_if_unfolded(split)

@@ -20,6 +20,11 @@ whitening/decorrelation term, ``saliencydecor`` all three.
 ``compute_loss(...)`` returns the same objective as one differentiable loss, for loops that
 call ``loss.backward()`` themselves (the same gradients, one more backward to the input).
 
+The step makes the host wait for the device nowhere: non-finite loss components are recorded
+on the device (``check_finite``) and read by ``raise_if_nonfinite``, which the Trainer and the
+recipes call when they log and before they save. ``masked_pass_every`` and ``masked_fraction``
+run the masked pass on fewer steps or images (below the two-pass cost).
+
 Example:
     >>> import timm, torch
     >>> from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, adapt
@@ -47,8 +52,14 @@ from .adapter import ModelAdapter
 from .arguments import SETTING_FIELDS, SaliencyDecorArguments
 from .collapse import live_feature_fraction
 from .consistency import consistency_loss
-from .decorrelation import compiled_decorrelation_loss, decorrelation_loss
-from .errors import NonFiniteLossError, SaliencyDecorWarning
+from .decorrelation import (
+    compiled_decorrelation_loss,
+    compiled_whitened_decorrelation_loss,
+    decorrelation_loss,
+    whitened_decorrelation_loss,
+)
+from .errors import SaliencyDecorWarning
+from .finite_watch import NonFiniteWatch
 from .masking import mask_least_salient, pixel_saliency
 from .running_stats import frozen_running_stats
 
@@ -127,6 +138,10 @@ class SaliencyDecorStep:
         self.input_size: tuple[int, ...] | None = None
         self._warn_if_head_frozen()
         self._decorrelation_loss = compiled_decorrelation_loss() if args.whitening_compile else decorrelation_loss
+        self._whitened_decorrelation_loss = (
+            compiled_whitened_decorrelation_loss() if args.whitening_compile else whitened_decorrelation_loss
+        )
+        self.batches_seen = 0  # training batches this step object ran (numbers the non-finite record)
         self.whitening = None
         if self.uses_decorrelation:
             self.whitening = adapter.attach_whitening(
@@ -138,6 +153,10 @@ class SaliencyDecorStep:
                 sync_statistics=self.sync_whitening,
             )
             self.whitening.compiled = args.whitening_compile  # also when the model already carried one
+        advice = "Lower the learning rate or check the inputs for NaN"
+        if self.whitening is not None:  # only the decorrelation methods whiten
+            advice += ", or raise whitening_shrinkage"
+        self.finite_watch = NonFiniteWatch(("loss_ce", "loss_decor", "loss_kl"), advice=advice + ".")
 
     def settings(self) -> dict[str, object]:
         """The method's settings as they act (``whiten_head_input`` resolved), for metadata and cards."""
@@ -183,6 +202,7 @@ class SaliencyDecorStep:
         backward: Backward | None = None,
         loss_scale: float = 1.0,
         no_sync: NoSync | None = None,
+        step_index: int | None = None,
     ) -> SaliencyDecorOutput:
         """Run the passes of one training step and back-propagate them.
 
@@ -198,20 +218,39 @@ class SaliencyDecorStep:
                 (e.g. ``functools.partial(accelerator.no_sync, model)``): the clean pass
                 (forward and backward) runs inside it, so the two-pass step all-reduces
                 the accumulated gradients once, in the masked pass's backward.
+            step_index: the optimizer step this batch belongs to, for ``masked_pass_every``
+                (default: the number of batches this object has run; pass the loop's step
+                so that a resumed run keeps the same masked steps).
+
+        Non-finite components are recorded, not read: call ``raise_if_nonfinite`` when logging.
         """
         model = self.adapter.model if model is None else model
         backward = backward or (lambda loss: loss.backward())
         decorrelate = self._prepare_batch(pixel_values, labels)
+        masked_now = self.uses_masking and self._masked_pass_due(step_index)
         with self._whitening_on_running_statistics(self.uses_decorrelation and not decorrelate):
-            if not self.uses_masking:
+            if not masked_now:
                 clean = self._clean_pass(model, pixel_values.detach(), labels, decorrelate)
                 backward(clean.objective * loss_scale)
-                return self._output(clean, labels)
-            if self.args.consistency_grad == "both":
+                output = self._output(clean, labels)
+            elif self.args.consistency_grad == "both":
                 loss, output = self._joint_objective(model, pixel_values, labels, decorrelate, detach_clean=False)
                 backward(loss * loss_scale)
-                return output
-            return self._two_pass_step(model, pixel_values, labels, decorrelate, backward, loss_scale, no_sync)
+            else:
+                output = self._two_pass_step(model, pixel_values, labels, decorrelate, backward, loss_scale, no_sync)
+        self._record_finite(output)
+        return output
+
+    def raise_if_nonfinite(self, step: int | None = None, across_processes: bool = False) -> None:
+        """Raise ``NonFiniteLossError`` if a loss component of a batch since the last call was NaN/inf.
+
+        One host read (``NonFiniteWatch``); the Trainer and the recipes call it at each logging
+        step, before each checkpoint and at the end of training. ``step``: the current
+        optimizer step, for the message's step range; ``across_processes``: a collective that
+        raises on every process when any saw a non-finite value. No-op with ``check_finite=False``.
+        """
+        if self.args.check_finite:
+            self.finite_watch.raise_if_nonfinite(step, across_processes=across_processes)
 
     def compute_loss(
         self, model: nn.Module | None, pixel_values: Tensor, labels: Tensor
@@ -220,16 +259,22 @@ class SaliencyDecorStep:
 
         ``loss.backward()`` gives the gradients ``step`` accumulates (for either
         ``consistency_grad``); the saliency costs one more backward to the input, and the
-        clean graph stays alive during the masked pass.
+        clean graph stays alive during the masked pass. A non-finite component raises here,
+        before the caller's backward (one host read).
         """
         model = self.adapter.model if model is None else model
         decorrelate = self._prepare_batch(pixel_values, labels)
+        masked_now = self.uses_masking and self._masked_pass_due(None)
         with self._whitening_on_running_statistics(self.uses_decorrelation and not decorrelate):
-            if not self.uses_masking:
+            if not masked_now:
                 clean = self._clean_pass(model, pixel_values.detach(), labels, decorrelate)
-                return clean.objective, self._output(clean, labels)
-            detach_clean = self.args.consistency_grad == "detached"
-            return self._joint_objective(model, pixel_values, labels, decorrelate, detach_clean)
+                loss, output = clean.objective, self._output(clean, labels)
+            else:
+                detach_clean = self.args.consistency_grad == "detached"
+                loss, output = self._joint_objective(model, pixel_values, labels, decorrelate, detach_clean)
+        self._record_finite(output)
+        self.raise_if_nonfinite()  # before the caller's backward: such a loop has no logging hook
+        return loss, output
 
     # -- the step's structures ----------------------------------------------------------
 
@@ -252,7 +297,7 @@ class SaliencyDecorStep:
                 backward(clean.objective * loss_scale)
         masked_logits = self._masked_pass(model, pixel_values.detach(), input_grad)
         loss_kl = self._consistency(clean, masked_logits, detach_clean=True)
-        backward(self.args.consistency_weight * loss_kl * loss_scale)
+        backward(self._consistency_weight() * loss_kl * loss_scale)
         return self._output(clean, labels, loss_kl, masked_logits)
 
     def _joint_objective(self, model, pixel_values, labels, decorrelate, detach_clean: bool):
@@ -265,32 +310,55 @@ class SaliencyDecorStep:
             (input_grad,) = torch.autograd.grad(self._saliency_target(clean, labels), inputs, retain_graph=True)
         masked_logits = self._masked_pass(model, pixel_values.detach(), input_grad)
         loss_kl = self._consistency(clean, masked_logits, detach_clean=detach_clean)
-        loss = clean.objective + self.args.consistency_weight * loss_kl
+        loss = clean.objective + self._consistency_weight() * loss_kl
         return loss, self._output(clean, labels, loss_kl, masked_logits)
+
+    def _masked_pass_due(self, step_index: int | None) -> bool:
+        """``masked_pass_every``: whether this step has the masked pass (every k-th optimizer step)."""
+        every = self.args.masked_pass_every
+        index = self.batches_seen - 1 if step_index is None else step_index  # batches_seen counts this batch
+        return every == 1 or index % every == 0
+
+    def _consistency_weight(self) -> float:
+        """``consistency_weight``, times ``masked_pass_every``: the same objective on average (lazy regularisation)."""
+        return self.args.consistency_weight * self.args.masked_pass_every
+
+    def _masked_count(self, batch: int) -> int:
+        """Images of a batch that get the masked pass (``masked_fraction``; at least one)."""
+        return max(1, round(self.args.masked_fraction * batch))
 
     # -- passes ---------------------------------------------------------------------------
 
     def _clean_pass(self, model: nn.Module, inputs: Tensor, labels: Tensor, decorrelate: bool) -> _CleanPass:
         tap = self.adapter.tap
-        with tap.whitened_for_loss(decorrelate):
-            tap.clear()
-            logits = self.adapter.logits(model, inputs)
-            features, whitened = tap.features, tap.whitened
-            tap.clear()
+        tap.clear()
+        logits = self.adapter.logits(model, inputs)
+        features, whitened = tap.features, tap.whitened  # whitened: only when the whitening feeds the head
+        tap.clear()
         loss_ce = F.cross_entropy(logits.float(), labels)
         loss_decor = None
         objective = loss_ce
         if decorrelate:
-            target = whitened if self.args.decor_target == "whitened" else features
-            if target is None:
-                raise RuntimeError(f"no features were recorded at {self.adapter.head_name!r}.")
-            loss_decor = self._decorrelation_loss(
-                target, sync=self.sync_whitening, liveness_weight=self.args.decor_liveness_weight
-            )
+            loss_decor = self._decorrelation_term(features, whitened)
             objective = loss_ce + self.args.decor_weight * loss_decor
-        self._check_finite({"loss_ce": loss_ce, "loss_decor": loss_decor})
         live = live_feature_fraction(features) if features is not None and features.shape[0] > 1 else None
         return _CleanPass(logits, loss_ce, loss_decor, objective, live)
+
+    def _decorrelation_term(self, features: Tensor | None, whitened: Tensor | None) -> Tensor:
+        """The decorrelation loss of the clean pass's features (``decor_target``).
+
+        A whitening that feeds the head ran in the forward (``whitened``); one that feeds only
+        the loss runs here, with the loss (compiled together with ``whitening_compile``), and
+        not at all for ``decor_target="features"``.
+        """
+        if features is None:
+            raise RuntimeError(f"no features were recorded at {self.adapter.head_name!r}.")
+        options = {"sync": self.sync_whitening, "liveness_weight": self.args.decor_liveness_weight}
+        if self.args.decor_target == "features":
+            return self._decorrelation_loss(features, **options)
+        if whitened is not None:
+            return self._decorrelation_loss(whitened, **options)
+        return self._whitened_decorrelation_loss(self.whitening, features, **options)
 
     def _saliency_target(self, clean: _CleanPass, labels: Tensor) -> Tensor:
         """The scalar whose input gradient ranks the pixels (``saliency_target``)."""
@@ -301,7 +369,13 @@ class SaliencyDecorStep:
         return clean.objective
 
     def _masked_pass(self, model: nn.Module, images: Tensor, input_grad: Tensor | None) -> Tensor:
-        """Mask the least salient pixels (or, with ``mask_selection="random"``, random ones) and run the model."""
+        """Mask the least salient pixels (or, with ``mask_selection="random"``, random ones) and run the model.
+
+        With ``masked_fraction < 1`` only the batch's first images get the pass (batches are shuffled).
+        """
+        count = self._masked_count(images.shape[0])
+        images = images[:count]
+        input_grad = None if input_grad is None else input_grad[:count]
         if self.args.mask_selection == "random":
             # uniform scores: the lowest ``mask_ratio`` of them are a uniformly random pixel set per image
             scores = torch.rand((images.shape[0], *images.shape[2:]), generator=self.generator, device=images.device)
@@ -320,9 +394,7 @@ class SaliencyDecorStep:
         return masked_logits
 
     def _consistency(self, clean: _CleanPass, masked_logits: Tensor, detach_clean: bool) -> Tensor:
-        loss_kl = consistency_loss(clean.logits, masked_logits, detach_clean=detach_clean)
-        self._check_finite({"loss_kl": loss_kl})
-        return loss_kl
+        return consistency_loss(clean.logits[: masked_logits.shape[0]], masked_logits, detach_clean=detach_clean)
 
     def _output(
         self,
@@ -335,7 +407,7 @@ class SaliencyDecorStep:
         masked_accuracy = None
         if loss_kl is not None and masked_logits is not None:
             total = total + self.args.consistency_weight * loss_kl.detach()
-            masked_accuracy = (masked_logits.detach().argmax(-1) == labels).float().mean()
+            masked_accuracy = (masked_logits.detach().argmax(-1) == labels[: masked_logits.shape[0]]).float().mean()
         return SaliencyDecorOutput(
             loss=total,
             loss_ce=clean.loss_ce.detach(),
@@ -351,6 +423,7 @@ class SaliencyDecorStep:
     def _prepare_batch(self, pixel_values: Tensor, labels: Tensor) -> bool:
         """Check the batch; True when it gets the decorrelation term."""
         self.adapter.check_batch(pixel_values, labels)
+        self.batches_seen += 1
         if self.input_size is None:
             self.input_size = tuple(int(n) for n in pixel_values.shape[1:])
         return self.uses_decorrelation and self._batch_can_decorrelate(pixel_values.shape[0])
@@ -414,23 +487,11 @@ class SaliencyDecorStep:
         finally:
             whitening.train()
 
-    def _check_finite(self, components: dict[str, Tensor | None]) -> None:
-        if not self.args.check_finite:
-            return
-        present = {name: value for name, value in components.items() if value is not None}
-        if not present:
-            return
-        finite = torch.stack([value.detach().float() for value in present.values()]).isfinite()
-        if bool(finite.all()):
-            return
-        bad = [name for name, ok in zip(present, finite.tolist(), strict=True) if not ok]
-        values = {name: float(present[name].detach()) for name in bad}
-        advice = "Lower the learning rate or check the inputs for NaN"
-        if self.whitening is not None:  # only the decorrelation methods whiten
-            advice += ", or raise whitening_shrinkage"
-        raise NonFiniteLossError(
-            f"non-finite loss component(s) {values}: training stopped before this step's update. {advice}."
-        )
+    def _record_finite(self, output: SaliencyDecorOutput) -> None:
+        """``check_finite``: note non-finite components on the device (read by ``raise_if_nonfinite``)."""
+        if self.args.check_finite:
+            values = {"loss_ce": output.loss_ce, "loss_decor": output.loss_decor, "loss_kl": output.loss_kl}
+            self.finite_watch.record(values, batch=self.batches_seen)
 
 
 _WHITENING_SETTINGS = ("group_size", "whitening_shrinkage", "whitening_momentum", "whitening_method")

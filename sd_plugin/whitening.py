@@ -7,6 +7,13 @@ and the backward of the inverse square root uses the Daleckii-Krein form
 ``K_ij = -1 / (sqrt(l_i) sqrt(l_j) (sqrt(l_i) + sqrt(l_j)))``, which stays finite when
 eigenvalues repeat (dead or duplicated units, rank-deficient batches).
 
+``method="cholesky"`` whitens with ``W = L^-T`` from the Cholesky factor ``S = L L^T`` instead: the
+same whitened covariance up to a rotation within each group, at the cost of one batched
+factorisation and one triangular solve, and no host synchronisation. The rotation depends on the
+feature order, so it is for whitening that feeds only the decorrelation loss (whose value does not
+depend on it without shrinkage, and barely with the default shrinkage: ``tests/test_whitening.py``);
+ZCA (``eigh``) is the whitening a head may read.
+
 Example:
     >>> import torch
     >>> from sd_plugin import GroupZCA
@@ -29,7 +36,7 @@ from .choices import WHITENING_METHODS, check_choice, check_fraction
 from .distributed import sum_over_processes
 from .errors import NonFiniteLossError
 
-__all__ = ["GroupZCA", "inverse_sqrt_psd", "shrink_covariance"]
+__all__ = ["GroupZCA", "cholesky_whitening", "inverse_sqrt_psd", "shrink_covariance"]
 
 
 class _InverseSqrtEigh(torch.autograd.Function):
@@ -71,10 +78,32 @@ def inverse_sqrt_psd(sigma: Tensor, method: str = "eigh", iterations: int = 15) 
         tensor([[0.5000, 0.0000],
                 [0.0000, 0.3333]])
     """
-    check_choice("method", method, WHITENING_METHODS)
+    check_choice("method", method, ("eigh", "newton_schulz"))
     if method == "eigh":
         return _InverseSqrtEigh.apply(sigma)
     return _newton_schulz_inverse_sqrt(sigma, iterations)
+
+
+def cholesky_whitening(sigma: Tensor) -> Tensor:
+    """``W = L^-T`` for ``sigma = L L^T`` (``(..., g, g)``, positive definite): ``W^T sigma W = I``.
+
+    A whitening matrix for row vectors (``z = x W``) that is not ZCA's symmetric one but a
+    rotation of it. No host synchronisation: ``cholesky_ex`` reports a failed factorisation
+    (NaN input, a matrix that is not positive definite) in a device tensor, and such a
+    matrix's ``W`` is all NaN, so the loss it feeds is non-finite and the training step's
+    finite check names it, instead of a silently wrong whitening.
+
+    Example:
+        >>> s = torch.tensor([[4.0, 2.0], [2.0, 5.0]])
+        >>> w = cholesky_whitening(s)
+        >>> torch.allclose(w.T @ s @ w, torch.eye(2), atol=1e-6)
+        True
+    """
+    factor, info = torch.linalg.cholesky_ex(sigma)
+    identity = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
+    inverse = torch.linalg.solve_triangular(factor, identity, upper=False)
+    failed = (info != 0)[..., None, None]
+    return torch.where(failed, torch.full_like(inverse, float("nan")), inverse).transpose(-1, -2)
 
 
 def _newton_schulz_inverse_sqrt(sigma: Tensor, iterations: int) -> Tensor:
@@ -127,7 +156,8 @@ class GroupZCA(nn.Module):
             and repeated eigenvalues finite. ``0`` whitens exactly.
         eps: absolute ridge added to the shrunk covariance.
         momentum: update rate of the running mean and covariance used in eval mode.
-        method: ``"eigh"`` (default) or ``"newton_schulz"`` for the inverse square root.
+        method: ``"eigh"`` (default) or ``"newton_schulz"`` for ZCA's inverse square root, or
+            ``"cholesky"`` for the Cholesky whitening (a rotation of ZCA; for loss-only use).
         ns_iterations: Newton-Schulz iterations (``method="newton_schulz"`` only).
         compiled: ``torch.compile`` the training-mode computation (statistics, running
             update, inverse square root, whitening) into fused kernels; the first batch of
@@ -207,10 +237,7 @@ class GroupZCA(nn.Module):
         )
 
     def forward(self, features: Tensor) -> Tensor:
-        if features.dim() != 2 or features.shape[1] != self.num_features:
-            raise ValueError(
-                f"GroupZCA expects features of shape (B, {self.num_features}), got {tuple(features.shape)}."
-            )
+        self._check_shape(features)
         device_type = features.device.type if features.device.type in ("cuda", "cpu") else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
             f = features.to(torch.promote_types(features.dtype, torch.float32))
@@ -227,12 +254,34 @@ class GroupZCA(nn.Module):
         """``_whiten_batch``, or its ``torch.compile``d form when ``compiled=True``."""
         return functools.partial(_compiled_whiten_batch(), self) if self.compiled else self._whiten_batch
 
-    def _whiten_batch(self, f: Tensor) -> Tensor:
+    def _whiten_batch(self, f: Tensor, update_running: bool = True) -> Tensor:
         """Training mode: whiten with the batch statistics (and update the running ones)."""
         mean, cov, count = self._batch_statistics(f)
-        if self.track_running_stats:
+        if update_running and self.track_running_stats:
             self._update_running(mean.detach(), cov.detach(), count.detach())
         return self._whiten(f, mean, self.whitening_matrix(cov))
+
+    def whiten_for_loss(self, features: Tensor) -> Tensor:
+        """``features`` whitened with their batch statistics, in float32, running statistics untouched.
+
+        For a whitening that feeds only the decorrelation loss: nothing reads its running
+        statistics (they serve eval-mode forwards, which such a whitening never runs), so they
+        are not updated. Differentiable; the caller's mode (train/eval) does not matter.
+        """
+        self._check_shape(features)
+        device_type = features.device.type if features.device.type in ("cuda", "cpu") else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            f = features.to(torch.promote_types(features.dtype, torch.float32))
+            try:
+                return self._whiten_batch(f, update_running=False)
+            except torch.linalg.LinAlgError as error:
+                raise _decomposition_error() from error
+
+    def _check_shape(self, features: Tensor) -> None:
+        if features.dim() != 2 or features.shape[1] != self.num_features:
+            raise ValueError(
+                f"GroupZCA expects features of shape (B, {self.num_features}), got {tuple(features.shape)}."
+            )
 
     def _whiten(self, f: Tensor, mean: Tensor, whitening: Tensor) -> Tensor:
         centred = (f - mean).view(-1, self.num_groups, self.group_size)
@@ -259,7 +308,10 @@ class GroupZCA(nn.Module):
     def whitening_matrix(self, cov: Tensor | None = None) -> Tensor:
         """``W`` per group, ``(num_groups, g, g)``, from ``cov`` (default: running)."""
         cov = self.running_cov if cov is None else cov
-        return inverse_sqrt_psd(shrink_covariance(cov, self.shrinkage, self.eps), self.method, self.ns_iterations)
+        shrunk = shrink_covariance(cov, self.shrinkage, self.eps)
+        if self.method == "cholesky":
+            return cholesky_whitening(shrunk)
+        return inverse_sqrt_psd(shrunk, self.method, self.ns_iterations)
 
     def _batch_statistics(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sync = self.sync_statistics

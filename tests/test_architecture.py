@@ -16,6 +16,7 @@ LAYERS = {
     "collapse": 0,
     "consistency": 0,
     "meter": 0,
+    "finite_watch": 0,
     "models": 0,
     "version": 0,
     "run_lock": 0,

@@ -168,19 +168,28 @@ def test_step__ga_loss_scale_scales_gradients():
         torch.testing.assert_close(value, 0.5 * full[name])
 
 
-def test_step__nan_stops_with_component_name():
+def test_step__nan_is_recorded_on_the_device_and_raised_when_checked():
     model = tiny_models.TinyNet()
-    loss = make_step(adapt(model, feature_layer="body"), group_size=8)
+    step = make_step(adapt(model, feature_layer="body"), group_size=8)
     x, y = batch()
+    step.step(model, x, y)
+    step.raise_if_nonfinite(step=1)  # finite: returns, and step 1 is the last clean check
     x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteLossError, match="NaN"):
-        loss.step(model, x, y)
-    assert all(p.grad is None for p in model.parameters())  # stopped before any backward
-    assert torch.isfinite(model.saliency_decor_whitening.running_cov).all()
-    baseline = make_step(adapt(tiny_models.TinyNet(), feature_layer="body"), method="sgt")
+    step.step(model, x, y)  # recorded, not read: the step does not wait for the device
+    expected = (
+        r"non-finite loss components loss_ce \(first at training batch 2\), loss_decor \(first at training batch 2\), "
+        r"loss_kl \(first at training batch 2\), between step 1 and step 2: training stopped; no checkpoint was "
+        r"written after step 1\. Lower the learning rate or check the inputs for NaN, or raise whitening_shrinkage\."
+    )
+    with pytest.raises(NonFiniteLossError, match=expected):
+        step.raise_if_nonfinite(step=2)
+    sgt = make_step(adapt(tiny_models.TinyNet(), feature_layer="body"), method="sgt")
     with pytest.raises(NonFiniteLossError, match="loss_ce") as caught:
-        baseline.step(None, x, y)
+        sgt.compute_loss(None, x, y)  # raises before the caller's backward
     assert "shrinkage" not in str(caught.value)  # sgt has no whitening to advise on (issue 11, item 12)
+    unchecked = make_step(adapt(tiny_models.TinyNet(), feature_layer="body"), method="sgt", check_finite=False)
+    unchecked.step(None, x, y)
+    unchecked.raise_if_nonfinite(step=1)  # check_finite=False: nothing recorded, nothing raised
 
 
 def test_step__bf16_autocast_finite():
@@ -381,5 +390,6 @@ def test_step__non_finite_error_raises_no_scalar_conversion_warning():
     x[0, 0, 0, 0] = float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch's "Converting a tensor with requires_grad=True to a scalar"
+        step.step(model, x, y)
         with pytest.raises(NonFiniteLossError, match="loss_ce"):
-            step.step(model, x, y)
+            step.raise_if_nonfinite()

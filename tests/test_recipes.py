@@ -435,6 +435,83 @@ def test_two_pass_step__one_gradient_all_reduce_with_no_sync(tmp_path):
         assert int(without) == 2  # without no_sync the clean backward would reduce too
 
 
+TRAINER_DDP_SCRIPT = """
+import json, os, sys, tempfile
+import torch
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+from transformers import Trainer, TrainingArguments
+from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
+
+calls = []  # one entry per bucket all-reduce, counted in a comm hook on every DDP model the Trainer builds
+original_init = DistributedDataParallel.__init__
+def counting_init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    def hook(process_group, bucket):
+        calls.append(1)
+        return default_hooks.allreduce_hook(process_group, bucket)
+    self.register_comm_hook(self.process_group, hook)
+DistributedDataParallel.__init__ = counting_init
+
+class Net(nn.Module):  # no BatchNorm: 2 processes x 4 images train exactly as 1 process x 8
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.Tanh()
+        )
+        self.out = nn.Linear(16, 3)
+    def forward(self, pixel_values, labels=None):  # a plain Trainer reads the loss from the output
+        logits = self.out(self.body(pixel_values))
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(8, 3, 12, 12, generator=g), torch.arange(8) % 3
+data = [{"pixel_values": x[i], "labels": int(y[i])} for i in range(8)]
+world = int(os.environ.get("WORLD_SIZE", "1"))
+common = dict(per_device_train_batch_size=8 // world, max_steps=2, learning_rate=0.5, optim="sgd", report_to="none",
+              use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1)
+results = {}
+for name, method in (("plain", None), ("sgt", "sgt"), ("saliencydecor", "saliencydecor")):
+    torch.manual_seed(0)
+    output_dir = tempfile.mkdtemp()
+    if method is None:
+        trainer = Trainer(model=Net(), args=TrainingArguments(output_dir=output_dir, **common), train_dataset=data)
+    else:
+        args = SaliencyDecorConfig(output_dir=output_dir, method=method, mask_fill="mean", group_size=8,
+                                   feature_layer="body", **common)
+        trainer = SaliencyDecorTrainer(model=Net(), args=args, train_dataset=data)
+    calls.clear()
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+    results[name] = {"all_reduces": len(calls), "weights": weights}
+if int(os.environ.get("RANK", "0")) == 0:
+    print("RESULTS " + json.dumps(results), flush=True)
+"""
+
+
+def test_trainer_under_two_processes__one_all_reduce_per_step_and_one_process_gradients(tmp_path):
+    """Issue 20, item 3: the Trainer's clean pass runs under no_sync, as the recipes' loop's does."""
+    script = tmp_path / "trainer_ddp.py"
+    script.write_text(TRAINER_DDP_SCRIPT)
+
+    def results(processes):
+        out = run([str(script)], tmp_path, processes=processes).stdout
+        return json.loads(next(line for line in out.splitlines() if line.startswith("RESULTS "))[8:])
+
+    two, one = results(2), results(1)
+    plain = two["plain"]["all_reduces"]
+    assert plain >= 2  # one bucket per step, two steps
+    assert two["sgt"]["all_reduces"] == plain  # two backward passes per step, one all-reduce
+    assert two["saliencydecor"]["all_reduces"] == plain
+    for name in ("plain", "sgt"):  # the same training as one process with the whole batch
+        two_processes, one_process = torch.tensor(two[name]["weights"]), torch.tensor(one[name]["weights"])
+        torch.testing.assert_close(two_processes, one_process, atol=1e-5, rtol=0)
+
+
 def test_recipe_arguments__tracker_without_its_package_gets_one_warning(monkeypatch):
     """Issue 11, item 12: --with_tracking --report_to tensorboard without tensorboard logged nothing, silently."""
     import importlib.util

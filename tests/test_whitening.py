@@ -14,7 +14,7 @@ def correlated(batch: int, width: int, seed: int = 0, dtype=torch.float32) -> to
     return (torch.randn(batch, width, generator=g) @ mixing + 5.0).to(dtype)
 
 
-METHODS = ["eigh", "newton_schulz"]
+METHODS = ["eigh", "newton_schulz", "cholesky"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -54,7 +54,7 @@ def test_inverse_sqrt__matches_float64_reference_and_newton_schulz():
     )
 
 
-@pytest.mark.parametrize("method", ["eigh", "newton_schulz"])
+@pytest.mark.parametrize("method", METHODS)
 def test_backward__gradcheck_float64(method):
     zca = GroupZCA(8, group_size=4, shrinkage=0.3, method=method).double()
     f = correlated(12, 8, dtype=torch.float64).requires_grad_(True)
@@ -116,7 +116,7 @@ def test_eval__batch_of_one_and_independent_of_batch_composition(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_autocast_bf16__statistics_in_float32(method):
-    zca = GroupZCA(16, group_size=8, shrinkage=0.0)
+    zca = GroupZCA(16, group_size=8, shrinkage=0.0, method=method, ns_iterations=25)
     f = correlated(256, 16)
     reference = zca(f)
     zca_bf16 = GroupZCA(16, group_size=8, shrinkage=0.0, method=method, ns_iterations=25)
@@ -222,3 +222,78 @@ def test_compiled__same_whitening_gradients_and_running_statistics_as_eager(meth
 def test_compiled__error_with_synced_statistics():
     with pytest.raises(ValueError, match="sync_statistics"):
         GroupZCA(16, group_size=8, compiled=True, sync_statistics=True)
+
+
+# -- the Cholesky whitening against ZCA (issue 20): the loss does not see the rotation -----------
+
+
+def _loss_and_gradient(features, method, dtype, shrinkage, eps=1e-5, liveness_weight=2.0, group_size=8):
+    from sd_plugin.decorrelation import whitened_decorrelation_loss
+
+    f = features.to(dtype).clone().requires_grad_(True)
+    whitening = GroupZCA(f.shape[1], group_size=group_size, method=method, shrinkage=shrinkage, eps=eps)
+    loss = whitened_decorrelation_loss(whitening, f, liveness_weight=liveness_weight)
+    loss.backward()
+    return float(loss.detach()), f.grad.double().flatten()
+
+
+def _feature_cases():
+    g = torch.Generator().manual_seed(0)
+    random = torch.randn(256, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    # 8 latent factors shared by all four groups of 8: cross-group copies (what the loss penalises)
+    low_rank = torch.randn(256, 8, generator=g) @ torch.randn(8, 32, generator=g)
+    low_rank += 0.1 * torch.randn(256, 32, generator=g)  # and a little noise: conditioned for float32
+    dead = random.clone()
+    dead[:, :5] = 0.0  # five dead (constant) units
+    return {"random": random, "low-rank": low_rank, "dead units": dead}
+
+
+@pytest.mark.parametrize("case", ["random", "low-rank", "dead units"])
+def test_cholesky__same_decorrelation_loss_and_gradient_as_zca_float64_reference(case):
+    """Exact whitening makes the whitened covariance I for both, so the loss cannot see the rotation: equal to
+    round-off. With the default shrinkage they differ by less than switching the shrinkage off changes ZCA."""
+    features = _feature_cases()[case]
+    cosine = torch.nn.functional.cosine_similarity
+    # exact whitening (a dead unit needs a ridge for a finite inverse: then equal to the ridge's effect)
+    exact = {"shrinkage": 0.0, "eps": 1e-5 if case == "dead units" else 0.0}
+    ref_loss, ref_grad = _loss_and_gradient(features, "eigh", torch.float64, **exact)
+    for dtype, tolerance in ((torch.float64, 1e-7), (torch.float32, 1e-4)):
+        loss, grad = _loss_and_gradient(features, "cholesky", dtype, **exact)
+        assert loss == pytest.approx(ref_loss, rel=tolerance)
+        assert float(cosine(grad, ref_grad, dim=0)) > 1 - tolerance
+    # the default shrinkage 0.01: the whitened covariance is no longer I, so the rotation shows a little
+    zca_loss, zca_grad = _loss_and_gradient(features, "eigh", torch.float64, 0.01)
+    chol_loss, chol_grad = _loss_and_gradient(features, "cholesky", torch.float64, 0.01)
+    # the gradient within what switching the shrinkage off changes in ZCA itself (the issue's measure)
+    assert (chol_grad - zca_grad).norm() < (ref_grad - zca_grad).norm()
+    assert chol_loss == pytest.approx(zca_loss, rel=0.06 if case == "low-rank" else 1e-3)
+    # the same direction: closely for well-conditioned groups, roughly for near-low-rank ones
+    assert float(cosine(chol_grad, zca_grad, dim=0)) > (0.9 if case == "low-rank" else 0.9999)
+
+
+def test_cholesky__stays_exact_in_float32_where_zca_gradient_is_round_off():
+    """Dead units without the liveness term: float32 ZCA's gradient is noise (repeated tiny eigenvalues),
+    the Cholesky whitening's matches its float64 value."""
+    features = _feature_cases()["dead units"]
+    cosine = torch.nn.functional.cosine_similarity
+    _, chol64 = _loss_and_gradient(features, "cholesky", torch.float64, 0.01, liveness_weight=0.0)
+    _, chol32 = _loss_and_gradient(features, "cholesky", torch.float32, 0.01, liveness_weight=0.0)
+    assert float(cosine(chol32, chol64, dim=0)) > 0.9999
+
+
+def test_cholesky__a_matrix_it_cannot_factor_gives_nan_not_a_wrong_whitening():
+    from sd_plugin.whitening import cholesky_whitening
+
+    indefinite = torch.tensor([[[1.0, 2.0], [2.0, 1.0]], [[2.0, 0.0], [0.0, 3.0]]])
+    w = cholesky_whitening(indefinite)
+    assert torch.isnan(w[0]).all()  # reported through the loss it feeds (the step's finite check)
+    torch.testing.assert_close(w[1].T @ indefinite[1] @ w[1], torch.eye(2))
+
+
+def test_whiten_for_loss__leaves_running_statistics_alone():
+    zca = GroupZCA(16, group_size=8)
+    before = zca.running_cov.clone()
+    zca.train()
+    zca.whiten_for_loss(correlated(64, 16))
+    assert int(zca.num_batches_tracked) == 0
+    torch.testing.assert_close(zca.running_cov, before)
