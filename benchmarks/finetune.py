@@ -37,7 +37,16 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reproduce import MAIN_METHODS, benchmark_config, fmt, live, paired_runs, run_key, summarize  # noqa: E402
+from reproduce import (  # noqa: E402
+    DECORRELATION_OBJECTIVE,
+    MAIN_METHODS,
+    benchmark_config,
+    fmt,
+    live,
+    paired_runs,
+    run_key,
+    summarize,
+)
 
 from sd_plugin import SaliencyDecorTrainer  # noqa: E402
 from sd_plugin.data import IMAGE_EXTENSIONS, folder_classes  # noqa: E402
@@ -354,7 +363,19 @@ def earlier_runs(folders: list[str], meta: dict) -> dict[str, dict]:
         earlier = json.loads((Path(folder) / "results.json").read_text())
         if any(earlier["meta"].get(key) != meta.get(key) for key in setup):
             raise SystemExit(f"--reuse {folder}: another setup ({', '.join(setup)} must match).")
-        found.update(earlier.get("finished", {}))
+        finished = earlier.get("finished", {})
+        if earlier["meta"].get("decorrelation_objective") != DECORRELATION_OBJECTIVE:
+            # runs that trained a decorrelation term under another objective / whitening are not reused
+            finished = {
+                k: v
+                for k, v in finished.items()
+                if json.loads(k.rsplit(" seed=", 1)[0]).get("method")
+                in (
+                    "baseline",
+                    "sgt",
+                )
+            }
+        found.update(finished)
     return found
 
 
@@ -435,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": args.seeds,
             "group_size": args.group_size,
             **{k: v for k, v in hyper.items() if k not in ("warmup_steps", "image_size")},
+            "decorrelation_objective": DECORRELATION_OBJECTIVE,
             "machine": machine,
             "command": "python benchmarks/finetune.py " + " ".join(sys.argv[1:] if argv is None else argv),
         },

@@ -365,20 +365,28 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
+ABLATION_PAIR_KEYS = (
+    ("accuracy", "accuracy"),
+    ("faithfulness_gap", "gap"),
+    ("road_lerf_morf_gap", "ROAD LeRF−MoRF"),
+    ("insertion_auc", "insertion"),
+    ("live_features", "live fraction"),
+)
+
+
 def ablation_pairs(results: dict) -> list[str]:
-    """Per-seed tests between the two values of each two-valued ablation run with several seeds."""
+    """Per-seed tests of each ablation value against the first (the default) where several seeds ran."""
     lines = []
     for name, values in results.get("ablations", {}).items():
-        if len(values) != 2:
-            continue
-        (first, first_entry), (second, second_entry) = values.items()
-        tests = []
-        for key, label in (("accuracy", "accuracy"), ("faithfulness_gap", "gap"), ("live_features", "live fraction")):
-            test = paired_runs(f"{name}={first}", first_entry["runs"], f"{name}={second}", second_entry["runs"], key)
-            if test:
-                tests.append(f"{label}: {test}")
-        if tests:
-            lines.append(f"- **{name}**: " + "; ".join(tests) + ".")
+        (first, first_entry), *others = values.items()
+        for other, other_entry in others:
+            tests = []
+            for key, label in ABLATION_PAIR_KEYS:
+                test = paired_runs(f"{name}={other}", other_entry["runs"], f"{name}={first}", first_entry["runs"], key)
+                if test:
+                    tests.append(f"{label}: {test}")
+            if tests:
+                lines.append(f"- **{name}={other}** vs {first}: " + "; ".join(tests) + ".")
     return lines
 
 
@@ -388,9 +396,9 @@ def ablation_tables(results: dict) -> list[str]:
         lines += [
             f"**{name}** (SaliencyDecor, other settings default)",
             "",
-            "| value | accuracy % | worst seed | masking AUC | AUC random | gap | effective rank | live features (min) "
-            "| train s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| value | accuracy % | worst seed | masking AUC | AUC random | gap | LeRF−MoRF | ROAD LeRF−MoRF ↑ "
+            "| deletion ↓ | insertion ↑ | effective rank | live features (min) | train s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for value, entry in values.items():
             s = entry["summary"]
@@ -398,7 +406,9 @@ def ablation_tables(results: dict) -> list[str]:
             lines.append(
                 f"| {value} | {fmt(s, 'accuracy', 2)} | {worst:.2f} | {fmt(s, 'masking_auc', 0)} "
                 f"| {fmt(s, 'masking_auc_random', 0)} | {fmt(s, 'faithfulness_gap', 3)} "
-                f"| {fmt(s, 'effective_rank', 1)} | {live(entry)} | {s['train_seconds']:.0f} |"
+                f"| {fmt(s, 'lerf_morf_gap', 3)} | {fmt(s, 'road_lerf_morf_gap', 3)} | {fmt(s, 'deletion_auc', 3)} "
+                f"| {fmt(s, 'insertion_auc', 3)} | {fmt(s, 'effective_rank', 1)} | {live(entry)} "
+                f"| {s['train_seconds']:.0f} |"
             )
         lines.append("")
     return lines

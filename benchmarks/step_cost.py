@@ -139,13 +139,17 @@ def resident_bytes(trainer, batch) -> int:
 
 
 def build_trainer(case: dict, overrides: dict | None, reference_state: dict, device, output_dir: str):
-    """A plain ``Trainer`` (``overrides=None``) or a ``SaliencyDecorTrainer`` with the method settings."""
+    """A plain ``Trainer`` (``overrides=None``) or a ``SaliencyDecorTrainer`` with the method settings.
+
+    ``case["bf16"]``: both under bf16 autocast (the Trainer's ``bf16=True``).
+    """
     from transformers import Trainer, TrainingArguments
 
     model = case["build"]()
     model.load_state_dict(reference_state)
     model.to(device)
     common = dict(output_dir=output_dir, report_to="none", use_cpu=device.type == "cpu", learning_rate=1e-4)
+    common["bf16"] = bool(case.get("bf16"))
     if overrides is None:
         trainer = Trainer(model=model, args=TrainingArguments(**common))
     else:
@@ -329,12 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="*", default=None, help="subset of case names (substring match)")
     parser.add_argument("--variants", nargs="*", default=None, help="subset of variant names (substring match)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of interleaved steps (default 5 quick, 10)")
+    parser.add_argument("--bf16", action="store_true", help="every step under bf16 autocast (GPU)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rounds = args.rounds or (5 if args.quick else 10)
     warmup = 2 if args.quick else 5
     selected = [c for c in cases(args.quick) if not args.cases or any(s in c["name"] for s in args.cases)]
+    for case in selected:
+        case["bf16"] = args.bf16
+        case["name"] += ", bf16" if args.bf16 else ""
     variants = tuple(v for v in VARIANTS if not args.variants or any(s == v[0] for s in args.variants)) or VARIANTS
     machine = machine_description(device)
     results = []

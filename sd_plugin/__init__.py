@@ -5,7 +5,6 @@ from .arguments import SaliencyDecorArguments
 from .consistency import consistency_loss
 from .decorrelation import decorrelation_loss
 from .errors import NonFiniteLossError, SaliencyDecorWarning
-from .loss import SaliencyDecorLoss
 from .masking import mask_least_salient
 from .training_step import SaliencyDecorOutput, SaliencyDecorStep
 from .version import __version__ as __version__
@@ -17,7 +16,6 @@ __all__ = [
     "NonFiniteLossError",
     "SaliencyDecorArguments",
     "SaliencyDecorConfig",
-    "SaliencyDecorLoss",
     "SaliencyDecorOutput",
     "SaliencyDecorStep",
     "SaliencyDecorTrainer",

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,7 @@ from transformers import TrainingArguments
 
 from .arguments import MaskingTestArguments, SaliencyDecorArguments
 
-__all__ = ["SaliencyDecorConfig", "METHOD_FIELDS", "loss_kwargs", "method_arguments_class"]
+__all__ = ["SaliencyDecorConfig", "METHOD_FIELDS"]
 
 
 @dataclass
@@ -68,10 +67,6 @@ class SaliencyDecorConfig(TrainingArguments, SaliencyDecorArguments, MaskingTest
         """The method fields of this config as a plain ``SaliencyDecorArguments``."""
         return SaliencyDecorArguments.from_object(self)
 
-    def method_kwargs(self) -> dict:
-        """Deprecated: the ``SaliencyDecorLoss`` keyword arguments; use ``method_arguments()``."""
-        return loss_kwargs(self, self.world_size)
-
 
 # Every field the Trainer records in saliency_decor.json: the method's and the evaluation's.
 METHOD_FIELDS = SaliencyDecorArguments.field_names() + tuple(
@@ -79,22 +74,3 @@ METHOD_FIELDS = SaliencyDecorArguments.field_names() + tuple(
     for name in SaliencyDecorConfig.__dataclass_fields__
     if name not in TrainingArguments.__dataclass_fields__ and name not in SaliencyDecorArguments.field_names()
 )
-
-
-def loss_kwargs(method_args: object, world_size: int = 1) -> dict:
-    """Deprecated (0.1): keyword arguments of the deprecated ``SaliencyDecorLoss``."""
-    arguments = SaliencyDecorArguments.from_object(method_args)
-    kwargs = arguments.to_dict()
-    kwargs.pop("feature_layer")
-    kwargs["sync_whitening"] = arguments.sync_whitening_for(world_size)
-    return kwargs
-
-
-def method_arguments_class() -> type:
-    """Deprecated (0.1): returns ``sd_plugin.arguments.SaliencyDecorArguments``."""
-    warnings.warn(
-        "method_arguments_class() is deprecated; use sd_plugin.arguments.SaliencyDecorArguments.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return SaliencyDecorArguments

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .adapter import adapt, unwrap_model
 from .arguments import EXECUTION_FIELDS, MaskingTestArguments, SaliencyDecorArguments
+from .batches import unpack_batch
 from .checkpoint import explain_save_error
 from .collapse import CollapseMonitor
 from .errors import SaliencyDecorWarning
@@ -261,11 +262,6 @@ def _check_arguments(args: RecipeArguments, method_args: SaliencyDecorArguments,
         from .hub.push import check_push_credentials
 
         check_push_credentials(args.hub_model_id)
-    if method_args.consistency_grad == "both" and num_processes > 1:
-        raise ValueError(
-            "consistency_grad='both' keeps two graphs alive and is not supported with several "
-            "processes; use 'detached'."
-        )
 
 
 def _make_loaders(
@@ -351,8 +347,9 @@ def evaluate(
     model.eval()
     meter = MetricMeter()
     for batch in loader:
-        logits = adapter.logits(model, batch["pixel_values"])
-        predictions, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+        pixel_values, labels = unpack_batch(batch)
+        logits = adapter.logits(model, pixel_values)
+        predictions, labels = accelerator.gather_for_metrics((logits.argmax(-1), labels))
         meter.update_ratio("eval_accuracy", (predictions == labels).sum(), labels.numel())
     metrics = meter.compute()
     metrics.update(
@@ -519,7 +516,6 @@ def _train_epochs(run: _Run) -> None:
     from tqdm.auto import tqdm
 
     args, accelerator, model = run.args, run.accelerator, run.model
-    no_sync = functools.partial(accelerator.no_sync, model) if accelerator.num_processes > 1 else None
     micro_steps = run.completed_steps * args.gradient_accumulation_steps
     progress = tqdm(total=run.max_steps, initial=run.completed_steps, disable=not accelerator.is_local_main_process)
     logger = _Logger(run, progress)
@@ -536,10 +532,8 @@ def _train_epochs(run: _Run) -> None:
             with accelerator.accumulate(model):
                 out = run.step.step(
                     model,
-                    batch["pixel_values"],
-                    batch["labels"],
+                    *unpack_batch(batch),
                     backward=accelerator.backward,
-                    no_sync=no_sync,
                     step_index=run.completed_steps,
                 )
                 run.optimizer.step()

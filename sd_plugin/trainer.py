@@ -42,6 +42,7 @@ from transformers import Trainer, TrainingArguments
 
 from . import checkpoint
 from .adapter import ModelAdapter, adapt
+from .batches import unpack_batch
 from .collapse import CollapseMonitor
 from .config import METHOD_FIELDS, SaliencyDecorConfig
 from .errors import SaliencyDecorWarning
@@ -130,11 +131,6 @@ class SaliencyDecorTrainer(Trainer):
                 stacklevel=2,
             )
 
-    @property
-    def sd_loss(self) -> SaliencyDecorStep:
-        """Deprecated (0.1 name) for ``sd_step``."""
-        return self.sd_step
-
     # -- data -------------------------------------------------------------------------
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -159,16 +155,6 @@ class SaliencyDecorTrainer(Trainer):
 
         return dataset.with_transform(transform_then_keep_model_inputs)  # the user's dataset is unchanged
 
-    @staticmethod
-    def _unpack(inputs: dict[str, Any]) -> tuple[Any, Any]:
-        if "pixel_values" not in inputs:
-            raise ValueError(
-                f"the batch has keys {sorted(inputs)} but no 'pixel_values'; map the dataset so that each "
-                "example has 'pixel_values' (a C x H x W tensor) and 'labels'."
-            )
-        labels = inputs.get("labels", inputs.get("label"))
-        return inputs["pixel_values"], labels
-
     # -- training ---------------------------------------------------------------------
 
     def training_step(
@@ -178,7 +164,7 @@ class SaliencyDecorTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        pixel_values, labels = self._unpack(inputs)
+        pixel_values, labels = unpack_batch(inputs)
         scale = 1.0 if self.loss_is_scaled_for_ga else 1.0 / self.current_gradient_accumulation_steps
         with self.compute_loss_context_manager():
             output = self.sd_step.step(
@@ -187,24 +173,10 @@ class SaliencyDecorTrainer(Trainer):
                 labels,
                 backward=self.accelerator.backward,
                 loss_scale=scale,
-                no_sync=self._clean_pass_no_sync(model),
                 step_index=self.state.global_step,
             )
         self._metrics["train"].update(output.components())
         return output.loss * scale
-
-    def _clean_pass_no_sync(self, model: nn.Module) -> Callable | None:
-        """``no_sync`` for the step's clean pass with several processes: one gradient all-reduce per step.
-
-        As transformers' own loop does for the micro-batches before the last of an accumulation
-        (nested there, the inner one changes nothing), and not under DeepSpeed, whose engine
-        reduces on its own.
-        """
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.num_processes < 2 or self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            return None
-        return functools.partial(self.accelerator.no_sync, model)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: a non-finite component since the last one stops training here
@@ -376,30 +348,38 @@ class SaliencyDecorTrainer(Trainer):
         """Export (whitening folded, PEFT merged, model card) to ``output_dir/export`` and push it.
 
         The repository is ``args.hub_model_id`` (``user/name``). Goes through
-        ``sd_plugin.hub.push`` like ``python -m sd_plugin push``.
+        ``sd_plugin.hub.push`` like ``python -m sd_plugin push``. ``kwargs`` are the model card's
+        (``create_model_card``'s: ``model_name``, ``finetuned_from``, ``dataset``/``dataset_name``,
+        ``dataset_tags``, ``license``, ``language``, ``tags``) and ``create_pr``. The push runs to its end
+        (``blocking=False`` is refused) on the default branch (a ``revision`` is refused).
         """
         from .hub import export, push
 
+        if not blocking:
+            raise ValueError(
+                "push_to_hub(blocking=False) is not supported: the export is pushed before push_to_hub returns. "
+                "Run it in a thread (concurrent.futures) to overlap it with other work."
+            )
+        if revision is not None:
+            raise ValueError(
+                f"push_to_hub(revision={revision!r}) is not supported: the export goes to the default branch. Push "
+                "the folder output_dir/export to a branch with huggingface_hub.upload_folder(revision=...)."
+            )
+        create_pr = bool(kwargs.pop("create_pr", False))
+        card = _card_arguments("push_to_hub", kwargs)
         repo_id = self.args.hub_model_id
         if not repo_id or "/" not in repo_id:
             raise ValueError(
                 f"hub_model_id={repo_id!r}: set SaliencyDecorConfig(hub_model_id='user-or-org/model-name') to push."
             )
-        folder = export(
-            self,
-            os.path.join(self.args.output_dir, "export"),
-            overwrite=True,
-            datasets=[kwargs["dataset_name"]] if kwargs.get("dataset_name") else None,
-            base_model=kwargs.get("finetuned_from"),
-            model_name=kwargs.get("model_name"),
-        )
+        folder = export(self, os.path.join(self.args.output_dir, "export"), overwrite=True, **card)
         if not self.args.should_save:
             return ""
         return push(
             folder,
             repo_id,
             private=bool(private if private is not None else self.args.hub_private_repo),
-            create_pr=bool(kwargs.get("create_pr", False)),
+            create_pr=create_pr,
             token=token or self.args.hub_token,
             commit_message=commit_message or "End of training",
         )
@@ -442,7 +422,7 @@ class SaliencyDecorTrainer(Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Plain cross-entropy forward (evaluation and prediction; no input gradients); counts accuracy."""
-        pixel_values, labels = self._unpack(inputs)
+        pixel_values, labels = unpack_batch(inputs)
         self.sd_adapter.check_batch(pixel_values, labels)
         logits = self.sd_adapter.logits(model, pixel_values)
         loss = F.cross_entropy(logits.float(), labels)
@@ -467,26 +447,78 @@ class SaliencyDecorTrainer(Trainer):
         """Write the SaliencyDecor model card (``README.md``) to ``args.output_dir``.
 
         The card describes the method as trained, its hyperparameters and the last evaluation's
-        metrics; ``export`` writes the same card for the published folder.
+        metrics; ``export`` writes the same card for the published folder. ``dataset_tags`` are
+        Hub dataset ids (the metadata; default: ``dataset``), ``dataset`` the names shown. ``tasks``
+        other than ``image-classification`` and ``dataset_args`` are refused (the card is an image
+        classifier's; it has no dataset configuration field).
         """
         from .hub.card import render_model_card, usage_snippet
 
+        card = _card_arguments(
+            "create_model_card",
+            {
+                "language": language,
+                "license": license,
+                "tags": tags,
+                "model_name": model_name,
+                "finetuned_from": finetuned_from,
+                "tasks": tasks,
+                "dataset_tags": dataset_tags,
+                "dataset": dataset,
+                "dataset_args": dataset_args,
+            },
+        )
         if not self.is_world_process_zero():
             return
-        evaluation = _last_evaluation(self.state.log_history)
-        datasets = [dataset] if isinstance(dataset, str) else list(dataset or []) or None
-        card = render_model_card(
-            model_name=model_name or os.path.basename(os.path.abspath(self.args.output_dir)),
+        rendered = render_model_card(
+            model_name=card.pop("model_name") or os.path.basename(os.path.abspath(self.args.output_dir)),
             library_name=self.sd_adapter.library if self.sd_adapter.library in ("timm", "transformers") else "pytorch",
             metadata=self.saliency_decor_metadata(),
-            evaluation=evaluation,
-            datasets=datasets,
-            base_model=finetuned_from,
+            evaluation=_last_evaluation(self.state.log_history),
             usage=usage_snippet(self.sd_adapter.library, type(self.sd_adapter.base_model).__name__),
+            **card,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(card)
+            handle.write(rendered)
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _card_arguments(caller: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``Trainer.create_model_card``'s arguments as ``export`` / ``render_model_card`` take them.
+
+    Refuses what the card cannot hold (``tasks`` other than image classification, ``dataset_args``)
+    and any other keyword, naming it, instead of ignoring it.
+    """
+    given = {key: value for key, value in given.items() if value is not None}
+    names = {"language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset"}
+    names |= {"dataset_name", "dataset_args"}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise TypeError(f"{caller}() got unsupported keyword argument(s) {unknown}; the card takes {sorted(names)}.")
+    if given.get("dataset_args") is not None:
+        raise ValueError(
+            f"{caller}(dataset_args=...) is not supported: the SaliencyDecor card has no dataset configuration; "
+            "name the dataset with dataset= (shown) and dataset_tags= (Hub ids)."
+        )
+    tasks = _as_list(given.get("tasks"))
+    if any(task != "image-classification" for task in tasks):
+        raise ValueError(
+            f"{caller}(tasks={tasks!r}): the SaliencyDecor card is an image classifier's ('image-classification')."
+        )
+    shown = _as_list(given.get("dataset", given.get("dataset_name")))
+    hub_ids = _as_list(given.get("dataset_tags")) or shown
+    return {
+        "model_name": given.get("model_name"),
+        "base_model": given.get("finetuned_from"),
+        "datasets": hub_ids or None,
+        "license": given.get("license"),
+        "language": given.get("language"),
+        "tags": _as_list(given.get("tags")) or None,
+    }
 
 
 def _last_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float] | None:

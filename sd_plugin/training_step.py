@@ -124,6 +124,11 @@ class SaliencyDecorStep:
         generator: torch.Generator | None = None,
     ) -> None:
         args = SaliencyDecorArguments() if args is None else SaliencyDecorArguments.from_object(args)
+        if args.consistency_grad == "both" and args.uses_masking and num_processes > 1:
+            raise ValueError(
+                "consistency_grad='both' keeps two graphs alive and is not supported with several processes "
+                f"({num_processes}); use consistency_grad='detached'."
+            )
         self.adapter = adapter
         self.args = args
         self.sync_whitening = args.sync_whitening_for(num_processes)
@@ -214,10 +219,11 @@ class SaliencyDecorStep:
             backward: called with each loss to back-propagate (default
                 ``loss.backward()``; pass ``accelerator.backward`` in Accelerate loops).
             loss_scale: multiplies every back-propagated loss (e.g. ``1 / grad_accum``).
-            no_sync: context manager factory that suppresses DDP's gradient all-reduce
-                (e.g. ``functools.partial(accelerator.no_sync, model)``): the clean pass
-                (forward and backward) runs inside it, so the two-pass step all-reduces
-                the accumulated gradients once, in the masked pass's backward.
+            no_sync: context manager factory that suppresses the gradient all-reduce of a
+                distributed wrapper: the clean pass (forward and backward) runs inside it, so
+                the two-pass step all-reduces the accumulated gradients once, in the masked
+                pass's backward. Default: ``model.no_sync`` when ``model`` is a
+                ``DistributedDataParallel`` (as Accelerate and the Trainer wrap it), else none.
             step_index: the optimizer step this batch belongs to, for ``masked_pass_every``
                 (default: the number of batches this object has run; pass the loop's step
                 so that a resumed run keeps the same masked steps).
@@ -237,6 +243,7 @@ class SaliencyDecorStep:
                 loss, output = self._joint_objective(model, pixel_values, labels, decorrelate, detach_clean=False)
                 backward(loss * loss_scale)
             else:
+                no_sync = no_sync if no_sync is not None else _ddp_no_sync(model)
                 output = self._two_pass_step(model, pixel_values, labels, decorrelate, backward, loss_scale, no_sync)
         self._record_finite(output)
         return output
@@ -492,6 +499,11 @@ class SaliencyDecorStep:
         if self.args.check_finite:
             values = {"loss_ce": output.loss_ce, "loss_decor": output.loss_decor, "loss_kl": output.loss_kl}
             self.finite_watch.record(values, batch=self.batches_seen)
+
+
+def _ddp_no_sync(model: nn.Module) -> NoSync | None:
+    """``model.no_sync`` of a ``DistributedDataParallel`` model (the clean pass's backward then does not all-reduce)."""
+    return model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
 
 _WHITENING_SETTINGS = ("group_size", "whitening_shrinkage", "whitening_momentum", "whitening_method")

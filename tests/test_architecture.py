@@ -16,6 +16,7 @@ LAYERS = {
     "collapse": 0,
     "consistency": 0,
     "meter": 0,
+    "batches": 0,
     "finite_watch": 0,
     "models": 0,
     "version": 0,
@@ -27,10 +28,8 @@ LAYERS = {
     "feature_tap": 1,
     "running_stats": 1,
     "adapter": 1,
-    "features": 1,
     "folding": 1,
     "training_step": 1,
-    "loss": 1,
     "checkpoint": 2,
     "loading": 2,
     "peft_folders": 2,
@@ -168,17 +167,17 @@ def test_the_checker_sees_a_violation(tmp_path):
     assert imports_of(fake, "sd_plugin.x") == [("sd_plugin.trainer", ["_secret"])]
 
 
-def test_deprecated_names_are_the_new_objects():
-    """The 0.1 names kept for one release (CHANGELOG, Deprecated) resolve to the new objects."""
-    import sd_plugin.adapter
-    import sd_plugin.evaluation.attribution
-    import sd_plugin.evaluation.saliency
-    import sd_plugin.features
-    import sd_plugin.folding
-    import sd_plugin.hub.folding
-    from sd_plugin import SaliencyDecorLoss, SaliencyDecorStep
+def test_no_deprecated_aliases_left():
+    """Issue 21: the 0.1 names were never released (no tag, only [Unreleased]), so they are gone, not aliased."""
+    import importlib
 
-    assert sd_plugin.features.adapt is sd_plugin.adapter.adapt
-    assert sd_plugin.evaluation.saliency.input_gradients is sd_plugin.evaluation.attribution.input_gradients
-    assert sd_plugin.hub.folding.fold_whitening_into_head is sd_plugin.folding.fold_whitening_into_head
-    assert issubclass(SaliencyDecorLoss, SaliencyDecorStep)
+    import pytest
+
+    import sd_plugin
+
+    for module in ("sd_plugin.loss", "sd_plugin.features", "sd_plugin.evaluation.saliency", "sd_plugin.hub.folding"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(module)
+    assert "SaliencyDecorLoss" not in sd_plugin.__all__ and not hasattr(sd_plugin, "SaliencyDecorLoss")
+    for path in PACKAGE.rglob("*.py"):
+        assert "DeprecationWarning" not in path.read_text(), path

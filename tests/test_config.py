@@ -59,11 +59,6 @@ def test_method_arguments__the_config_carries_the_one_dataclass_and_sync_resolve
     assert set(SaliencyDecorArguments.field_names()) <= set(METHOD_FIELDS)
     assert arguments.sync_whitening_for(1) is False and arguments.sync_whitening_for(2) is True
     assert SaliencyDecorArguments(sync_whitening=False).sync_whitening_for(2) is False
-    with pytest.warns(DeprecationWarning):
-        from sd_plugin.config import method_arguments_class
-
-        assert method_arguments_class() is SaliencyDecorArguments
-    assert config.method_kwargs()["sync_whitening"] is False  # the deprecated 0.1 form still works
 
 
 def test_from_training_arguments__a_plain_config_keeps_its_values(tmp_path):

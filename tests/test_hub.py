@@ -394,6 +394,55 @@ def test_create_model_card__writes_the_saliencydecor_card_with_the_last_evaluati
     assert accuracy == pytest.approx(100.0 * metrics["eval_accuracy"])
 
 
+def test_trainer_card_and_push__honour_or_refuse_every_argument(tmp_path):
+    """Issue 21, item 3: create_model_card / push_to_hub ignored language, license, tags, tasks, dataset_tags,
+    dataset_args, blocking and revision."""
+    from huggingface_hub import ModelCard
+
+    trainer = train("timm_resnet", tmp_path)
+    trainer.create_model_card(
+        language="en", license="apache-2.0", tags="my-tag", dataset_tags="user/photos", dataset="Photos"
+    )
+    card = ModelCard.load(tmp_path / "run" / "README.md")
+    assert (card.data.language, card.data.license, card.data.datasets) == ("en", "apache-2.0", ["user/photos"])
+    assert "my-tag" in card.data.tags and "saliencydecor" in card.data.tags
+    with pytest.raises(ValueError, match=r"tasks=\['object-detection'\]"):
+        trainer.create_model_card(tasks="object-detection")
+    with pytest.raises(ValueError, match=r"dataset_args=\.\.\.\) is not supported"):
+        trainer.create_model_card(dataset_args="default")
+    trainer.args.hub_model_id = "user/model"
+    with pytest.raises(ValueError, match="blocking=False"):
+        trainer.push_to_hub(blocking=False)
+    with pytest.raises(ValueError, match="revision='dev'"):
+        trainer.push_to_hub(revision="dev")
+    with pytest.raises(TypeError, match=r"unsupported keyword argument\(s\) \['tasks_list'\]"):
+        trainer.push_to_hub(tasks_list=["x"])
+
+
+def test_trainer_private_hooks__exist_upstream_with_the_signatures_overridden():
+    """The Trainer overrides private transformers.Trainer methods: on a transformers release that renames or
+    re-signs one, this fails here instead of the override silently never being called."""
+    import inspect
+
+    from transformers import Trainer
+
+    from sd_plugin import SaliencyDecorTrainer
+
+    private = [
+        name
+        for name, value in vars(SaliencyDecorTrainer).items()
+        if name.startswith("_") and not name.startswith("__") and callable(value) and hasattr(Trainer, name)
+    ]
+    assert {"_save", "_save_checkpoint", "_load_from_checkpoint", "_remove_unused_columns"} <= set(private)
+    for name in private:
+        ours, theirs = inspect.signature(getattr(SaliencyDecorTrainer, name)), inspect.signature(getattr(Trainer, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+    own = {name for name, value in vars(SaliencyDecorTrainer).items() if callable(value) and name.startswith("_")}
+    own -= {"__init__", *private}
+    # what remains are the Trainer's own helpers, not hooks: none of them shadows a transformers method
+    assert all(not hasattr(Trainer, name) for name in own), own
+
+
 def test_card__license_and_local_datasets(tmp_path):
     from huggingface_hub import ModelCard
 

@@ -346,16 +346,6 @@ def test_compute_loss__backward_gives_the_gradients_of_step(method, consistency_
         torch.testing.assert_close(loss_grads[name], value, rtol=1e-7, atol=1e-10, msg=name)
 
 
-def test_saliency_decor_loss__deprecated_alias_of_the_step():
-    from sd_plugin import SaliencyDecorLoss
-
-    model = tiny_models.TinyNet()
-    with pytest.warns(DeprecationWarning, match="SaliencyDecorStep"):
-        loss = SaliencyDecorLoss(adapt(model, feature_layer="body"), method="sgt", mask_ratio=0.5)
-    assert isinstance(loss, SaliencyDecorStep)
-    assert (loss.args.method, loss.args.mask_ratio) == ("sgt", 0.5)
-
-
 def test_readme_any_training_loop_snippet_runs():
     """The README's "Any training loop" snippet trains a timm model as written."""
     import re
@@ -393,3 +383,11 @@ def test_step__non_finite_error_raises_no_scalar_conversion_warning():
         step.step(model, x, y)
         with pytest.raises(NonFiniteLossError, match="loss_ce"):
             step.raise_if_nonfinite()
+
+
+def test_step__process_rules_live_in_the_step():
+    """Issue 21: the rule both front-ends need (no 'both' structure across processes) is the step's, not a loop's."""
+    adapter = adapt(tiny_models.TinyNet(), feature_layer="body")
+    with pytest.raises(ValueError, match=r"consistency_grad='both' .* several processes \(2\)"):
+        SaliencyDecorStep(adapter, SaliencyDecorArguments(method="sgt", consistency_grad="both"), num_processes=2)
+    SaliencyDecorStep(adapter, SaliencyDecorArguments(method="baseline", consistency_grad="both"), num_processes=2)

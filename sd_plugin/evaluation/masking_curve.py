@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..arguments import MaskingTestArguments
+from ..batches import unpack_batch
 from ..masking import MASK_FILLS, fill_values, num_masked_pixels, pixel_saliency
 from .attribution import (
     Attribution,
@@ -547,29 +548,6 @@ def maybe_progress(iterable: Iterable, enabled: bool, description: str) -> Itera
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=description, leave=False)
-
-
-def unpack_batch(batch: object) -> tuple[Tensor, Tensor]:
-    """``(pixel_values, labels)`` from a dict batch or an ``(images, labels)`` pair."""
-    if isinstance(batch, dict):
-        images = batch.get("pixel_values")
-        labels = batch.get("labels", batch.get("label"))
-    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        images, labels = batch[0], batch[1]
-    else:
-        raise ValueError("batches must be {'pixel_values', 'labels'} dicts or (images, labels) pairs.")
-    if labels is None:
-        raise ValueError("the evaluation batches have no labels; the dataset needs a 'labels' (or 'label') column.")
-    if images is None:
-        raise ValueError("the evaluation batches have no 'pixel_values'.")
-    if not torch.is_tensor(images) or images.dim() != 4:
-        raise ValueError("pixel_values must be a (B, C, H, W) tensor.")
-    if not images.is_floating_point():
-        raise ValueError(
-            f"pixel_values must be floating point to take input gradients, got {images.dtype}; "
-            "convert the images with the model's processor or transforms.ToTensor()."
-        )
-    return images, torch.as_tensor(labels)
 
 
 def unpack_masks(batch: object) -> Tensor | None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..batches import unpack_batch
 from ..collapse import live_feature_fraction
 from .attribution import Attribution, attribution_name, blur_maps, blurred, saliency_maps
 from .deletion_insertion import deletion_insertion
@@ -30,7 +31,6 @@ from .masking_curve import (
     ORDERS,
     faithfulness_curves,
     faithfulness_gap,
-    unpack_batch,
     unpack_masks,
 )
 from .model_fn import evaluation_mode, prepare_for_evaluation

@@ -88,8 +88,12 @@ def render_model_card(
     evaluation_command: str | None = None,
     dataset_name: str | None = None,
     license: str | None = None,
+    language: str | list[str] | None = None,
+    tags: list[str] | None = None,
 ) -> str:
     """The full ``README.md`` text (YAML front matter + body) of an exported model.
+
+    ``language`` and ``tags`` go to the metadata (``tags`` after the package's own).
 
     ``datasets`` / ``dataset_name`` that are local paths stay out of the metadata (they are no Hub
     dataset) and are named in the text; ``license`` (an SPDX-style Hub id such as ``apache-2.0``)
@@ -121,7 +125,10 @@ def render_model_card(
         library_name=library_name,
         pipeline_tag="image-classification",
         license=license or "other",
-        tags=["saliencydecor", "interpretability", "image-classification", "sd-plugin"],
+        language=language,
+        tags=list(
+            dict.fromkeys(["saliencydecor", "interpretability", "image-classification", "sd-plugin", *(tags or [])])
+        ),
         datasets=datasets or None,
         base_model=base_model,
         metrics=[result.metric_type for result in eval_results] or None,

@@ -205,6 +205,8 @@ def export(
     metadata: dict[str, Any] | None = None,
     preprocessing_from: str | Path | None = None,
     license: str | None = None,
+    language: str | list[str] | None = None,
+    tags: list[str] | None = None,
 ) -> Path:
     """Write an exportable checkpoint folder with its model card; returns the folder.
 
@@ -219,6 +221,7 @@ def export(
         preprocessing_from: a folder whose ``preprocessor_config.json`` goes with the model when the
             source carries none (e.g. the pretrained model a recipe started from).
         license: the card's license (a Hub license id, e.g. ``apache-2.0``; default ``other``).
+        language, tags: the card's ``language`` and extra ``tags`` metadata.
     """
     path = Path(path)
     _prepare_target(path, overwrite)
@@ -269,6 +272,8 @@ def export(
             evaluation_command=eval_command,
             dataset_name=dataset_name,
             license=license,
+            language=language,
+            tags=tags,
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
         _readable_by_others(staging)
