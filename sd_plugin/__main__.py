@@ -1,4 +1,4 @@
-"""Command line: ``python -m sd_plugin {demo} ...``."""
+"""Command line: ``python -m sd_plugin {demo,evaluate,export,push,convert-efficientnet-lite0} ...``."""
 
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .families import ModelFamily, family_named, family_of
 from .feature_tap import WHITENING_MODULE_NAME, FeatureTap
 from .whitening import GroupZCA
 
@@ -35,8 +36,6 @@ __all__ = [
     "expected_channels",
     "extract_logits",
     "is_peft",
-    "is_timm_model",
-    "is_transformers_model",
     "library_of",
     "unwrap_model",
 ]
@@ -65,28 +64,9 @@ def is_peft(model: nn.Module) -> bool:
     return type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model")
 
 
-def is_transformers_model(model: nn.Module) -> bool:
-    """True for a transformers ``PreTrainedModel``."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
-def is_timm_model(model: nn.Module) -> bool:
-    """True for a model built by timm."""
-    return type(model).__module__.startswith("timm.")
-
-
 def library_of(model: nn.Module) -> str:
-    """``"transformers"``, ``"timm"`` or ``"torch"``: which library's conventions ``model`` follows."""
-    base = unwrap_model(model)
-    if is_transformers_model(base):
-        return "transformers"
-    if is_timm_model(base):
-        return "timm"
-    return "torch"
+    """``"transformers"``, ``"timm"`` or ``"torch"``: the name of ``model``'s family (``sd_plugin.families``)."""
+    return family_of(unwrap_model(model)).name
 
 
 def _module_name(root: nn.Module, target: nn.Module) -> str:
@@ -166,17 +146,18 @@ class ModelAdapter:
     labels_checked: bool = False  # the first batch's labels were checked against num_classes
 
     @property
+    def family(self) -> ModelFamily:
+        """How models of this library are called, saved and described (``sd_plugin.families``)."""
+        return family_named(self.library)
+
+    @property
     def whitening(self) -> GroupZCA | None:
         """The attached ``GroupZCA`` (held by the tap), or None."""
         return self.tap.whitening
 
     def logits(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
         """Call ``model`` (this adapter's model or a wrapper of it) and return logits."""
-        if self.library == "transformers":
-            output = model(pixel_values=pixel_values)
-        else:
-            output = model(pixel_values)
-        return extract_logits(output)
+        return extract_logits(self.family.call(model, pixel_values))
 
     def forward_with_features(self, model: nn.Module, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and the penultimate features ``f`` (before any whitening)."""
@@ -389,7 +370,7 @@ def _probe_sizes(
     try:
         tap.clear()
         x = _probe_input(base, example_inputs)
-        output = model(pixel_values=x) if library == "transformers" else model(x)
+        output = family_named(library).call(model, x)
     except Exception as error:  # noqa: BLE001 - re-raised with context
         raise ValueError(
             f"could not run a probe forward to size the features at {tap.module_name!r}: {error}. "

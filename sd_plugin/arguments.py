@@ -50,7 +50,8 @@ recipes' run identity read the fields from this class.
 
 > Execution (``EXECUTION_FIELDS``: how a step runs, not what it computes)
 
-- ``check_finite``: stop with an error naming the loss component that became NaN/inf.
+- ``check_finite``: stop with an error naming the loss component that became NaN/inf (recorded on the
+  device each step, read at logging steps, before checkpoints and at the end: no host sync in the step).
 - ``whitening_compile``: ``torch.compile`` the whitening and the decorrelation loss.
 - ``sync_whitening``: all-reduce the whitening statistics across processes (default: when
   several processes train).
@@ -213,7 +214,10 @@ class SaliencyDecorArguments:
     )
     check_finite: bool = field(
         default=True,
-        metadata={"help": "Stop with an error naming the component when a loss becomes NaN/inf."},
+        metadata={
+            "help": "Stop with an error naming the component when a loss becomes NaN/inf (checked at logging steps and "
+            "before checkpoints; no host sync in the step)."
+        },
     )
 
     def __post_init__(self) -> None:

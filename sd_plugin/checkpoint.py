@@ -73,11 +73,8 @@ __all__ = [
     "restore_training_state",
     "save_training_state",
     "split_state_dict",
-    "timm_label_names",
-    "trained_pretrained_cfg",
     "weights_fingerprint",
     "write_metadata",
-    "write_timm_config",
 ]
 
 METADATA_FILE = "saliency_decor.json"
@@ -85,7 +82,6 @@ WHITENING_FILE = "saliency_decor_whitening.safetensors"
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
 _WHITENING_KEY = "whitening."
 _HEAD_KEY = "unfolded_head."
-_HUB_CFG_KEYS = ("url", "hf_hub_id", "file")  # where the *pretrained* weights were; not these
 
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -272,60 +268,4 @@ def restore_training_state(model: nn.Module, directory: str | Path) -> bool:
         linear = fed[1]
         linear.weight.copy_(tensors[_HEAD_KEY + "weight"])
         linear.bias.copy_(tensors[_HEAD_KEY + "bias"])
-    return True
-
-
-def timm_label_names(model: nn.Module) -> list[str] | None:
-    """The class names a timm model carries (``pretrained_cfg["label_names"]``), if one per output."""
-    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
-    if not names or len(names) != getattr(model, "num_classes", None):
-        return None
-    return [str(name) for name in (names.values() if isinstance(names, dict) else names)]
-
-
-def trained_pretrained_cfg(model: nn.Module, input_size: list[int] | tuple[int, ...] | None) -> dict[str, Any]:
-    """A timm model's ``pretrained_cfg`` with ``input_size`` the size it was trained at (so timm's data config,
-    and ``evaluate``, preprocess at that size; ``test_input_size`` is dropped when it differs)."""
-    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    if input_size and tuple(pretrained_cfg.get("input_size") or ()) != tuple(input_size):
-        pretrained_cfg["input_size"] = tuple(input_size)
-        pretrained_cfg.pop("test_input_size", None)
-    return pretrained_cfg
-
-
-def write_timm_config(
-    model: nn.Module, directory: str | Path, *, input_size: list[int] | None = None, **extra: Any
-) -> bool:
-    """timm's ``config.json`` (architecture, classes, ``pretrained_cfg``) so ``local-dir:`` reloads it.
-
-    ``input_size``: the ``(C, H, W)`` it was trained at, recorded in ``pretrained_cfg``.
-    ``extra`` adds keys (``label_names``, ``global_pool``...); ``model.sd_plugin_model_args``
-    (constructor arguments timm does not record) becomes ``model_args``. False (nothing
-    written) when the model has no ``pretrained_cfg["architecture"]``.
-    """
-    pretrained_cfg = trained_pretrained_cfg(model, input_size)
-    architecture = pretrained_cfg.get("architecture")
-    if not architecture:
-        return False
-    labels = timm_label_names(model)
-    config = {
-        "architecture": architecture,
-        "num_classes": getattr(model, "num_classes", None),
-        "num_features": getattr(model, "num_features", None),
-        **({"label_names": labels} if labels else {}),
-        **extra,
-        "pretrained_cfg": {k: v for k, v in pretrained_cfg.items() if k not in _HUB_CFG_KEYS and _json_safe(v)},
-    }
-    model_args = getattr(model, "sd_plugin_model_args", None)
-    if model_args:
-        config["model_args"] = model_args
-    (Path(directory) / "config.json").write_text(json.dumps(config, indent=2))
-    return True
-
-
-def _json_safe(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
     return True

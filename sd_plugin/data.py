@@ -123,8 +123,9 @@ def image_transform(
     guessed size, and a folder without a recorded preprocessing gets a warning that says what
     was guessed. ``image_size`` overrides the size (square), keeping the normalisation.
     """
-    from .adapter import expected_channels, is_timm_model, unwrap_model
+    from .adapter import expected_channels, unwrap_model
     from .checkpoint import read_metadata
+    from .families import TimmFamily, family_of
 
     base = unwrap_model(model)
     channels = expected_channels(base) or 3
@@ -141,7 +142,7 @@ def image_transform(
             _resize_processor(processor, int(image_size))
         return lambda image: processor(image.convert(mode), return_tensors="pt")["pixel_values"][0]
     timm_model = getattr(base, "timm_model", base)
-    if is_timm_model(timm_model):
+    if isinstance(family_of(timm_model), TimmFamily):
         import timm.data
 
         config = timm.data.resolve_data_config(model=timm_model)
@@ -323,7 +324,7 @@ def model_class_names(model: nn.Module) -> tuple[int | None, list[str] | None]:
     if id2label:
         names = [str(id2label[i]) for i in sorted(id2label)]
     else:  # timm: pretrained_cfg["label_names"], when there is one name per output
-        from .checkpoint import timm_label_names
+        from .families import timm_label_names
 
         names = timm_label_names(timm_model)
     if names and all(name == f"LABEL_{i}" for i, name in enumerate(names)):

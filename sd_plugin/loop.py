@@ -29,11 +29,11 @@ from .adapter import adapt, unwrap_model
 from .arguments import EXECUTION_FIELDS, MaskingTestArguments, SaliencyDecorArguments
 from .batches import unpack_batch
 from .checkpoint import explain_save_error
-from .collapse import CollapseMonitor
 from .errors import SaliencyDecorWarning
 from .evaluation.masking_curve import masking_metrics_during_training
 from .meter import MetricMeter
 from .run_lock import output_dir_lock
+from .training_log import TrainingLog
 from .training_step import SaliencyDecorStep
 
 __all__ = ["RecipeArguments", "make_accelerator", "train", "apply_lora", "checkpoint_step"]
@@ -539,7 +539,7 @@ def _train_epochs(run: _Run) -> None:
                 run.optimizer.step()
                 run.scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
-            logger.meter.update(out.components())
+            logger.window.update(out)
             if not accelerator.sync_gradients:
                 continue
             run.completed_steps += 1
@@ -570,20 +570,18 @@ def _evaluate_during_training(run: _Run) -> None:
 
 
 class _Logger:
-    """Averages the step's components over a logging window and logs them (history, trackers, bar)."""
+    """The step's components over a logging window (``TrainingLog``), to the history, trackers and bar."""
 
     def __init__(self, run: _Run, progress: Any) -> None:
         self.run, self.progress = run, progress
-        self.meter = MetricMeter()
-        self.collapse_monitor = CollapseMonitor()
+        self.window = TrainingLog(run.step)
 
     def log(self) -> None:
         run, accelerator = self.run, self.run.accelerator
-        run.step.raise_if_nonfinite(step=run.completed_steps, across_processes=True)
-        logs = self.meter.compute(mean_over_processes=functools.partial(accelerator.reduce, reduction="mean"))
+        mean = functools.partial(accelerator.reduce, reduction="mean")
+        logs = self.window.compute(run.completed_steps, mean_over_processes=mean)
         logs["lr"] = run.scheduler.get_last_lr()[0]
         run.history.append({"step": run.completed_steps, **logs})
-        self.collapse_monitor.check(logs, step=run.completed_steps)
         self.progress.set_postfix(loss=f"{logs['loss']:.4f}")
         if run.args.with_tracking:
             accelerator.log(logs, step=run.completed_steps)
@@ -626,17 +624,16 @@ def _save_final(
     args: RecipeArguments, model: nn.Module, output_dir: Path, results: dict, command: str | None, metadata: dict
 ) -> None:
     from .hub import export
+    from .hub.card import evaluation_for_card
 
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
-    evaluation = {k.removeprefix("eval_"): v for k, v in results.items() if k.startswith("eval_")}
-    if "accuracy" in evaluation:
-        evaluation["accuracy"] = 100.0 * evaluation["accuracy"]
+    evaluation = evaluation_for_card(results)
     folder = export(
         model,
         output_dir / "model",
         overwrite=True,
         merge_adapter=not args.save_adapter,
-        evaluation=evaluation or None,
+        evaluation=evaluation,
         datasets=[args.dataset_name] if args.dataset_name else None,
         base_model=args.model if "/" in args.model and not Path(args.model).exists() else None,
         training_command=command,

@@ -33,12 +33,14 @@ Example:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import nn
 
-from .checkpoint import is_whitening_key, read_metadata, write_timm_config
+from .checkpoint import is_whitening_key, read_metadata
+from .families import family_of
 
 __all__ = ["BASE_FOLDER", "AdapterBase", "adapter_base", "base_needs_saving", "save_adapter_base"]
 
@@ -96,7 +98,6 @@ def save_adapter_base(model: nn.Module, directory: str | Path) -> dict[str, Any]
     Call after ``model.save_pretrained(directory)``. The entry records the base's name, class
     count and label names (which rebuild a resized head) and whether ``base_model/`` was saved.
     """
-    from .adapter import library_of
     from .data import model_class_names
 
     directory = Path(directory)
@@ -114,19 +115,18 @@ def save_adapter_base(model: nn.Module, directory: str | Path) -> dict[str, Any]
     folder = directory / BASE_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     state = _plain_base_state(model)
-    library = library_of(base)
-    if library == "transformers":
-        base.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
-    elif library == "timm" and write_timm_config(base, folder):
-        from safetensors.torch import save_file
-
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        folder.rmdir()
+    family = family_of(base)
+    try:
+        if not family.reloads_by_itself:
+            raise ValueError(f"a {family.name} model's folder does not name its architecture")
+        family.save(base, folder, state_dict=state)
+    except ValueError as error:
+        shutil.rmtree(folder, ignore_errors=True)
         raise ValueError(
-            f"cannot save the base of this PEFT model ({type(base).__name__}): {reason}, and only transformers "
-            "and timm bases can be written. Save the merged model instead (merge_adapter=True)."
-        )
+            f"cannot save the base of this PEFT model ({type(base).__name__}): {reason}, and only bases whose "
+            f"library rebuilds them from a folder (transformers, timm) can be written ({error}). Save the merged "
+            "model instead (merge_adapter=True)."
+        ) from None
     (folder / "README.md").write_text(
         f"The frozen base model of the adapter one folder up ({reason}). Load it with its library, then "
         "`PeftModel.from_pretrained(base, <adapter folder>)`.\n"

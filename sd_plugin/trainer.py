@@ -43,12 +43,12 @@ from transformers import Trainer, TrainingArguments
 from . import checkpoint
 from .adapter import ModelAdapter, adapt
 from .batches import unpack_batch
-from .collapse import CollapseMonitor
 from .config import METHOD_FIELDS, SaliencyDecorConfig
 from .errors import SaliencyDecorWarning
 from .evaluation.masking_curve import masking_metrics_during_training
 from .meter import MetricMeter
 from .peft_folders import save_adapter_base
+from .training_log import TrainingLog
 from .training_step import SaliencyDecorStep
 
 __all__ = ["SaliencyDecorTrainer"]
@@ -118,9 +118,9 @@ class SaliencyDecorTrainer(Trainer):
             )
         if self.args.label_names is None:
             self.label_names = ["labels"]
-        # Metrics keyed by mode, as in TRL: the step's components while training, accuracy in evaluation.
-        self._metrics = {"train": MetricMeter(), "eval": MetricMeter()}
-        self._collapse_monitor = CollapseMonitor()
+        # The step's components while training (with the non-finite and collapse checks), accuracy in evaluation.
+        self._training_log = TrainingLog(self.sd_step)
+        self._eval_metrics = MetricMeter()
         self._warned_unfolded = False
         if self.args.push_to_hub:
             warnings.warn(
@@ -175,18 +175,15 @@ class SaliencyDecorTrainer(Trainer):
                 loss_scale=scale,
                 step_index=self.state.global_step,
             )
-        self._metrics["train"].update(output.components())
+        self._training_log.update(output)
         return output.loss * scale
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: a non-finite component since the last one stops training here
-            self.sd_step.raise_if_nonfinite(step=self.state.global_step, across_processes=True)
-        if "loss" in logs and self._metrics["train"]:
-            components = self._metrics["train"].compute(
-                mean_over_processes=functools.partial(self.accelerator.reduce, reduction="mean")
+        if "loss" in logs:  # a training log (a non-finite component since the last one stops training here)
+            components = self._training_log.compute(
+                self.state.global_step, mean_over_processes=functools.partial(self.accelerator.reduce, reduction="mean")
             )
             logs.update({name: round(value, 6) for name, value in components.items() if name != "loss"})
-            self._collapse_monitor.check(logs, step=self.state.global_step)
         super().log(logs, start_time)
 
     # -- checkpoints ------------------------------------------------------------------
@@ -276,11 +273,9 @@ class SaliencyDecorTrainer(Trainer):
                 and os.path.abspath(name_or_path) != os.path.abspath(output_dir)
             ):
                 checkpoint.copy_preprocessor_config([name_or_path], output_dir, metadata["input_size"])
-        if self.sd_adapter.library == "timm" and not self._is_peft_model():
-            checkpoint.write_timm_config(self.sd_adapter.base_model, output_dir, input_size=metadata["input_size"])
-        elif hasattr(self.sd_adapter.base_model, "config_dict"):  # sd_plugin.PaperCNN
-            with open(os.path.join(output_dir, "config.json"), "w") as handle:
-                json.dump(self.sd_adapter.base_model.config_dict(), handle, indent=2)
+        family = self.sd_adapter.family  # the config its library reloads the weights with (timm, PaperCNN)
+        if not self._is_peft_model() or not family.reloads_by_itself:
+            family.write_config(self.sd_adapter.base_model, output_dir, input_size=metadata["input_size"])
 
     def _warn_if_unfolded(self, split: checkpoint.SplitState) -> None:
         whitening = self.sd_adapter.whitening
@@ -395,10 +390,10 @@ class SaliencyDecorTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> Any:
         """``Trainer.evaluation_loop`` plus accuracy and, when enabled, the masking test."""
-        self._metrics["eval"].reset()
+        self._eval_metrics.reset()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         sum_over_processes = functools.partial(self.accelerator.reduce, reduction="sum")
-        for name, value in self._metrics["eval"].compute(sum_over_processes=sum_over_processes).items():
+        for name, value in self._eval_metrics.compute(sum_over_processes=sum_over_processes).items():
             output.metrics.setdefault(f"{metric_key_prefix}_{name}", value)
         if self.args.eval_masking_auc:
             output.metrics.update(
@@ -427,7 +422,7 @@ class SaliencyDecorTrainer(Trainer):
         logits = self.sd_adapter.logits(model, pixel_values)
         loss = F.cross_entropy(logits.float(), labels)
         if not model.training:
-            self._metrics["eval"].update_ratio("accuracy", (logits.detach().argmax(-1) == labels).sum(), labels.numel())
+            self._eval_metrics.update_ratio("accuracy", (logits.detach().argmax(-1) == labels).sum(), labels.numel())
         return (loss, {"logits": logits}) if return_outputs else loss
 
     # -- model card -------------------------------------------------------------------
@@ -452,7 +447,7 @@ class SaliencyDecorTrainer(Trainer):
         other than ``image-classification`` and ``dataset_args`` are refused (the card is an image
         classifier's; it has no dataset configuration field).
         """
-        from .hub.card import render_model_card, usage_snippet
+        from .hub.card import render_model_card
 
         card = _card_arguments(
             "create_model_card",
@@ -472,10 +467,10 @@ class SaliencyDecorTrainer(Trainer):
             return
         rendered = render_model_card(
             model_name=card.pop("model_name") or os.path.basename(os.path.abspath(self.args.output_dir)),
-            library_name=self.sd_adapter.library if self.sd_adapter.library in ("timm", "transformers") else "pytorch",
+            library_name=self.sd_adapter.family.hub_library,
             metadata=self.saliency_decor_metadata(),
             evaluation=_last_evaluation(self.state.log_history),
-            usage=usage_snippet(self.sd_adapter.library, type(self.sd_adapter.base_model).__name__),
+            usage=self.sd_adapter.family.usage(type(self.sd_adapter.base_model).__name__),
             **card,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
@@ -523,12 +518,11 @@ def _card_arguments(caller: str, given: dict[str, Any]) -> dict[str, Any]:
 
 def _last_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float] | None:
     """The metrics of the last evaluation in ``log_history``, keyed as the model card expects."""
+    from .hub.card import evaluation_for_card
+
     for entry in reversed(log_history):
         if any(key.startswith("eval_") for key in entry):
-            metrics = {k.removeprefix("eval_"): v for k, v in entry.items() if k.startswith("eval_")}
-            if "accuracy" in metrics:
-                metrics["accuracy"] = 100.0 * metrics["accuracy"]
-            return metrics
+            return evaluation_for_card(entry)
     return None
 
 

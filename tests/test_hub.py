@@ -14,24 +14,54 @@ from sd_plugin.hub import PushError, export, push, validate_repo_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LOAD_SCRIPT = """
-import sys, json, torch
-kind, folder, inputs, out = sys.argv[1:5]
-x = torch.load(inputs)
-if kind == "timm":
-    import timm
-    model = timm.create_model("local-dir:" + folder, pretrained=True).eval()
-    logits = model(x)
-elif kind == "peft":
-    from peft import AutoPeftModel
-    raise SystemExit("unused")
-else:
-    from transformers import AutoModelForImageClassification
-    model = AutoModelForImageClassification.from_pretrained(folder).eval()
-    logits = model(pixel_values=x).logits
-assert "sd_plugin" not in sys.modules, "the exported folder must load without sd_plugin"
-torch.save(logits.detach(), out)
+# One process for every exported folder the tests load (importing torch + transformers costs seconds):
+# it reads ``kind folder inputs out`` lines and answers ``ok`` or the error, without sd_plugin imported.
+LOAD_WORKER = """
+import sys, traceback, torch
+for line in sys.stdin:
+    kind, folder, inputs, out = line.rstrip("\\n").split("\\t")
+    try:
+        x = torch.load(inputs)
+        if kind == "timm":
+            import timm
+            model = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+            logits = model(x)
+        else:
+            from transformers import AutoModelForImageClassification
+            model = AutoModelForImageClassification.from_pretrained(folder).eval()
+            logits = model(pixel_values=x).logits
+        assert "sd_plugin" not in sys.modules, "the exported folder must load without sd_plugin"
+        torch.save(logits.detach(), out)
+        print("RESULT ok", flush=True)
+    except Exception:
+        print("RESULT " + traceback.format_exc().replace("\\n", " | "), flush=True)
 """
+
+
+@pytest.fixture(scope="module")
+def fresh_loader(tmp_path_factory):
+    """``load(kind, folder, x, tmp_path) -> logits`` in one fresh Python process without sd_plugin."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    cwd = tmp_path_factory.mktemp("fresh")
+    worker = subprocess.Popen(
+        [sys.executable, "-c", LOAD_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd
+    )
+
+    def load(kind, folder, x, tmp_path):
+        torch.save(x, tmp_path / "x.pt")
+        worker.stdin.write("\t".join([kind, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")]) + "\n")
+        worker.stdin.flush()
+        answer = ""
+        while not answer.startswith("RESULT "):  # lines a library printed come first
+            answer = worker.stdout.readline()
+            assert answer, f"the loader process exited ({worker.poll()})"
+        assert answer.strip() == "RESULT ok", answer
+        return torch.load(tmp_path / "out.pt")
+
+    yield load
+    worker.stdin.close()
+    worker.wait(timeout=60)
 
 
 def train(family, tmp_path, method="saliencydecor", steps=3, whiten_head_input=None):
@@ -59,22 +89,6 @@ def train(family, tmp_path, method="saliencydecor", steps=3, whiten_head_input=N
     return trainer
 
 
-def load_in_fresh_process(kind, folder, x, tmp_path):
-    torch.save(x, tmp_path / "x.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, kind, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt")
-
-
 @pytest.mark.parametrize(
     ("family", "method", "folded"),
     [
@@ -88,7 +102,7 @@ def load_in_fresh_process(kind, folder, x, tmp_path):
         ("hf_timm_wrapper", "saliencydecor", True),
     ],
 )
-def test_export__fresh_process_without_sd_plugin_reproduces_logits(tmp_path, family, method, folded):
+def test_export__fresh_process_without_sd_plugin_reproduces_logits(tmp_path, fresh_loader, family, method, folded):
     trainer = train(family, tmp_path, method)
     model = trainer.model.eval()
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -102,7 +116,7 @@ def test_export__fresh_process_without_sd_plugin_reproduces_logits(tmp_path, fam
 
     assert not any("saliency_decor" in key for key in load_file(folder / "model.safetensors"))
     kind = "timm" if family in ("timm_resnet", "timm_vit", "peft_timm_resnet") else "transformers"
-    logits = load_in_fresh_process(kind, folder, x, tmp_path)
+    logits = fresh_loader(kind, folder, x, tmp_path)
     # float32 logits through a folded float64 whitening: equal to 1e-4.
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     card = (folder / "README.md").read_text()
@@ -116,19 +130,21 @@ def test_export__keep_adapter_saves_a_peft_adapter(tmp_path):
     assert (folder / "README.md").is_file()
 
 
-def test_export__from_trainer_output_folder(tmp_path):
+def test_export__from_trainer_output_folder(tmp_path, fresh_loader):
     trainer = train("hf_resnet", tmp_path)
     trainer.save_model()
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         expected = trainer.sd_adapter.logits(trainer.model.eval(), x)
     folder = export(tmp_path / "run", tmp_path / "exported")
-    logits = load_in_fresh_process("transformers", folder, x, tmp_path)
+    logits = fresh_loader("transformers", folder, x, tmp_path)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["timm_resnet", "hf_resnet", "peft_hf_vit"])
-def test_save_model__whitened_head_folder_loads_as_the_trained_model_with_plain_libraries(tmp_path, family):
+def test_save_model__whitened_head_folder_loads_as_the_trained_model_with_plain_libraries(
+    tmp_path, fresh_loader, family
+):
     # (PEFT on a BatchNorm model cannot be compared: an adapter folder never holds the base's BN statistics.)
     trainer = train(family, tmp_path, whiten_head_input=True)
     assert trainer.sd_adapter.whitening.feeds_head
@@ -149,7 +165,7 @@ def test_save_model__whitened_head_folder_loads_as_the_trained_model_with_plain_
         from safetensors.torch import load_file
 
         assert not any("saliency_decor" in key for key in load_file(folder / "model.safetensors"))
-        logits = load_in_fresh_process("timm" if family == "timm_resnet" else "transformers", folder, x, tmp_path)
+        logits = fresh_loader("timm" if family == "timm_resnet" else "transformers", folder, x, tmp_path)
         from sd_plugin.loading import load_classifier
 
         with torch.no_grad():

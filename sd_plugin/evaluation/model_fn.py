@@ -8,7 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..adapter import extract_logits, is_transformers_model, unwrap_model
+from ..adapter import extract_logits, unwrap_model
+from ..families import family_of
 
 __all__ = ["LogitsFn", "evaluation_mode", "logits_fn", "prepare_for_evaluation"]
 
@@ -26,9 +27,8 @@ def logits_fn(model: nn.Module | LogitsFn) -> LogitsFn:
     """
     if not isinstance(model, nn.Module):
         return model
-    if is_transformers_model(unwrap_model(model)):
-        return lambda x: extract_logits(model(pixel_values=x))
-    return lambda x: extract_logits(model(x))
+    family = family_of(unwrap_model(model))
+    return lambda x: extract_logits(family.call(model, x))
 
 
 def prepare_for_evaluation(

@@ -21,12 +21,12 @@ from typing import Any
 
 from ..arguments import SETTING_FIELDS
 from ..evaluation.metrics import METRICS
+from ..families import REPO_ID_PLACEHOLDER, family_named
 
-__all__ = ["METRIC_LABELS", "REPO_ID_PLACEHOLDER", "render_model_card", "usage_snippet"]
+__all__ = ["METRIC_LABELS", "REPO_ID_PLACEHOLDER", "evaluation_for_card", "render_model_card", "usage_snippet"]
 
 # The card's metric rows, from the evaluation's one registry (key -> (key, description)).
 METRIC_LABELS = {key: (key, metric.description) for key, metric in METRICS.items()}
-REPO_ID_PLACEHOLDER = "<repo_id>"  # push replaces it with the repository id
 
 
 def _template() -> Template:
@@ -190,41 +190,24 @@ def is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
+def evaluation_for_card(metrics: dict[str, Any], prefix: str = "eval_") -> dict[str, Any] | None:
+    """Training-time evaluation metrics (``eval_accuracy`` a fraction...) as the card shows them (accuracy in %).
+
+    The one mapping both front-ends use (the Trainer's last evaluation log, the recipes' results).
+
+    Example:
+        >>> evaluation_for_card({"eval_accuracy": 0.75, "eval_loss": 0.5, "epoch": 2})
+        {'accuracy': 75.0, 'loss': 0.5}
+    """
+    evaluation = {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
+    if "accuracy" in evaluation:
+        evaluation["accuracy"] = 100.0 * evaluation["accuracy"]
+    return evaluation or None
+
+
 def usage_snippet(library: str, model_class: str, has_processor: bool = True) -> str:
-    """The card's "how to load it" code for a model of ``library`` (``timm``, ``transformers``, other).
+    """The card's "how to load it" code for a model of ``library`` (its family's ``usage``).
 
     ``has_processor``: the folder holds a ``preprocessor_config.json`` (transformers).
     """
-    if library == "timm":
-        return (
-            "import timm\n"
-            f'model = timm.create_model("hf-hub:{REPO_ID_PLACEHOLDER}", pretrained=True)  # or "local-dir:PATH"\n'
-            "model.eval()\n"
-            "config = timm.data.resolve_data_config(model=model)\n"
-            "transform = timm.data.create_transform(**config)"
-        )
-    if library == "transformers":
-        load = f'model = AutoModelForImageClassification.from_pretrained("{REPO_ID_PLACEHOLDER}")  # or a local path\n'
-        if not has_processor:
-            return (
-                "from transformers import AutoModelForImageClassification\n"
-                f"{load}model.eval()\n"
-                "# no preprocessor_config.json was saved: preprocess images as in training"
-            )
-        return (
-            "from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
-            f"{load}"
-            f'processor = AutoImageProcessor.from_pretrained("{REPO_ID_PLACEHOLDER}")\n'
-            "model.eval()\n"
-            'logits = model(**processor(image, return_tensors="pt")).logits  # image: a PIL image'
-        )
-    if model_class == "PaperCNN":
-        return (
-            "from sd_plugin.loading import load_classifier  # pip install sd-plugin\n"
-            'model = load_classifier("PATH")  # this folder: PaperCNN(**config.json model_args) + model.safetensors'
-        )
-    return (
-        "from safetensors.torch import load_file\n"
-        f"model = {model_class}(...)  # the architecture it was trained with (import it from your code)\n"
-        'model.load_state_dict(load_file("model.safetensors"))'
-    )
+    return family_named(library).usage(model_class, has_processor)

@@ -27,21 +27,21 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-from ..adapter import is_peft, library_of, unwrap_model
+from ..adapter import is_peft, unwrap_model
 from ..checkpoint import (
     METADATA_FILE,
     PREPROCESSOR_FILE,
     copy_preprocessor_config,
     read_metadata,
-    timm_label_names,
     weights_fingerprint,
     write_metadata,
 )
 from ..errors import SaliencyDecorWarning
+from ..families import REPO_ID_PLACEHOLDER, ModelFamily, family_of
 from ..folding import find_whitening, fold_whitening_into_head
 from ..loading import load_classifier
 from ..peft_folders import save_adapter_base
-from .card import REPO_ID_PLACEHOLDER, render_model_card, usage_snippet
+from .card import render_model_card
 
 __all__ = ["ExportSource", "export", "REPO_ID_PLACEHOLDER"]
 
@@ -100,42 +100,21 @@ def _readable_by_others(folder: Path) -> None:
 
 
 def _write_weights(
-    model: nn.Module, library: str, folder: Path, source_dir: Path | None, input_size: list[int] | None
+    model: nn.Module, family: ModelFamily, folder: Path, source_dir: Path | None, input_size: list[int] | None
 ) -> dict[str, Any]:
-    """Write the weights (and config); returns metadata to add (a PEFT adapter's ``peft_base``)."""
+    """Write the weights (and config) as ``family`` saves them; returns metadata to add (a PEFT adapter's base)."""
     if is_peft(model):
         model.save_pretrained(str(folder), safe_serialization=True)
         return {"peft_base": save_adapter_base(model, folder)}
-    if library == "transformers":
-        model.save_pretrained(str(folder), safe_serialization=True)
-        return {}
-    if library == "timm":
-        from timm.models._hub import save_for_hf
-
-        model_args = getattr(model, "sd_plugin_model_args", None)
-        if model_args is None and source_dir is not None and (source_dir / "config.json").is_file():
-            model_args = json.loads((source_dir / "config.json").read_text()).get("model_args")
-        labels = timm_label_names(model)
-        save_for_hf(
-            model,
-            str(folder),
-            model_config={"label_names": labels} if labels else None,
-            model_args=model_args,
-            safe_serialization=True,
-            data_config={"input_size": tuple(input_size)} if input_size else None,  # the size it was trained at
-        )
-        return {}
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    if hasattr(model, "config_dict"):  # sd_plugin.PaperCNN: load_classifier rebuilds it from this
-        (folder / "config.json").write_text(json.dumps(model.config_dict(), indent=2))
+    model_args = getattr(model, "sd_plugin_model_args", None)
+    if model_args is None and source_dir is not None and (source_dir / "config.json").is_file():
+        model_args = json.loads((source_dir / "config.json").read_text()).get("model_args")
+    family.save(model, folder, input_size=input_size, model_args=model_args)
     return {}
 
 
 def _save_processor(
-    processor: Any, candidates: list[Path | None], folder: Path, library: str, input_size: list[int] | None
+    processor: Any, candidates: list[Path | None], folder: Path, family: ModelFamily, input_size: list[int] | None
 ) -> bool:
     """Write the preprocessing config: the processor, else the first candidate folder's; True if written.
 
@@ -146,7 +125,7 @@ def _save_processor(
         return (folder / PREPROCESSOR_FILE).is_file()
     if copy_preprocessor_config(candidates, folder, input_size):
         return True
-    if library == "transformers":
+    if family.has_image_processor:
         warnings.warn(
             "export: no image processor to save (the trainer had no processing_class and no source folder holds a "
             "preprocessor_config.json), so the folder does not say how to preprocess images. Pass "
@@ -233,41 +212,41 @@ def export(
     # A trainer folder already holds the folded head (sd_plugin.checkpoint): say so again.
     folded = fold_whitening_into_head(exported) or bool(metadata.get("whitening_folded_into_head"))
     base = unwrap_model(exported)
-    library = library_of(base)
+    family = family_of(base)
     metrics, comparisons, figure_paths, dataset_name, eval_command = _read_evaluation(evaluation)
     _check_evaluation_is_of(metrics, source_dir, evaluation)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        metadata = {**metadata, **_write_weights(exported, library, staging, source_dir, metadata.get("input_size"))}
+        metadata = {**metadata, **_write_weights(exported, family, staging, source_dir, metadata.get("input_size"))}
         name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None)
         candidates = [
             source_dir,
             Path(preprocessing_from) if preprocessing_from else None,
             Path(name_or_path) if name_or_path and Path(name_or_path).is_dir() else None,  # the model it started from
         ]
-        has_processor = _save_processor(processor, candidates, staging, library, metadata.get("input_size"))
+        has_processor = _save_processor(processor, candidates, staging, family, metadata.get("input_size"))
         figures = []
         for figure in figure_paths:
             if figure.is_file():
                 (staging / "figures").mkdir(exist_ok=True)
                 shutil.copy2(figure, staging / "figures" / figure.name)
                 figures.append(f"figures/{figure.name}")
-        card_metadata = {**metadata, "whitening_folded_into_head": folded, "exported_library": library}
+        card_metadata = {**metadata, "whitening_folded_into_head": folded, "exported_library": family.name}
         write_metadata(staging, card_metadata)
         base_model = base_model or getattr(getattr(base, "config", None), "_name_or_path", None) or None
         if base_model and Path(str(base_model)).exists():
             base_model = None  # a local path is not a Hub id
         card = render_model_card(
             model_name=model_name or path.name,
-            library_name="timm" if library == "timm" else ("transformers" if library == "transformers" else "pytorch"),
+            library_name=family.hub_library,
             metadata=metadata,
             evaluation=metrics,
             comparisons=comparisons,
             datasets=datasets or ([dataset_name] if dataset_name else None),
             base_model=base_model,
             figures=figures,
-            usage=usage_snippet(library, type(base).__name__, has_processor=has_processor),
+            usage=family.usage(type(base).__name__, has_processor=has_processor),
             training_command=training_command,
             evaluation_command=eval_command,
             dataset_name=dataset_name,
