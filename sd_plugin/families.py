@@ -2,11 +2,12 @@
 
 A family says how a model of its library is called (``pixel_values=`` or positional), how a
 folder of it is written so that its own library reloads it (transformers' ``save_pretrained``,
-timm's ``config.json`` + safetensors, plain safetensors), which ``library_name`` its model card
-has and how the card shows it being loaded. The adapter, the checkpoint format, ``export``, the
-card and the Trainer ask ``family_of(model)`` / ``family_named(library)`` instead of branching on
-the library. A new family is a subclass here, listed in ``FAMILIES`` before the plain one, plus
-a tiny test model (ARCHITECTURE.md, "where a change goes").
+timm's ``config.json`` + safetensors, plain safetensors), which folders it reads back
+(``sd_plugin.loading``), which ``library_name`` its model card has and how the card shows it
+being loaded. The adapter, the checkpoint format, ``export``, the card, the loaders and the
+Trainer ask ``family_of(model)`` / ``family_named(library)`` / ``family_reading(config)``
+instead of branching on the library. A new family is a subclass here, listed in ``FAMILIES``
+before the plain one, plus a tiny test model (ARCHITECTURE.md, "where a change goes").
 
 Example:
     >>> import timm
@@ -33,6 +34,7 @@ __all__ = [
     "TransformersFamily",
     "family_named",
     "family_of",
+    "family_reading",
     "timm_label_names",
     "trained_pretrained_cfg",
     "write_timm_config",
@@ -82,6 +84,18 @@ class ModelFamily:
         if hasattr(model, "config_dict"):  # sd_plugin.PaperCNN: load_classifier rebuilds it from this
             (Path(folder) / "config.json").write_text(json.dumps(model.config_dict(), indent=2))
 
+    def reads_folder(self, config: dict[str, Any]) -> bool:
+        """Whether a folder with this ``config.json`` holds a model of this family: ``sd_plugin.PaperCNN``'s."""
+        return config.get("architecture") == "sd_plugin.PaperCNN"
+
+    def load_folder(self, folder: Path, config: dict[str, Any], **kwargs: Any) -> nn.Module:
+        """The model of a folder ``reads_folder`` accepted (the whitening's buffers are not its weights)."""
+        from .models import PaperCNN
+
+        model = PaperCNN.from_config(config)
+        model.load_state_dict(_model_weights(folder), strict=True)
+        return model
+
     def usage(self, model_class: str, has_processor: bool = True) -> str:
         """The model card's "how to load it" code."""
         if model_class == "PaperCNN":
@@ -119,6 +133,14 @@ class TransformersFamily(ModelFamily):
 
     def write_config(self, model, folder, *, input_size=None) -> None:
         """Nothing: ``save_pretrained`` wrote ``config.json``."""
+
+    def reads_folder(self, config: dict[str, Any]) -> bool:
+        return "model_type" in config
+
+    def load_folder(self, folder: Path, config: dict[str, Any], **kwargs: Any) -> nn.Module:
+        from transformers import AutoModelForImageClassification
+
+        return AutoModelForImageClassification.from_pretrained(str(folder), **kwargs)
 
     def usage(self, model_class: str, has_processor: bool = True) -> str:
         load = f'model = AutoModelForImageClassification.from_pretrained("{REPO_ID_PLACEHOLDER}")  # or a local path\n'
@@ -168,6 +190,25 @@ class TimmFamily(ModelFamily):
     def write_config(self, model, folder, *, input_size=None) -> None:
         write_timm_config(model, folder, input_size=input_size)
 
+    def reads_folder(self, config: dict[str, Any]) -> bool:
+        architecture = str(config.get("architecture", ""))
+        return bool(architecture) and "model_type" not in config and not architecture.startswith("sd_plugin.")
+
+    def load_folder(self, folder: Path, config: dict[str, Any], **kwargs: Any) -> nn.Module:
+        """``timm.create_model`` of the recorded architecture and arguments, its weights and ``pretrained_cfg``."""
+        import timm
+
+        model_args = dict(config.get("model_args") or {})
+        model_args.setdefault("num_classes", config.get("num_classes"))
+        model = timm.create_model(config["architecture"], pretrained=False, **model_args)
+        model.load_state_dict(_model_weights(folder), strict=True)
+        pretrained_cfg = config.get("pretrained_cfg")
+        if isinstance(pretrained_cfg, dict):
+            model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **pretrained_cfg}
+        if config.get("label_names"):  # timm keeps the class names at the top of its config.json
+            model.pretrained_cfg = {**model.pretrained_cfg, "label_names": list(config["label_names"])}
+        return model
+
     def usage(self, model_class: str, has_processor: bool = True) -> str:
         return (
             "import timm\n"
@@ -185,6 +226,23 @@ FAMILIES: tuple[ModelFamily, ...] = (TransformersFamily(), TimmFamily(), ModelFa
 def family_of(model: nn.Module) -> ModelFamily:
     """The family of ``model`` (an unwrapped base model: no DDP, ``torch.compile`` or PEFT wrapper)."""
     return next(family for family in FAMILIES if family.matches(model))
+
+
+def family_reading(config: dict[str, Any]) -> ModelFamily | None:
+    """The family whose folders have this ``config.json``, or None."""
+    return next((family for family in FAMILIES if family.reads_folder(config)), None)
+
+
+def _model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` without the whitening's buffers (restored separately, ``sd_plugin.loading``)."""
+    from safetensors.torch import load_file
+
+    from .feature_tap import WHITENING_MODULE_NAME
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no model.safetensors.")
+    return {k: v for k, v in load_file(str(path)).items() if WHITENING_MODULE_NAME not in k.split(".")}
 
 
 def family_named(name: str) -> ModelFamily:

@@ -13,18 +13,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .checkpoint import (
     METADATA_FILE,
     WEIGHT_FILES,
     WHITENING_FILE,
-    is_whitening_key,
     read_metadata,
     read_whitening_buffers,
     weights_fingerprint,
 )
+from .families import TimmFamily, family_reading
 from .peft_folders import ADAPTER_CONFIG, adapter_base
 
 __all__ = [
@@ -42,35 +41,6 @@ __all__ = [
 def _read_config(directory: Path) -> dict[str, Any] | None:
     path = directory / "config.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _is_timm_config(config: dict[str, Any]) -> bool:
-    return "architecture" in config and "model_type" not in config
-
-
-def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = directory / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no model.safetensors.")
-    return load_file(str(path))
-
-
-def _load_timm_folder(directory: Path, config: dict[str, Any]) -> nn.Module:
-    import timm
-
-    model_args = dict(config.get("model_args") or {})
-    model_args.setdefault("num_classes", config.get("num_classes"))
-    model = timm.create_model(config["architecture"], pretrained=False, **model_args)
-    state = {k: v for k, v in _load_state_dict(directory).items() if not is_whitening_key(k)}
-    model.load_state_dict(state, strict=True)
-    pretrained_cfg = config.get("pretrained_cfg")
-    if isinstance(pretrained_cfg, dict):
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **pretrained_cfg}
-    if config.get("label_names"):  # timm keeps the class names at the top of its config.json
-        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": list(config["label_names"])}
-    return model
 
 
 def load_classifier(name_or_path: str | Path, **kwargs: Any) -> nn.Module:
@@ -92,18 +62,13 @@ def load_classifier(name_or_path: str | Path, **kwargs: Any) -> nn.Module:
                 f"{path} has no config.json: it is not a transformers or timm model folder. "
                 "Pass a folder written by save_pretrained / sd_plugin.hub.export, or a Hub id."
             )
-        if config.get("architecture") == "sd_plugin.PaperCNN":
-            from .models import PaperCNN
-
-            model = PaperCNN.from_config(config)
-            state = {k: v for k, v in _load_state_dict(path).items() if not is_whitening_key(k)}
-            model.load_state_dict(state, strict=True)
-        elif _is_timm_config(config):
-            model = _load_timm_folder(path, config)
-        else:
-            from transformers import AutoModelForImageClassification
-
-            model = AutoModelForImageClassification.from_pretrained(str(path), **kwargs)
+        family = family_reading(config)
+        if family is None:
+            raise ValueError(
+                f"{path}/config.json names no model library sd-plugin reads (transformers' model_type, timm's "
+                "architecture or sd_plugin.PaperCNN)."
+            )
+        model = family.load_folder(path, config, **kwargs)
         restore_whitening(model, path)
         return model.eval()
     name = str(name_or_path)
@@ -184,7 +149,8 @@ def load_for_finetuning(name_or_path: str, num_labels: int, labels: list[str] | 
     if path.is_dir() and config is None:
         raise ValueError(f"--model {name_or_path}: {path} has no config.json (not a transformers or timm model).")
     try:
-        if name_or_path.startswith(("timm/", "hf-hub:")) or (config is not None and _is_timm_config(config)):
+        timm_folder = config is not None and isinstance(family_reading(config), TimmFamily)
+        if name_or_path.startswith(("timm/", "hf-hub:")) or timm_folder:
             import timm
 
             source = (

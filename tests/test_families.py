@@ -7,6 +7,7 @@ from torch import nn
 
 from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, adapt, families
 from sd_plugin.hub import export
+from sd_plugin.loading import load_classifier
 
 
 class KeywordNet(nn.Module):
@@ -32,7 +33,17 @@ class KeywordFamily(families.ModelFamily):
         return model(images=pixel_values)
 
     def write_config(self, model, folder, *, input_size=None):
-        (folder / "keyword.json").write_text(json.dumps({"architecture": "KeywordNet", "input_size": input_size}))
+        (folder / "config.json").write_text(json.dumps({"architecture": "KeywordNet", "input_size": input_size}))
+
+    def reads_folder(self, config):
+        return config.get("architecture") == "KeywordNet"
+
+    def load_folder(self, folder, config, **kwargs):
+        from safetensors.torch import load_file
+
+        model = KeywordNet()
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return model
 
     def usage(self, model_class, has_processor=True):
         return "import keyword_lib\nmodel = keyword_lib.load('<repo_id>')"
@@ -47,6 +58,9 @@ def test_a_new_family_is_one_subclass(monkeypatch, tmp_path):
     out = step.step(model, torch.randn(8, 3, 12, 12), torch.arange(8) % 3)  # both passes call model(images=...)
     assert out.loss_kl is not None and out.loss_decor is not None
     folder = export(model, tmp_path / "exported")
-    assert json.loads((folder / "keyword.json").read_text())["architecture"] == "KeywordNet"
+    assert json.loads((folder / "config.json").read_text())["architecture"] == "KeywordNet"
     card = (folder / "README.md").read_text()
     assert "library_name: keyword-lib" in card and "keyword_lib.load" in card
+    reloaded = load_classifier(folder)  # the loaders ask the family too
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(reloaded(images=x), model.eval()(images=x))
