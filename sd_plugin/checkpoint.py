@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .feature_tap import WHITENING_MODULE_NAME
+from .feature_tap import is_whitening_key
 from .folding import find_whitening, folded_head, head_fed_by
 
 __all__ = [
@@ -141,11 +141,6 @@ def explain_save_error(error: BaseException, folder: str | Path) -> BaseExceptio
         "Free space, keep fewer checkpoints (--checkpoints_total_limit / save_total_limit) or use another output "
         "folder; nothing half-written was kept.",
     )
-
-
-def is_whitening_key(key: str) -> bool:
-    """True for a state-dict key of the whitening's buffers (at any depth of wrapping)."""
-    return WHITENING_MODULE_NAME in key.split(".")
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any] | None:

@@ -237,12 +237,12 @@ def _model_weights(folder: Path) -> dict[str, torch.Tensor]:
     """``model.safetensors`` without the whitening's buffers (restored separately, ``sd_plugin.loading``)."""
     from safetensors.torch import load_file
 
-    from .feature_tap import WHITENING_MODULE_NAME
+    from .feature_tap import is_whitening_key
 
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no model.safetensors.")
-    return {k: v for k, v in load_file(str(path)).items() if WHITENING_MODULE_NAME not in k.split(".")}
+    return {k: v for k, v in load_file(str(path)).items() if not is_whitening_key(k)}
 
 
 def family_named(name: str) -> ModelFamily:

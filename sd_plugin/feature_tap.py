@@ -16,9 +16,14 @@ from torch import Tensor, nn
 
 from .whitening import GroupZCA
 
-__all__ = ["FeatureTap", "WHITENING_MODULE_NAME"]
+__all__ = ["FeatureTap", "WHITENING_MODULE_NAME", "is_whitening_key"]
 
 WHITENING_MODULE_NAME = "saliency_decor_whitening"
+
+
+def is_whitening_key(key: str) -> bool:
+    """True for a state-dict key of the whitening's buffers (at any depth of wrapping)."""
+    return WHITENING_MODULE_NAME in key.split(".")
 
 
 class FeatureTap:

@@ -413,7 +413,7 @@ class SaliencyDecorStep:
         total = clean.objective.detach()
         masked_accuracy = None
         if loss_kl is not None and masked_logits is not None:
-            total = total + self.args.consistency_weight * loss_kl.detach()
+            total = total + self._consistency_weight() * loss_kl.detach()  # as back-propagated
             masked_accuracy = (masked_logits.detach().argmax(-1) == labels[: masked_logits.shape[0]]).float().mean()
         return SaliencyDecorOutput(
             loss=total,

@@ -9,7 +9,7 @@ import tiny_models
 import torch
 from fake_hub import FakeHub
 
-from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
+from sd_plugin import SaliencyDecorTrainer
 from sd_plugin.hub import PushError, export, push, validate_repo_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,25 +68,16 @@ def train(family, tmp_path, method="saliencydecor", steps=3, whiten_head_input=N
     model = tiny_models.build(family, tmp_path)
     if family in ("timm_vit",):
         model.sd_plugin_model_args = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
-    g = torch.Generator().manual_seed(0)
-    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(48)]
-    args = SaliencyDecorConfig(
-        output_dir=str(tmp_path / "run"),
+    # whiten_head_input None: the paper's rule, CNN heads read whitened features (folded on export)
+    return tiny_models.train(
+        model,
+        tmp_path / "run",
+        steps=steps,
+        samples=48,
         method=method,
-        max_steps=steps,
-        per_device_train_batch_size=16,
-        group_size=8,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
         learning_rate=1e-2,
-        # None: the paper's rule, CNN heads read whitened features (folded on export)
         whiten_head_input=whiten_head_input,
     )
-    trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
-    trainer.train()
-    return trainer
 
 
 @pytest.mark.parametrize(
@@ -441,8 +432,6 @@ def test_trainer_private_hooks__exist_upstream_with_the_signatures_overridden():
     import inspect
 
     from transformers import Trainer
-
-    from sd_plugin import SaliencyDecorTrainer
 
     private = [
         name

@@ -184,8 +184,8 @@ def build(family: str, path: Path, seed: int = 0, num_labels: int = NUM_CLASSES)
     return _FACTORIES[family](path / family)
 
 
-def train_and_save(model: nn.Module, output_dir: Path, steps: int = 1, samples: int = 16, **config: object):
-    """A few ``SaliencyDecorTrainer`` steps on random 16 px images (batch 16, group 8), then ``save_model()``."""
+def train(model: nn.Module, output_dir: Path, steps: int = 1, samples: int = 16, **config: object):
+    """A few ``SaliencyDecorTrainer`` steps on random 16 px images (batch 16, group 8); returns the trainer."""
     from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
 
     g = torch.Generator().manual_seed(0)
@@ -205,6 +205,12 @@ def train_and_save(model: nn.Module, output_dir: Path, steps: int = 1, samples: 
     )
     trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
+    return trainer
+
+
+def train_and_save(model: nn.Module, output_dir: Path, steps: int = 1, samples: int = 16, **config: object):
+    """``train``, then ``save_model()``."""
+    trainer = train(model, output_dir, steps=steps, samples=samples, **config)
     trainer.save_model()
     return trainer
 

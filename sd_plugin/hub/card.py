@@ -21,9 +21,9 @@ from typing import Any
 
 from ..arguments import SETTING_FIELDS
 from ..evaluation.metrics import METRICS
-from ..families import REPO_ID_PLACEHOLDER, family_named
+from ..families import REPO_ID_PLACEHOLDER
 
-__all__ = ["METRIC_LABELS", "REPO_ID_PLACEHOLDER", "evaluation_for_card", "render_model_card", "usage_snippet"]
+__all__ = ["METRIC_LABELS", "REPO_ID_PLACEHOLDER", "evaluation_for_card", "render_model_card"]
 
 # The card's metric rows, from the evaluation's one registry (key -> (key, description)).
 METRIC_LABELS = {key: (key, metric.description) for key, metric in METRICS.items()}
@@ -203,11 +203,3 @@ def evaluation_for_card(metrics: dict[str, Any], prefix: str = "eval_") -> dict[
     if "accuracy" in evaluation:
         evaluation["accuracy"] = 100.0 * evaluation["accuracy"]
     return evaluation or None
-
-
-def usage_snippet(library: str, model_class: str, has_processor: bool = True) -> str:
-    """The card's "how to load it" code for a model of ``library`` (its family's ``usage``).
-
-    ``has_processor``: the folder holds a ``preprocessor_config.json`` (transformers).
-    """
-    return family_named(library).usage(model_class, has_processor)
