@@ -121,15 +121,27 @@ def _newton_schulz_inverse_sqrt(sigma: Tensor, iterations: int) -> Tensor:
 
 
 def shrink_covariance(sigma: Tensor, shrinkage: float, eps: float) -> Tensor:
-    """``(1 - a) S + a tr(S)/g I + eps I`` for a batch of ``(..., g, g)`` covariances.
+    """``(1 - a) S_k + a v I + eps I`` for the group covariances ``S_k`` of one layer, ``(G, g, g)`` or ``(g, g)``.
 
-    The shrinkage target scales with the covariance, so the result is positive definite
-    for any input scale, including all-zero (dead) features thanks to ``eps``.
+    ``v`` is the layer's mean feature variance (the mean diagonal over all ``G`` groups), so the
+    result is positive definite for any input scale (``eps`` covers all-zero features) and the
+    target does not follow a single group's scale: a group whose features all shrink towards
+    a constant whitens to small outputs, which the decorrelation loss's liveness term charges,
+    instead of being re-scaled to unit variance as a per-group ``tr(S_k)/g`` target would do
+    (``tests/test_whitening.py::test_whitened_loss__a_dying_group_costs_liveness``). One ``v``
+    for the layer is also the paper's ``Sigma + eps I`` with a scale-relative ``eps``.
+
+    Example:
+        >>> s = torch.stack([torch.eye(2), 0.0 * torch.eye(2)])  # a live and a dead group
+        >>> shrink_covariance(s, 0.5, 0.0)[1]  # the dead group gets the layer's target, not 0
+        tensor([[0.2500, 0.0000],
+                [0.0000, 0.2500]])
     """
-    size = sigma.shape[-1]
-    identity = torch.eye(size, dtype=sigma.dtype, device=sigma.device)
-    trace = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    return (1.0 - shrinkage) * sigma + (shrinkage * trace / size + eps) * identity
+    if sigma.dim() not in (2, 3):
+        raise ValueError(f"shrink_covariance expects (G, g, g) or (g, g) covariances, got {tuple(sigma.shape)}.")
+    identity = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+    mean_variance = sigma.diagonal(dim1=-2, dim2=-1).mean()
+    return (1.0 - shrinkage) * sigma + (shrinkage * mean_variance + eps) * identity
 
 
 @functools.cache
@@ -152,8 +164,9 @@ class GroupZCA(nn.Module):
         num_features: ``D``, the feature width.
         group_size: ``g``, features per whitening group; must divide ``D``. Keep
             ``g <= 32`` and batches of at least ``2 g`` for a full-rank covariance.
-        shrinkage: ``a`` in ``(1 - a) S + a tr(S)/g I``; keeps rank-deficient batches
-            and repeated eigenvalues finite. ``0`` whitens exactly.
+        shrinkage: ``a`` in ``(1 - a) S_k + a v I`` (``v``: the layer's mean feature variance,
+            ``shrink_covariance``); keeps rank-deficient batches and repeated eigenvalues
+            finite, and a dying group visible to the loss. ``0`` whitens exactly.
         eps: absolute ridge added to the shrunk covariance.
         momentum: update rate of the running mean and covariance used in eval mode.
         method: ``"eigh"`` (default) or ``"newton_schulz"`` for ZCA's inverse square root, or

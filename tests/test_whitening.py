@@ -297,3 +297,33 @@ def test_whiten_for_loss__leaves_running_statistics_alone():
     zca.whiten_for_loss(correlated(64, 16))
     assert int(zca.num_batches_tracked) == 0
     torch.testing.assert_close(zca.running_cov, before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_whitened_loss__a_dying_group_costs_liveness(method):
+    """A whole group whose features shrink towards a constant (a conv channel dying: on digits the
+    default step lost one where the baseline kept it, CI of 2026-12) must raise the whitened
+    decorrelation loss. A per-group shrinkage target re-scaled such a group to unit variance, so the
+    loss did not change until the group was below ``eps``: the liveness term never saw it."""
+    from sd_plugin.decorrelation import whitened_decorrelation_loss
+
+    features = torch.randn(512, 32, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for scale in (1.0, 1e-1, 1e-2, 1e-3):
+        f = features.clone()
+        f[:, :8] *= scale  # the first group of 8 fades; its shape within the group is unchanged
+        whitening = GroupZCA(32, group_size=8, method=method)
+        losses.append(float(whitened_decorrelation_loss(whitening, f)))
+    assert losses[0] < losses[1] < losses[2] < losses[3]
+    # at 0.1% of the scale (still 10x above eps) the group is nearly dead to the loss: about the liveness
+    # weight 2 per feature (the per-group target gave 0.1 here)
+    assert losses[3] - losses[0] > 0.8 * 2.0 * 8
+
+
+def test_shrink_covariance__target_is_the_layer_mean_variance_not_each_groups():
+    sigma = torch.stack([4.0 * torch.eye(3), torch.zeros(3, 3)])
+    shrunk = shrink_covariance(sigma, 0.25, 0.0)
+    torch.testing.assert_close(shrunk[0], (0.75 * 4.0 + 0.25 * 2.0) * torch.eye(3))
+    torch.testing.assert_close(shrunk[1], 0.25 * 2.0 * torch.eye(3))
+    with pytest.raises(ValueError, match=r"\(G, g, g\) or \(g, g\)"):
+        shrink_covariance(torch.zeros(2, 2, 3, 3), 0.1, 0.0)
