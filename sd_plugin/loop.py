@@ -623,15 +623,16 @@ def _finish(run: _Run, command: str | None) -> dict[str, Any]:
 def _save_final(
     args: RecipeArguments, model: nn.Module, output_dir: Path, results: dict, command: str | None, metadata: dict
 ) -> None:
-    from .hub import export
     from .hub.card import evaluation_for_card
+    from .hub.publish import publish
 
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
     evaluation = evaluation_for_card(results)
-    folder = export(
+    published = publish(
         model,
         output_dir / "model",
-        overwrite=True,
+        repo_id=args.hub_model_id if args.push_to_hub else None,
+        private=args.hub_private_repo,
         merge_adapter=not args.save_adapter,
         evaluation=evaluation,
         datasets=[args.dataset_name] if args.dataset_name else None,
@@ -641,7 +642,5 @@ def _save_final(
         # the preprocessing the model was trained with: the source folder's processor config
         preprocessing_from=args.model.removeprefix("local-dir:"),
     )
-    if args.push_to_hub:
-        from .hub import push
-
-        print("pushed:", push(folder, args.hub_model_id, private=args.hub_private_repo))
+    if published.url:
+        print("pushed:", published.url)

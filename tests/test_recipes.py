@@ -56,9 +56,14 @@ def models(tmp_path_factory):
     return built
 
 
-def run(args, tmp_path, processes=1, check=True):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+def run(args, tmp_path, processes=1, check=True, hub=None):
+    """Run a recipe as users do; ``hub``: a ``FakeHub`` to push to (otherwise offline)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HUB_OFFLINE")}
+    env.update(OMP_NUM_THREADS="1")
+    if hub is None:
+        env.update(HF_HUB_OFFLINE="1")
+    else:
+        env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_TELEMETRY="1")
     if processes > 1:
         env["ACCELERATE_USE_CPU"] = "true"
         command = [
@@ -261,11 +266,19 @@ def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra)
     assert json.loads((evaluation / "results.json").read_text())["models"]
 
 
-def test_recipe_flags__periodic_evaluation_gradient_checkpointing_and_image_size(tiny_imagenet, models, tmp_path):
+def test_recipe_flags__periodic_evaluation_gradient_checkpointing_image_size_and_push(tiny_imagenet, models, tmp_path):
+    from fake_hub import FakeHub
+
     output = tmp_path / "out"
     extra = ["--max_train_steps", "2", "--per_device_train_batch_size", "8", "--group_size", "4", "--eval_steps", "1"]
-    extra += ["--gradient_checkpointing", "--image_size", "24"]
-    run(recipe_args(models["timm_resnet"], tiny_imagenet, output, *extra), tmp_path)
+    extra += ["--gradient_checkpointing", "--image_size", "24", "--push_to_hub", "--hub_model_id", "alice/recipe-sd"]
+    with FakeHub() as hub:
+        result = run(recipe_args(models["timm_resnet"], tiny_imagenet, output, *extra), tmp_path, hub=hub)
+    # pushed through hub.publish, the Trainer's path: the exported folder, its card naming the repository
+    assert "pushed: http://" in result.stdout, result.stdout[-2000:]
+    (commit,) = hub.commits
+    assert {"README.md", "config.json", "model.safetensors", "saliency_decor.json"} <= set(commit["files"])
+    assert "alice/recipe-sd" in commit["files"]["README.md"].decode()
     results = history(output)
     evaluations = [h for h in results["history"] if "eval_accuracy" in h]
     assert [h["step"] for h in evaluations] == [1, 2] and "train_loss" in results
