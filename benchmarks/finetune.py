@@ -49,10 +49,10 @@ from reproduce import (  # noqa: E402
 )
 
 from sd_plugin import SaliencyDecorTrainer  # noqa: E402
-from sd_plugin.data import IMAGE_EXTENSIONS, folder_classes  # noqa: E402
 from sd_plugin.evaluation.masking_curve import percentages_every, random_subset  # noqa: E402
 from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
-from sd_plugin.loading import load_for_finetuning  # noqa: E402
+from sd_plugin.storage.data import IMAGE_EXTENSIONS, folder_classes  # noqa: E402
+from sd_plugin.storage.loading import load_for_finetuning  # noqa: E402
 
 DEFAULT_MODEL = "local-dir:models/efficientnet_lite0/timm"
 EVAL_SPLITS = ("test", "val", "validation")
@@ -160,7 +160,7 @@ def load_splits(data: Path, image_size: int, mean, std):
     train = PreloadedImages(*folder_split(data / "train", classes), stored, image_size, mean, std, train=True)
     files, labels = folder_split(split, classes)
     masks = None
-    if (data / "localization.json").is_file():  # sd_plugin.localization_data: masks beside the images
+    if (data / "localization.json").is_file():  # sd_plugin.storage.localization_data: masks beside the images
         masks = [data / "masks" / split.name / path.parent.name / path.name for path in files]
     evaluation = PreloadedImages(files, labels, stored, image_size, mean, std, train=False, masks=masks)
     return train, evaluation, classes, split.name

@@ -1,4 +1,4 @@
-"""Write the ground-truth localization dataset (sd_plugin.localization_data) as an image folder with masks.
+"""Write the ground-truth localization dataset (sd_plugin.storage.localization_data) as an image folder with masks.
 
 CI-sized, offline everywhere (Fashion-MNIST items on scikit-learn's two sample photos):
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from sd_plugin.localization_data import write_localization_dataset
+from sd_plugin.storage.localization_data import write_localization_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ def build_model(name: str, device: torch.device) -> tuple[torch.nn.Module, tuple
 
     if name == "resnet18":
         return timm.create_model("resnet18", pretrained=False, num_classes=10).to(device).eval(), (3, 32, 32)
-    from sd_plugin.models import PaperCNN
+    from sd_plugin.core.models import PaperCNN
 
     return PaperCNN.mnist().to(device).eval(), (1, 28, 28)
 

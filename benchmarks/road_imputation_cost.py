@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         )
     # masking curve: ROAD vs mean fill, same model and images
-    from sd_plugin.models import PaperCNN
+    from sd_plugin.core.models import PaperCNN
 
     model = PaperCNN().eval()
     data = DataLoader(

@@ -44,11 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import HostSyncAudit, machine_description, peak_memory, synchronize, tensor_bytes  # noqa: E402
 
 from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer  # noqa: E402
-from sd_plugin.decorrelation import (  # noqa: E402
+from sd_plugin.core.decorrelation import (  # noqa: E402
     compiled_whitened_decorrelation_loss,
     whitened_decorrelation_loss,
 )
-from sd_plugin.models import PaperCNN  # noqa: E402
+from sd_plugin.core.models import PaperCNN  # noqa: E402
 
 PLAIN = "plain Trainer"
 VARIANTS = (

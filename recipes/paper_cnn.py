@@ -20,8 +20,10 @@ import torch
 from accelerate import Accelerator
 from transformers import HfArgumentParser
 
-from sd_plugin.arguments import SaliencyDecorArguments
-from sd_plugin.data import (
+from sd_plugin.core.arguments import SaliencyDecorArguments
+from sd_plugin.core.models import PaperCNN
+from sd_plugin.integrations.loop import RecipeArguments, make_accelerator, train
+from sd_plugin.storage.data import (
     HFImageDataset,
     folder_classes,
     image_folder_dataset,
@@ -29,8 +31,6 @@ from sd_plugin.data import (
     load_fashion_mnist,
     resize_and_scale,
 )
-from sd_plugin.loop import RecipeArguments, make_accelerator, train
-from sd_plugin.models import PaperCNN
 
 
 @dataclass

@@ -23,11 +23,11 @@ from pathlib import Path
 from accelerate import Accelerator
 from transformers import HfArgumentParser
 
-from sd_plugin.arguments import SaliencyDecorArguments
-from sd_plugin.data import HFImageDataset, folder_classes, image_folder_dataset, image_transform
-from sd_plugin.loading import load_for_finetuning
-from sd_plugin.loop import RecipeArguments, make_accelerator, train
-from sd_plugin.run_lock import output_dir_lock
+from sd_plugin.core.arguments import SaliencyDecorArguments
+from sd_plugin.integrations.loop import RecipeArguments, make_accelerator, train
+from sd_plugin.storage.data import HFImageDataset, folder_classes, image_folder_dataset, image_transform
+from sd_plugin.storage.loading import load_for_finetuning
+from sd_plugin.utils.run_lock import output_dir_lock
 
 DEFAULT_DATASET = "zh-plus/tiny-imagenet"
 

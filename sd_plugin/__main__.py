@@ -9,14 +9,14 @@ COMMANDS = {
     "evaluate": "sd_plugin.evaluation.cli",
     "export": "sd_plugin.hub.cli:export_main",
     "push": "sd_plugin.hub.cli:push_main",
-    "convert-efficientnet-lite0": "sd_plugin.convert",
+    "convert-efficientnet-lite0": "sd_plugin.storage.convert",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
-        from .version import __version__
+        from .utils.version import __version__
 
         print(f"sd-plugin {__version__}")
         return 0

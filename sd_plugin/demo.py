@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .config import SaliencyDecorConfig
-from .data import TensorImageDataset, load_digits_splits
 from .evaluation import faithfulness_gap, masking_curve, saliency_maps
-from .trainer import SaliencyDecorTrainer
+from .integrations.config import SaliencyDecorConfig
+from .integrations.trainer import SaliencyDecorTrainer
+from .storage.data import TensorImageDataset, load_digits_splits
 
 __all__ = ["build_demo_model", "run_demo", "main"]
 

@@ -3,7 +3,7 @@ import tiny_models
 import torch
 from torch import nn
 
-from sd_plugin.adapter import adapt
+from sd_plugin.core.adapter import adapt
 
 
 @pytest.fixture(scope="module")

@@ -8,45 +8,16 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sd_plugin"
 
-# ARCHITECTURE.md's table: a module imports only from its layer or lower numbers.
-LAYERS = {
-    "choices": 0,
-    "errors": 0,
-    "distributed": 0,
-    "families": 1,
-    "collapse": 0,
-    "consistency": 0,
-    "meter": 0,
-    "batches": 0,
-    "finite_watch": 0,
-    "models": 0,
-    "version": 0,
-    "run_lock": 0,
-    "arguments": 1,
-    "whitening": 1,
-    "decorrelation": 1,
-    "masking": 1,
-    "feature_tap": 1,
-    "running_stats": 1,
-    "adapter": 1,
-    "folding": 1,
-    "training_step": 1,
-    "training_log": 1,
-    "checkpoint": 2,
-    "loading": 2,
-    "peft_folders": 2,
-    "data": 2,
-    "localization_data": 2,
-    "convert": 2,
-    "evaluation": 3,
-    "hub": 4,
-    "config": 5,
-    "trainer": 5,
-    "loop": 5,
-    "demo": 6,
-    "__main__": 6,
-}
-FRONT_ENDS = ("trainer", "loop")
+# The layers are the package's folders, lowest first (ARCHITECTURE.md): a module imports only from its
+# own folder or a lower one. The modules at the top (``demo``, ``__main__``) are the commands, above all.
+FOLDER_LAYERS = ["utils", "core", "storage", "evaluation", "hub", "integrations"]
+COMMANDS_LAYER = len(FOLDER_LAYERS)
+FRONT_ENDS = ("sd_plugin.integrations.trainer", "sd_plugin.integrations.loop")
+
+
+def layer(unit_name: str) -> int:
+    """A unit's layer: its folder's place in ``FOLDER_LAYERS``; a top-level module is a command."""
+    return FOLDER_LAYERS.index(unit_name) if unit_name in FOLDER_LAYERS else COMMANDS_LAYER
 
 
 def module_name(path: Path) -> str:
@@ -68,7 +39,7 @@ def imports_of(path: Path, module: str | None = None) -> list[tuple[str, list[st
                 target = node.module or ""
             if target.split(".")[0] != "sd_plugin":
                 continue
-            for alias in node.names:  # `from . import checkpoint` imports the module sd_plugin.checkpoint
+            for alias in node.names:  # `from . import checkpoint` imports the module sd_plugin.storage.checkpoint
                 submodule = PACKAGE.parent.joinpath(*target.split("."), alias.name)
                 if submodule.with_suffix(".py").is_file() or (submodule / "__init__.py").is_file():
                     found.append((f"{target}.{alias.name}", []))
@@ -80,7 +51,7 @@ def imports_of(path: Path, module: str | None = None) -> list[tuple[str, list[st
 
 
 def unit(module: str) -> str | None:
-    """The layer unit of a module: its top-level name under sd_plugin (None for the package facade)."""
+    """The layer unit of a module: its folder (or top-level module) under sd_plugin; None for the facade."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else None
 
@@ -95,9 +66,20 @@ def graph() -> dict[str, list[tuple[str, list[str]]]]:
     return _graph(tuple((str(p), p.stat().st_mtime_ns) for p in sorted(PACKAGE.rglob("*.py"))))
 
 
-def test_every_module_has_a_layer():
-    missing = {unit(m) for m in graph() if unit(m) is not None and unit(m) not in LAYERS}
-    assert not missing, f"give these modules a layer in ARCHITECTURE.md and LAYERS: {sorted(missing)}"
+def test_every_module_lives_in_a_layer_folder():
+    """Only the facade and the commands sit at the top; every other module is in one of the layer folders."""
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert top == ["__main__", "demo"], f"move these modules into a layer folder ({FOLDER_LAYERS}): {top}"
+    folders = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert folders == sorted(FOLDER_LAYERS), (
+        f"give these folders a layer in FOLDER_LAYERS and ARCHITECTURE.md: {folders}"
+    )
+
+
+def test_architecture_md_lists_the_folders_in_layer_order():
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    positions = [text.index(f"`{folder}/`") for folder in FOLDER_LAYERS]
+    assert positions == sorted(positions), "ARCHITECTURE.md's table must list the folders lowest layer first"
 
 
 def test_imports_point_down_the_layers():
@@ -110,18 +92,21 @@ def test_imports_point_down_the_layers():
             target_unit = unit(target)
             if target_unit is None:
                 wrong.append(f"{module} imports the package facade ({names}); import the module that defines them")
-            elif LAYERS[target_unit] > LAYERS[source]:
-                wrong.append(f"{module} (layer {LAYERS[source]}) imports {target} (layer {LAYERS[target_unit]})")
+            elif layer(target_unit) > layer(source):
+                wrong.append(f"{module} (layer {layer(source)}) imports {target} (layer {layer(target_unit)})")
+            elif source in FOLDER_LAYERS and target_unit not in FOLDER_LAYERS:
+                wrong.append(f"{module} imports the command {target}")
     assert not wrong, "\n".join(wrong)
 
 
 def test_front_ends_never_import_each_other():
     for module, imports in graph().items():
-        if unit(module) in FRONT_ENDS:
-            others = [t for t, _ in imports if unit(t) in FRONT_ENDS and unit(t) != unit(module)]
+        front_end = next((f for f in FRONT_ENDS if module == f), None)
+        if front_end:
+            others = [t for t, _ in imports if t in FRONT_ENDS and t != front_end]
             assert not others, f"{module} imports {others}"
         if unit(module) in ("hub", "evaluation"):
-            front = [t for t, _ in imports if unit(t) in FRONT_ENDS]
+            front = [t for t, _ in imports if unit(t) == "integrations"]
             assert not front, f"{module} imports the front-end {front}"
 
 
@@ -163,10 +148,13 @@ def test_the_checker_sees_a_violation(tmp_path):
     """The graph reader resolves relative imports, also inside functions (so the tests above can fail)."""
     path = PACKAGE / "evaluation" / "cli.py"
     targets = [target for target, _ in imports_of(path)]
-    assert "sd_plugin.loading" in targets and "sd_plugin.evaluation.masking_curve" in targets
+    assert "sd_plugin.storage.loading" in targets and "sd_plugin.evaluation.masking_curve" in targets
     fake = tmp_path / "x.py"
     fake.write_text("def f():\n    from .trainer import _secret\n")
-    assert imports_of(fake, "sd_plugin.x") == [("sd_plugin.trainer", ["_secret"])]
+    assert imports_of(fake, "sd_plugin.integrations.x") == [("sd_plugin.integrations.trainer", ["_secret"])]
+    fake.write_text("from ..integrations.trainer import SaliencyDecorTrainer\n")  # the core importing a front-end
+    ((target, _),) = imports_of(fake, "sd_plugin.core.x")
+    assert layer(unit(target)) > layer(unit("sd_plugin.core.x"))  # what test_imports_point_down_the_layers flags
 
 
 def test_no_deprecated_aliases_left():

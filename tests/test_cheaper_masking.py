@@ -8,8 +8,8 @@ import tiny_models
 import torch
 
 from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep
-from sd_plugin.adapter import adapt
-from sd_plugin.whitening import GroupZCA
+from sd_plugin.core.adapter import adapt
+from sd_plugin.core.whitening import GroupZCA
 
 B = 16
 

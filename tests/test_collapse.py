@@ -13,11 +13,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, SaliencyDecorTrainer
-from sd_plugin.adapter import adapt
-from sd_plugin.collapse import CollapseMonitor, FeatureCollapseWarning, live_feature_fraction
-from sd_plugin.data import load_digits_splits
+from sd_plugin.core.adapter import adapt
+from sd_plugin.core.collapse import CollapseMonitor, FeatureCollapseWarning, live_feature_fraction
+from sd_plugin.core.models import PaperCNN
 from sd_plugin.evaluation.report import accuracy, collect_features
-from sd_plugin.models import PaperCNN
+from sd_plugin.storage.data import load_digits_splits
 
 
 def test_live_feature_fraction__counts_constant_and_near_constant_features_as_dead():

@@ -2,7 +2,7 @@ import pytest
 from transformers import HfArgumentParser
 
 from sd_plugin import SaliencyDecorConfig
-from sd_plugin.config import METHOD_FIELDS
+from sd_plugin.integrations.config import METHOD_FIELDS
 
 
 @pytest.mark.parametrize(
@@ -48,7 +48,7 @@ def test_hf_argument_parser__every_method_field_is_a_flag(tmp_path):
 
 
 def test_method_arguments__the_config_carries_the_one_dataclass_and_sync_resolves(tmp_path):
-    from sd_plugin.arguments import SaliencyDecorArguments
+    from sd_plugin.core.arguments import SaliencyDecorArguments
 
     config = SaliencyDecorConfig(output_dir=str(tmp_path), method="sgt", whitening_compile=True)
     assert isinstance(config, SaliencyDecorArguments)
@@ -78,9 +78,9 @@ def test_post_init__whitening_compile_with_consistency_grad_both_refused(tmp_pat
 
 def test_one_dataclass__every_method_field_reaches_config_flags_metadata_card_and_identity(tmp_path):
     """A field declared in SaliencyDecorArguments needs no other declaration to reach every consumer."""
-    from sd_plugin.arguments import EXECUTION_FIELDS, SETTING_FIELDS, SaliencyDecorArguments
+    from sd_plugin.core.arguments import EXECUTION_FIELDS, SETTING_FIELDS, SaliencyDecorArguments
     from sd_plugin.hub.card import render_model_card
-    from sd_plugin.loop import RecipeArguments, _run_identity
+    from sd_plugin.integrations.loop import RecipeArguments, _run_identity
 
     fields = SaliencyDecorArguments.field_names()
     config = SaliencyDecorConfig(output_dir=str(tmp_path))

@@ -7,9 +7,9 @@ import tiny_models
 import torch
 
 from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
-from sd_plugin.data import FASHION_MNIST_DIR, HFImageDataset, load_eval_dataset, load_fashion_mnist
 from sd_plugin.evaluation import logits_fn
-from sd_plugin.loading import load_classifier
+from sd_plugin.storage.data import FASHION_MNIST_DIR, HFImageDataset, load_eval_dataset, load_fashion_mnist
+from sd_plugin.storage.loading import load_classifier
 
 needs_fashion_mnist = pytest.mark.skipif(
     not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install -y dataset-fashion-mnist"
@@ -32,8 +32,8 @@ def test_fashion_mnist__real_idx_files():
 def test_fashion_mnist__paper_cnn_learns_with_saliencydecor(tmp_path):
     from torch.utils.data import DataLoader
 
+    from sd_plugin.core.models import PaperCNN
     from sd_plugin.evaluation import masking_curve
-    from sd_plugin.models import PaperCNN
 
     train = load_fashion_mnist("train", limit=3000)
     test = load_fashion_mnist("test", limit=500)

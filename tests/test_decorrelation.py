@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sd_plugin import GroupZCA, decorrelation_loss
-from sd_plugin.decorrelation import decorrelation_floor
+from sd_plugin.core.decorrelation import decorrelation_floor
 
 
 def reference_loss(f: torch.Tensor, liveness_weight: float = 0.0, ratio: float = 0.01) -> torch.Tensor:

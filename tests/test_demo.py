@@ -1,8 +1,8 @@
 import json
 
 from sd_plugin.__main__ import main as cli
-from sd_plugin.data import load_digits_splits
 from sd_plugin.demo import format_table
+from sd_plugin.storage.data import load_digits_splits
 
 
 def test_digits__real_data_split():

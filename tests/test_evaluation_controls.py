@@ -248,7 +248,7 @@ def test_localization_dataset__masks_follow_the_models_crop_and_an_oracle_map_sc
     from torchvision.transforms import v2
 
     from sd_plugin.evaluation.report import localization_metrics
-    from sd_plugin.localization_data import LocalizationDataset, write_localization_dataset
+    from sd_plugin.storage.localization_data import LocalizationDataset, write_localization_dataset
 
     root = write_localization_dataset(tmp_path / "loc", objects="digits", counts={"test": 12}, image_size=40)
     manifest = json.loads((root / "localization.json").read_text())
@@ -276,7 +276,7 @@ def test_cli__reports_road_blur_and_localization_with_per_image_scores(tmp_path,
     import tiny_models
 
     from sd_plugin.__main__ import main as cli
-    from sd_plugin.localization_data import write_localization_dataset
+    from sd_plugin.storage.localization_data import write_localization_dataset
 
     root = write_localization_dataset(tmp_path / "loc", objects="digits", counts={"test": 12}, image_size=32)
     import timm

@@ -5,9 +5,10 @@ import json
 import torch
 from torch import nn
 
-from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, adapt, families
+from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, adapt
+from sd_plugin.core import families
 from sd_plugin.hub import export
-from sd_plugin.loading import load_classifier
+from sd_plugin.storage.loading import load_classifier
 
 
 class KeywordNet(nn.Module):

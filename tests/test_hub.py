@@ -157,7 +157,7 @@ def test_save_model__whitened_head_folder_loads_as_the_trained_model_with_plain_
 
         assert not any("saliency_decor" in key for key in load_file(folder / "model.safetensors"))
         logits = fresh_loader("timm" if family == "timm_resnet" else "transformers", folder, x, tmp_path)
-        from sd_plugin.loading import load_classifier
+        from sd_plugin.storage.loading import load_classifier
 
         with torch.no_grad():
             packaged = trainer.sd_adapter.logits(load_classifier(folder), x)
@@ -355,7 +355,7 @@ def test_push__unreachable_hub_one_line_error_and_the_folder_byte_for_byte(tmp_p
 def test_export__folded_whitening_loads_with_the_package_loader_and_same_logits(tmp_path):
     """Issue 11, item 4: an export whose whitening was folded into the head loads with ``load_classifier``
     (what ``python -m sd_plugin evaluate`` uses) instead of asking for the whitening file."""
-    from sd_plugin.loading import load_classifier
+    from sd_plugin.storage.loading import load_classifier
 
     trainer = train("hf_resnet", tmp_path)
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from compile_support import needs_torch_compile
 
 from sd_plugin import NonFiniteLossError, SaliencyDecorArguments, SaliencyDecorStep, decorrelation_loss
-from sd_plugin.adapter import adapt
-from sd_plugin.masking import lowest_saliency_mask, pixel_saliency
+from sd_plugin.core.adapter import adapt
+from sd_plugin.core.masking import lowest_saliency_mask, pixel_saliency
 
 B = 16
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sd_plugin.masking import (
+from sd_plugin.core.masking import (
     MASK_FILLS,
     fill_values,
     lowest_saliency_mask,

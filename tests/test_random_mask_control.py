@@ -5,8 +5,8 @@ import tiny_models
 import torch
 
 from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep
-from sd_plugin.adapter import adapt
-from sd_plugin.masking import num_masked_pixels
+from sd_plugin.core.adapter import adapt
+from sd_plugin.core.masking import num_masked_pixels
 
 
 def batch(seed=0):

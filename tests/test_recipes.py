@@ -109,7 +109,7 @@ def history(output):
 
 
 def test_raw_tiny_imagenet_layout__labels(tiny_imagenet):
-    from sd_plugin.data import folder_classes, image_folder_dataset
+    from sd_plugin.storage.data import folder_classes, image_folder_dataset
 
     classes = folder_classes(tiny_imagenet / "train")
     assert classes == WNIDS
@@ -233,7 +233,7 @@ def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra)
     run(["-m", "sd_plugin", "export", str(exported), str(tmp_path / "merged")], tmp_path)
     from transformers import AutoModelForImageClassification
 
-    from sd_plugin.loading import load_classifier
+    from sd_plugin.storage.loading import load_classifier
 
     merged = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
     x = torch.rand(2, 3, 16, 16)
@@ -314,19 +314,19 @@ def test_paper_cnn_recipe__digits(tmp_path):
     assert all(0.5 < entry["live_features"] <= 1.0 for entry in results["history"])  # logged, no collapse
     assert (output / "model" / "model.safetensors").is_file()
     # the folder loads with the package's own loader (python -m sd_plugin evaluate), as its card shows
-    from sd_plugin.data import load_digits_splits
     from sd_plugin.evaluation.report import accuracy
-    from sd_plugin.loading import load_classifier
+    from sd_plugin.storage.data import load_digits_splits
+    from sd_plugin.storage.loading import load_classifier
 
     model = load_classifier(output / "model")
     test = torch.utils.data.DataLoader(load_digits_splits(image_size=28)[1], batch_size=256)
     assert accuracy(model, test) / 100 == pytest.approx(results["eval_accuracy"], abs=1e-6)
-    assert "from sd_plugin.loading import load_classifier" in (output / "model" / "README.md").read_text()
+    assert "from sd_plugin.storage.loading import load_classifier" in (output / "model" / "README.md").read_text()
 
 
 def test_bad_input__clear_errors(tiny_imagenet, models, tmp_path):
-    from sd_plugin.data import folder_classes
-    from sd_plugin.loading import load_for_finetuning
+    from sd_plugin.storage.data import folder_classes
+    from sd_plugin.storage.loading import load_for_finetuning
 
     with pytest.raises(FileNotFoundError, match="--model ./nowhere: the folder nowhere does not exist"):
         load_for_finetuning("./nowhere", 3)
@@ -532,7 +532,7 @@ def test_recipe_arguments__tracker_without_its_package_gets_one_warning(monkeypa
     """Issue 11, item 12: --with_tracking --report_to tensorboard without tensorboard logged nothing, silently."""
     import importlib.util
 
-    from sd_plugin.loop import RecipeArguments
+    from sd_plugin.integrations.loop import RecipeArguments
 
     real_find_spec = importlib.util.find_spec
 

@@ -13,9 +13,9 @@ import pytest
 import tiny_models
 
 from sd_plugin import SaliencyDecorTrainer, SaliencyDecorWarning
-from sd_plugin.checkpoint import explain_save_error
 from sd_plugin.hub import export
-from sd_plugin.run_lock import LOCK_FILE, OutputDirInUseError, output_dir_lock
+from sd_plugin.storage.checkpoint import explain_save_error
+from sd_plugin.utils.run_lock import LOCK_FILE, OutputDirInUseError, output_dir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_full_disk__named_with_the_fix_and_nothing_half_written_kept(tmp_path, m
     # the recipe's atomic save: a failing save_state leaves no staging folder
     from accelerate import Accelerator
 
-    from sd_plugin.loop import _atomic_save_state
+    from sd_plugin.integrations.loop import _atomic_save_state
 
     accelerator = Accelerator(cpu=True)
 
@@ -153,9 +153,9 @@ def test_export__overwrite_replaces_only_an_earlier_export_and_the_folder_is_rea
 
 
 def test_recipe_push_to_hub__credentials_checked_before_training(tmp_path, monkeypatch):
-    from sd_plugin.arguments import SaliencyDecorArguments
+    from sd_plugin.core.arguments import SaliencyDecorArguments
     from sd_plugin.hub import PushError
-    from sd_plugin.loop import RecipeArguments, _check_arguments
+    from sd_plugin.integrations.loop import RecipeArguments, _check_arguments
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # no saved login

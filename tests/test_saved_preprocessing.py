@@ -7,9 +7,9 @@ import pytest
 import tiny_models
 from PIL import Image
 
-from sd_plugin.data import check_labels_fit, image_transform
 from sd_plugin.hub import export
-from sd_plugin.loading import load_classifier, load_for_finetuning
+from sd_plugin.storage.data import check_labels_fit, image_transform
+from sd_plugin.storage.loading import load_classifier, load_for_finetuning
 
 IMAGE = Image.new("RGB", (40, 30), (120, 60, 30))
 

@@ -5,7 +5,7 @@ import torch
 from compile_support import needs_torch_compile
 
 from sd_plugin import GroupZCA
-from sd_plugin.whitening import inverse_sqrt_psd, shrink_covariance
+from sd_plugin.core.whitening import inverse_sqrt_psd, shrink_covariance
 
 
 def correlated(batch: int, width: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -198,7 +198,7 @@ def test_eval__whitening_matrix_cached_until_the_buffers_change():
 @needs_torch_compile
 @pytest.mark.parametrize("method", METHODS)
 def test_compiled__same_whitening_gradients_and_running_statistics_as_eager(method):
-    from sd_plugin.decorrelation import compiled_decorrelation_loss, decorrelation_loss
+    from sd_plugin.core.decorrelation import compiled_decorrelation_loss, decorrelation_loss
 
     eager = GroupZCA(32, group_size=8, method=method)
     compiled = GroupZCA(32, group_size=8, method=method, compiled=True)
@@ -228,7 +228,7 @@ def test_compiled__error_with_synced_statistics():
 
 
 def _loss_and_gradient(features, method, dtype, shrinkage, eps=1e-5, liveness_weight=2.0, group_size=8):
-    from sd_plugin.decorrelation import whitened_decorrelation_loss
+    from sd_plugin.core.decorrelation import whitened_decorrelation_loss
 
     f = features.to(dtype).clone().requires_grad_(True)
     whitening = GroupZCA(f.shape[1], group_size=group_size, method=method, shrinkage=shrinkage, eps=eps)
@@ -282,7 +282,7 @@ def test_cholesky__stays_exact_in_float32_where_zca_gradient_is_round_off():
 
 
 def test_cholesky__a_matrix_it_cannot_factor_gives_nan_not_a_wrong_whitening():
-    from sd_plugin.whitening import cholesky_whitening
+    from sd_plugin.core.whitening import cholesky_whitening
 
     indefinite = torch.tensor([[[1.0, 2.0], [2.0, 1.0]], [[2.0, 0.0], [0.0, 3.0]]])
     w = cholesky_whitening(indefinite)
@@ -305,7 +305,7 @@ def test_whitened_loss__a_dying_group_costs_liveness(method):
     default step lost one where the baseline kept it, CI of 2026-12) must raise the whitened
     decorrelation loss. A per-group shrinkage target re-scaled such a group to unit variance, so the
     loss did not change until the group was below ``eps``: the liveness term never saw it."""
-    from sd_plugin.decorrelation import whitened_decorrelation_loss
+    from sd_plugin.core.decorrelation import whitened_decorrelation_loss
 
     features = torch.randn(512, 32, generator=torch.Generator().manual_seed(0))
     losses = []

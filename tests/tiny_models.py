@@ -151,7 +151,7 @@ def _custom(path: Path) -> nn.Module:
 
 
 def _paper_cnn(path: Path) -> nn.Module:
-    from sd_plugin.models import PaperCNN
+    from sd_plugin.core.models import PaperCNN
 
     path.mkdir(parents=True, exist_ok=True)
     torch.save(PaperCNN(3, NUM_CLASSES, IMAGE_SIZE, (8, 4)).state_dict(), path / "cnn.pt")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..masking import pixel_saliency
+from ..core.masking import pixel_saliency
 from .model_fn import LogitsFn, logits_fn
 
 __all__ = [

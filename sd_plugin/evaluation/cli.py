@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..data import check_labels_fit, image_transform, load_eval_dataset, model_class_names
-from ..loading import load_classifier, weights_fingerprint
+from ..storage.data import check_labels_fit, image_transform, load_eval_dataset, model_class_names
+from ..storage.loading import load_classifier, weights_fingerprint
 from .attribution import ATTRIBUTIONS, saliency_maps
 from .masking_curve import CURVE_FILLS, MaskingCurve, percentages_every, random_subset
 from .metrics import METRICS, TABLE_METRICS, metric_directions
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load_dataset(name_or_path: str, split: str | None, model, directory):
     """``load_eval_dataset``, or the localization dataset (with its masks) when the folder is one."""
-    from ..localization_data import LocalizationDataset, is_localization_dataset
+    from ..storage.localization_data import LocalizationDataset, is_localization_dataset
 
     if not is_localization_dataset(name_or_path):
         return load_eval_dataset(name_or_path, split, model, directory)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..batches import unpack_batch
-from ..masking import fill_values, num_masked_pixels
+from ..core.masking import fill_values, num_masked_pixels
+from ..utils.batches import unpack_batch
 from .attribution import Attribution, check_attribution, saliency_maps
 from .masking_curve import maybe_progress, pixel_ranks
 from .model_fn import LogitsFn, evaluation_mode, prepare_for_evaluation

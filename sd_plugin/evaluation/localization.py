@@ -1,7 +1,7 @@
 """Localization against ground truth: how much of a saliency map falls on the class evidence.
 
 Each image comes with a boolean ``(H, W)`` mask of the pixels that carry its class (for the
-package's localization dataset, the pasted object; see ``sd_plugin.localization_data``). No pixel
+package's localization dataset, the pasted object; see ``sd_plugin.storage.localization_data``). No pixel
 is removed, so a model trained to ignore removal cannot pass these by construction. Definitions
 are Quantus 0.6.0's (``RelevanceMassAccuracy``, ``RelevanceRankAccuracy``, ``PointingGame``, with
 their defaults ``abs=False`` and max-normalisation, which changes none of the three), computed

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..arguments import MaskingTestArguments
-from ..batches import unpack_batch
-from ..masking import MASK_FILLS, fill_values, num_masked_pixels, pixel_saliency
+from ..core.arguments import MaskingTestArguments
+from ..core.masking import MASK_FILLS, fill_values, num_masked_pixels, pixel_saliency
+from ..utils.batches import unpack_batch
 from .attribution import (
     Attribution,
     attribution_name,

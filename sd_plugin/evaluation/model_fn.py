@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..adapter import extract_logits, unwrap_model
-from ..families import family_of
+from ..core.adapter import extract_logits, unwrap_model
+from ..core.families import family_of
 
 __all__ = ["LogitsFn", "evaluation_mode", "logits_fn", "prepare_for_evaluation"]
 

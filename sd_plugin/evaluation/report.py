@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..batches import unpack_batch
-from ..collapse import live_feature_fraction
+from ..core.collapse import live_feature_fraction
+from ..utils.batches import unpack_batch
 from .attribution import Attribution, attribution_name, blur_maps, blurred, saliency_maps
 from .deletion_insertion import deletion_insertion
 from .localization import localization_scores
@@ -66,7 +66,7 @@ def collect_features(
     model: nn.Module, loader: DataLoader, feature_layer: str | None = None, max_images: int | None = None
 ) -> torch.Tensor:
     """Penultimate features ``(N, D)`` of the images in ``loader`` (eval mode)."""
-    from ..adapter import adapt
+    from ..core.adapter import adapt
 
     device = next(model.parameters()).device
     example, _ = unpack_batch(next(iter(loader)))

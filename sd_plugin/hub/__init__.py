@@ -1,6 +1,6 @@
 """Publishing: export with zero inference overhead, model cards, push to the Hub."""
 
-from ..folding import fold_whitening_into_head
+from ..core.folding import fold_whitening_into_head
 from .card import render_model_card
 from .export import export
 from .publish import Published, publish

@@ -19,9 +19,9 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from ..arguments import SETTING_FIELDS
+from ..core.arguments import SETTING_FIELDS
+from ..core.families import REPO_ID_PLACEHOLDER
 from ..evaluation.metrics import METRICS
-from ..families import REPO_ID_PLACEHOLDER
 
 __all__ = ["METRIC_LABELS", "REPO_ID_PLACEHOLDER", "evaluation_for_card", "render_model_card"]
 

@@ -27,8 +27,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-from ..adapter import is_peft, unwrap_model
-from ..checkpoint import (
+from ..core.adapter import is_peft, unwrap_model
+from ..core.families import REPO_ID_PLACEHOLDER, ModelFamily, family_of
+from ..core.folding import find_whitening, fold_whitening_into_head
+from ..storage.checkpoint import (
     METADATA_FILE,
     PREPROCESSOR_FILE,
     copy_preprocessor_config,
@@ -36,11 +38,9 @@ from ..checkpoint import (
     weights_fingerprint,
     write_metadata,
 )
-from ..errors import SaliencyDecorWarning
-from ..families import REPO_ID_PLACEHOLDER, ModelFamily, family_of
-from ..folding import find_whitening, fold_whitening_into_head
-from ..loading import load_classifier
-from ..peft_folders import save_adapter_base
+from ..storage.loading import load_classifier
+from ..storage.peft_folders import save_adapter_base
+from ..utils.errors import SaliencyDecorWarning
 from .card import render_model_card
 
 __all__ = ["ExportSource", "export", "REPO_ID_PLACEHOLDER"]
@@ -209,7 +209,7 @@ def export(
     exported = copy.deepcopy(model).cpu().eval()
     if is_peft(exported) and merge_adapter:
         exported = exported.merge_and_unload()
-    # A trainer folder already holds the folded head (sd_plugin.checkpoint): say so again.
+    # A trainer folder already holds the folded head (sd_plugin.storage.checkpoint): say so again.
     folded = fold_whitening_into_head(exported) or bool(metadata.get("whitening_folded_into_head"))
     base = unwrap_model(exported)
     family = family_of(base)

@@ -40,7 +40,7 @@ def publish(
     Example:
         >>> import tempfile, torch
         >>> from pathlib import Path
-        >>> from sd_plugin.models import PaperCNN
+        >>> from sd_plugin.core.models import PaperCNN
         >>> with tempfile.TemporaryDirectory() as out:
         ...     published = publish(PaperCNN.mnist(), Path(out) / "model")  # no repo_id: export only
         ...     published.url, (published.folder / "README.md").is_file()

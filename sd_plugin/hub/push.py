@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..families import REPO_ID_PLACEHOLDER
+from ..core.families import REPO_ID_PLACEHOLDER
 
 __all__ = ["PushError", "check_push_credentials", "push", "validate_repo_id"]
 

@@ -2,7 +2,7 @@
 
 The single place a method field is declared: ``SaliencyDecorConfig`` (the Trainer's
 ``TrainingArguments``) inherits it, the recipes parse it with ``HfArgumentParser``, and the
-training step (``sd_plugin.training_step.SaliencyDecorStep``) is built from it. Adding a field
+training step (``sd_plugin.core.training_step.SaliencyDecorStep``) is built from it. Adding a field
 means adding it here and using it where it acts; checkpoints' metadata, model cards and the
 recipes' run identity read the fields from this class.
 
@@ -62,7 +62,7 @@ recipes' run identity read the fields from this class.
   cannot be found automatically.
 
 Example:
-    >>> from sd_plugin.arguments import SaliencyDecorArguments
+    >>> from sd_plugin.core.arguments import SaliencyDecorArguments
     >>> args = SaliencyDecorArguments(method="sgt", mask_ratio=0.5)
     >>> args.method, args.mask_ratio, args.uses_masking, args.uses_decorrelation
     ('sgt', 0.5, True, False)
@@ -78,7 +78,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .choices import (
+from ..utils.choices import (
     CONSISTENCY_GRADS,
     DECOR_TARGETS,
     MASK_FILLS,

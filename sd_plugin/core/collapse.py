@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .errors import SaliencyDecorWarning
+from ..utils.errors import SaliencyDecorWarning
 
 __all__ = ["DEAD_STD_RATIO", "CollapseMonitor", "FeatureCollapseWarning", "live_feature_fraction"]
 

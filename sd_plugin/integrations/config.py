@@ -2,7 +2,7 @@
 
 Every ``TrainingArguments`` option keeps working (bf16, gradient accumulation,
 ``report_to``, ``push_to_hub``, ...). The method fields are those of
-``sd_plugin.arguments.SaliencyDecorArguments`` (declared, documented and validated there);
+``sd_plugin.core.arguments.SaliencyDecorArguments`` (declared, documented and validated there);
 this class adds the Trainer's evaluation fields: ``eval_masking_auc`` reports the masking test
 (``eval_masking_auc``, ``eval_masking_auc_random``, ``eval_faithfulness_gap``) at each evaluation,
 on ``eval_masking_samples`` images every ``eval_masking_step`` percent (``MaskingTestArguments``,
@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .arguments import MaskingTestArguments, SaliencyDecorArguments
+from ..core.arguments import MaskingTestArguments, SaliencyDecorArguments
 
 __all__ = ["SaliencyDecorConfig", "METHOD_FIELDS"]
 

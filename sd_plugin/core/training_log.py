@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from ..utils.meter import MetricMeter
 from .collapse import CollapseMonitor
-from .meter import MetricMeter
 from .training_step import SaliencyDecorOutput, SaliencyDecorStep
 
 __all__ = ["TrainingLog"]

@@ -8,7 +8,7 @@ step all-reduces the gradients once); evaluation is a plain forward under ``no_g
 non-finite loss component stops training at the next logging step or save (whichever comes
 first) with an error naming it; no checkpoint is written from a non-finite state. The loss components
 ``loss_ce``, ``loss_kl``, ``loss_decor``, ``masked_accuracy`` and ``live_features`` (the fraction
-of penultimate features alive in the batch, ``sd_plugin.collapse``) are logged at every
+of penultimate features alive in the batch, ``sd_plugin.core.collapse``) are logged at every
 logging step through the configured ``report_to`` loggers.
 
 Example:
@@ -40,16 +40,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
-from . import checkpoint
-from .adapter import ModelAdapter, adapt
-from .batches import unpack_batch
+from ..core.adapter import ModelAdapter, adapt
+from ..core.training_log import TrainingLog
+from ..core.training_step import SaliencyDecorStep
+from ..evaluation.masking_curve import masking_metrics_during_training
+from ..storage import checkpoint
+from ..storage.peft_folders import save_adapter_base
+from ..utils.batches import unpack_batch
+from ..utils.errors import SaliencyDecorWarning
+from ..utils.meter import MetricMeter
 from .config import METHOD_FIELDS, SaliencyDecorConfig
-from .errors import SaliencyDecorWarning
-from .evaluation.masking_curve import masking_metrics_during_training
-from .meter import MetricMeter
-from .peft_folders import save_adapter_base
-from .training_log import TrainingLog
-from .training_step import SaliencyDecorStep
 
 __all__ = ["SaliencyDecorTrainer"]
 
@@ -245,7 +245,7 @@ class SaliencyDecorTrainer(Trainer):
             raise checkpoint.explain_save_error(error, folder) from error
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save the plain model as ``Trainer`` does, plus the SaliencyDecor state (``sd_plugin.checkpoint``).
+        """Save the plain model as ``Trainer`` does, plus the SaliencyDecor state (``sd_plugin.storage.checkpoint``).
 
         The weight file loads with plain transformers / timm / PEFT and gives the trained
         model's logits (a whitening that fed the head is folded into it); the whitening's
@@ -285,7 +285,7 @@ class SaliencyDecorTrainer(Trainer):
         warnings.warn(
             f"the whitening feeds head {self.sd_adapter.head_name!r}, which cannot absorb it (not a Linear with a "
             "bias in the saved weights): saved folders give the trained logits only through "
-            "sd_plugin.loading.load_classifier, not plain from_pretrained. Train with whiten_head_input=False "
+            "sd_plugin.storage.loading.load_classifier, not plain from_pretrained. Train with whiten_head_input=False "
             "for a plain checkpoint.",
             SaliencyDecorWarning,
             stacklevel=3,
@@ -321,7 +321,7 @@ class SaliencyDecorTrainer(Trainer):
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """No network at construction: the repository is created when the export is pushed."""
-        from .hub.push import validate_repo_id
+        from ..hub.push import validate_repo_id
 
         repo_id = self.args.hub_model_id
         if repo_id is not None and "/" in repo_id:
@@ -348,7 +348,7 @@ class SaliencyDecorTrainer(Trainer):
         ``dataset_tags``, ``license``, ``language``, ``tags``) and ``create_pr``. The push runs to its end
         (``blocking=False`` is refused) on the default branch (a ``revision`` is refused).
         """
-        from .hub.publish import publish
+        from ..hub.publish import publish
 
         if not blocking:
             raise ValueError(
@@ -447,7 +447,7 @@ class SaliencyDecorTrainer(Trainer):
         other than ``image-classification`` and ``dataset_args`` are refused (the card is an image
         classifier's; it has no dataset configuration field).
         """
-        from .hub.card import render_model_card
+        from ..hub.card import render_model_card
 
         card = _card_arguments(
             "create_model_card",
@@ -518,7 +518,7 @@ def _card_arguments(caller: str, given: dict[str, Any]) -> dict[str, Any]:
 
 def _last_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float] | None:
     """The metrics of the last evaluation in ``log_history``, keyed as the model card expects."""
-    from .hub.card import evaluation_for_card
+    from ..hub.card import evaluation_for_card
 
     for entry in reversed(log_history):
         if any(key.startswith("eval_") for key in entry):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .errors import SaliencyDecorWarning
+from ..utils.errors import SaliencyDecorWarning
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -123,9 +123,9 @@ def image_transform(
     guessed size, and a folder without a recorded preprocessing gets a warning that says what
     was guessed. ``image_size`` overrides the size (square), keeping the normalisation.
     """
-    from .adapter import expected_channels, unwrap_model
+    from ..core.adapter import expected_channels, unwrap_model
+    from ..core.families import TimmFamily, family_of
     from .checkpoint import read_metadata
-    from .families import TimmFamily, family_of
 
     base = unwrap_model(model)
     channels = expected_channels(base) or 3
@@ -306,14 +306,14 @@ def load_eval_dataset(
 
 
 def _model_channels(model: nn.Module) -> int | None:
-    from .adapter import expected_channels, unwrap_model
+    from ..core.adapter import expected_channels, unwrap_model
 
     return expected_channels(unwrap_model(model))
 
 
 def model_class_names(model: nn.Module) -> tuple[int | None, list[str] | None]:
     """``(number of outputs, class names)`` a classifier declares (names None when generic, e.g. LABEL_0)."""
-    from .adapter import unwrap_model
+    from ..core.adapter import unwrap_model
 
     base = unwrap_model(model)
     config = getattr(base, "config", None)
@@ -324,7 +324,7 @@ def model_class_names(model: nn.Module) -> tuple[int | None, list[str] | None]:
     if id2label:
         names = [str(id2label[i]) for i in sorted(id2label)]
     else:  # timm: pretrained_cfg["label_names"], when there is one name per output
-        from .families import timm_label_names
+        from ..core.families import timm_label_names
 
         names = timm_label_names(timm_model)
     if names and all(name == f"LABEL_{i}" for i, name in enumerate(names)):

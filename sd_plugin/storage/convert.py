@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .families import write_timm_config
+from ..core.families import write_timm_config
 
 __all__ = [
     "WHEEL_REQUIREMENT",

@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .distributed import sum_over_processes
+from ..utils.distributed import sum_over_processes
 from .whitening import GroupZCA
 
 __all__ = [

@@ -6,7 +6,7 @@ and a linear head ``fc``. ``forward(pixel_values, labels=None)`` returns ``{"log
 
 Its folders (export, recipes) hold ``model.safetensors`` and a ``config.json`` with
 ``architecture: "sd_plugin.PaperCNN"`` and the constructor arguments, which
-``sd_plugin.loading.load_classifier`` (and ``python -m sd_plugin evaluate``) read.
+``sd_plugin.storage.loading.load_classifier`` (and ``python -m sd_plugin evaluate``) read.
 
 Example:
     >>> import torch

@@ -6,7 +6,7 @@ seen, exact whatever the batch sizes).
 
 Example:
     >>> import torch
-    >>> from sd_plugin.meter import MetricMeter
+    >>> from sd_plugin.utils.meter import MetricMeter
     >>> meter = MetricMeter()
     >>> meter.update({"loss": torch.tensor(1.0)}); meter.update({"loss": torch.tensor(3.0)})
     >>> meter.update_ratio("accuracy", torch.tensor(3), torch.tensor(4))

@@ -3,7 +3,7 @@
 Each check raises ``ValueError`` naming the argument, the value and what to use instead.
 
 Example:
-    >>> from sd_plugin.choices import MASK_FILLS, check_choice
+    >>> from sd_plugin.utils.choices import MASK_FILLS, check_choice
     >>> check_choice("mask_fill", "noise", MASK_FILLS)
     Traceback (most recent call last):
     ...

@@ -71,7 +71,7 @@ def _head_linear(head: nn.Module, name: str) -> nn.Linear:
     raise ValueError(
         f"cannot fold the whitening into head {name!r} ({type(head).__name__}): only a Linear, or a "
         "Sequential of Flatten/Dropout then Linear, can absorb it. Train with whiten_head_input=False "
-        "for this model, or keep using it through sd_plugin.loading.load_classifier."
+        "for this model, or keep using it through sd_plugin.storage.loading.load_classifier."
     )
 
 
@@ -97,7 +97,7 @@ def head_fed_by(model: nn.Module) -> tuple[GroupZCA, nn.Linear] | None:
     if whitening.tap_where != "input" or not whitening.tap_module_name:
         raise ValueError(
             f"the whitening sits on the output of feature_layer={whitening.tap_module_name!r}; only a whitening "
-            "on the head's input can be folded. Export through sd_plugin.loading.load_classifier instead."
+            "on the head's input can be folded. Export through sd_plugin.storage.loading.load_classifier instead."
         )
     linear = _head_linear(owner.get_submodule(whitening.tap_module_name), whitening.tap_module_name)
     if linear.bias is None:

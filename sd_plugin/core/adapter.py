@@ -8,7 +8,7 @@ ViT/DeiT the CLS token after the final norm.
 
 Example:
     >>> import timm, torch
-    >>> from sd_plugin.adapter import adapt
+    >>> from sd_plugin.core.adapter import adapt
     >>> model = timm.create_model("resnet18", pretrained=False, num_classes=3)
     >>> adapter = adapt(model)
     >>> adapter.head_name, adapter.num_features, adapter.is_transformer
@@ -65,7 +65,7 @@ def is_peft(model: nn.Module) -> bool:
 
 
 def library_of(model: nn.Module) -> str:
-    """``"transformers"``, ``"timm"`` or ``"torch"``: the name of ``model``'s family (``sd_plugin.families``)."""
+    """``"transformers"``, ``"timm"`` or ``"torch"``: the name of ``model``'s family (``sd_plugin.core.families``)."""
     return family_of(unwrap_model(model)).name
 
 
@@ -147,7 +147,7 @@ class ModelAdapter:
 
     @property
     def family(self) -> ModelFamily:
-        """How models of this library are called, saved and described (``sd_plugin.families``)."""
+        """How models of this library are called, saved and described (``sd_plugin.core.families``)."""
         return family_named(self.library)
 
     @property

@@ -39,8 +39,8 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from ..core.families import family_of
 from .checkpoint import is_whitening_key, read_metadata
-from .families import family_of
 
 __all__ = ["BASE_FOLDER", "AdapterBase", "adapter_base", "base_needs_saving", "save_adapter_base"]
 

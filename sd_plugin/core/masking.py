@@ -13,7 +13,7 @@ Everything runs batched on the input's device: no per-sample loop and no host co
 
 Example:
     >>> import torch
-    >>> from sd_plugin.masking import mask_least_salient
+    >>> from sd_plugin.core.masking import mask_least_salient
     >>> x = torch.arange(16.0).view(1, 1, 4, 4)
     >>> saliency = torch.arange(16.0).view(1, 4, 4)
     >>> masked, mask = mask_least_salient(x, saliency, ratio=0.25, fill="zero")
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .choices import MASK_FILLS, check_mask_ratio
+from ..utils.choices import MASK_FILLS, check_mask_ratio
 
 __all__ = [
     "MASK_FILLS",

@@ -7,7 +7,7 @@ load it without sd_plugin and compute the trained model's logits:
 
 - the whitening's buffers are not in the weight file;
 - when whitened features fed the head (``whiten_head_input=True``), the head's weight and
-  bias there are the folded ones (``sd_plugin.folding``), as ``export`` writes them.
+  bias there are the folded ones (``sd_plugin.core.folding``), as ``export`` writes them.
 
 Beside them:
 
@@ -20,7 +20,7 @@ Beside them:
 Example:
     >>> import torch
     >>> from sd_plugin import adapt
-    >>> from sd_plugin.checkpoint import split_state_dict
+    >>> from sd_plugin.storage.checkpoint import split_state_dict
     >>> class Classifier(torch.nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
@@ -55,8 +55,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .feature_tap import is_whitening_key
-from .folding import find_whitening, folded_head, head_fed_by
+from ..core.feature_tap import is_whitening_key
+from ..core.folding import find_whitening, folded_head, head_fed_by
 
 __all__ = [
     "METADATA_FILE",
@@ -191,7 +191,7 @@ def split_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | Non
     folded head; the training-only state holds the whitening buffers and the unfolded head
     (``restore_training_state`` puts them back). ``state_dict`` defaults to ``model``'s. A
     head that cannot absorb the whitening (not a ``Linear``) is left unfolded
-    (``head_folded=False``): such a folder needs ``sd_plugin.loading.load_classifier``.
+    (``head_folded=False``): such a folder needs ``sd_plugin.storage.loading.load_classifier``.
     """
     state = dict(model.state_dict() if state_dict is None else state_dict)
     found = find_whitening(model)

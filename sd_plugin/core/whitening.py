@@ -32,9 +32,9 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from .choices import WHITENING_METHODS, check_choice, check_fraction
-from .distributed import sum_over_processes
-from .errors import NonFiniteLossError
+from ..utils.choices import WHITENING_METHODS, check_choice, check_fraction
+from ..utils.distributed import sum_over_processes
+from ..utils.errors import NonFiniteLossError
 
 __all__ = ["GroupZCA", "cholesky_whitening", "inverse_sqrt_psd", "shrink_covariance"]
 

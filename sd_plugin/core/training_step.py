@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..utils.errors import SaliencyDecorWarning
+from ..utils.finite_watch import NonFiniteWatch
 from .adapter import ModelAdapter
 from .arguments import SETTING_FIELDS, SaliencyDecorArguments
 from .collapse import live_feature_fraction
@@ -58,8 +60,6 @@ from .decorrelation import (
     decorrelation_loss,
     whitened_decorrelation_loss,
 )
-from .errors import SaliencyDecorWarning
-from .finite_watch import NonFiniteWatch
 from .masking import mask_least_salient, pixel_saliency
 from .running_stats import frozen_running_stats
 
@@ -184,7 +184,7 @@ class SaliencyDecorStep:
         The settings as they act (``settings()``), the model's facts (library, head, feature and
         class counts), the ``(C, H, W)`` trained at and the package version.
         """
-        from .version import __version__
+        from ..utils.version import __version__
 
         return {
             **self.settings(),

@@ -25,16 +25,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .adapter import adapt, unwrap_model
-from .arguments import EXECUTION_FIELDS, MaskingTestArguments, SaliencyDecorArguments
-from .batches import unpack_batch
-from .checkpoint import explain_save_error
-from .errors import SaliencyDecorWarning
-from .evaluation.masking_curve import masking_metrics_during_training
-from .meter import MetricMeter
-from .run_lock import output_dir_lock
-from .training_log import TrainingLog
-from .training_step import SaliencyDecorStep
+from ..core.adapter import adapt, unwrap_model
+from ..core.arguments import EXECUTION_FIELDS, MaskingTestArguments, SaliencyDecorArguments
+from ..core.training_log import TrainingLog
+from ..core.training_step import SaliencyDecorStep
+from ..evaluation.masking_curve import masking_metrics_during_training
+from ..storage.checkpoint import explain_save_error
+from ..utils.batches import unpack_batch
+from ..utils.errors import SaliencyDecorWarning
+from ..utils.meter import MetricMeter
+from ..utils.run_lock import output_dir_lock
 
 __all__ = ["RecipeArguments", "make_accelerator", "train", "apply_lora", "checkpoint_step"]
 
@@ -131,7 +131,7 @@ class RecipeArguments(MaskingTestArguments):
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id user-or-org/model-name.")
         if self.push_to_hub:
-            from .hub.push import validate_repo_id
+            from ..hub.push import validate_repo_id
 
             validate_repo_id(self.hub_model_id)
         if self.with_tracking:
@@ -259,7 +259,7 @@ def _check_arguments(args: RecipeArguments, method_args: SaliencyDecorArguments,
     method_args.validate()
     method_args.check_batch_size(args.per_device_train_batch_size, num_processes)
     if args.push_to_hub:  # before training, not after it
-        from .hub.push import check_push_credentials
+        from ..hub.push import check_push_credentials
 
         check_push_credentials(args.hub_model_id)
 
@@ -623,8 +623,8 @@ def _finish(run: _Run, command: str | None) -> dict[str, Any]:
 def _save_final(
     args: RecipeArguments, model: nn.Module, output_dir: Path, results: dict, command: str | None, metadata: dict
 ) -> None:
-    from .hub.card import evaluation_for_card
-    from .hub.publish import publish
+    from ..hub.card import evaluation_for_card
+    from ..hub.publish import publish
 
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
     evaluation = evaluation_for_card(results)

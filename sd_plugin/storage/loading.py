@@ -1,7 +1,7 @@
 """Load an image classifier from a Hub id or a local folder, with its SaliencyDecor state.
 
 Folders written by ``SaliencyDecorTrainer`` and by ``sd_plugin.hub.export`` hold the plain
-model (``sd_plugin.checkpoint``: whitening folded into the head when it fed the head), so
+model (``sd_plugin.storage.checkpoint``: whitening folded into the head when it fed the head), so
 they load with plain timm / transformers too. ``load_classifier`` also reads folders whose
 head could not absorb the whitening, and those of sd_plugin 0.1.0, by re-attaching the
 trained whitening so the logits are the trained model's.
@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.families import TimmFamily, family_reading
 from .checkpoint import (
     METADATA_FILE,
     WEIGHT_FILES,
@@ -23,7 +24,6 @@ from .checkpoint import (
     read_whitening_buffers,
     weights_fingerprint,
 )
-from .families import TimmFamily, family_reading
 from .peft_folders import ADAPTER_CONFIG, adapter_base
 
 __all__ = [
@@ -48,7 +48,7 @@ def load_classifier(name_or_path: str | Path, **kwargs: Any) -> nn.Module:
 
     Local folders: transformers (``config.json`` with ``model_type``), timm
     (``config.json`` with ``architecture``) or a PEFT adapter folder (``adapter_config.json``;
-    its base rebuilt as ``sd_plugin.peft_folders`` says, returned as the ``PeftModel``).
+    its base rebuilt as ``sd_plugin.storage.peft_folders`` says, returned as the ``PeftModel``).
     Hub ids: ``timm/...`` (or ``hf-hub:...``) through timm, anything else through
     ``AutoModelForImageClassification``. ``kwargs`` go to ``from_pretrained`` / ``create_model`` (e.g. ``num_labels``).
     """
@@ -121,7 +121,7 @@ def restore_whitening(model: nn.Module, directory: str | Path) -> bool:
             f"{directory} was trained with whitened head inputs but has no {WHITENING_FILE}; "
             "the logits cannot be reproduced without it."
         )
-    from .adapter import adapt
+    from ..core.adapter import adapt
 
     adapter = adapt(model, feature_layer=metadata.get("feature_layer"))
     whitening = adapter.attach_whitening(

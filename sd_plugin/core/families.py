@@ -3,7 +3,7 @@
 A family says how a model of its library is called (``pixel_values=`` or positional), how a
 folder of it is written so that its own library reloads it (transformers' ``save_pretrained``,
 timm's ``config.json`` + safetensors, plain safetensors), which folders it reads back
-(``sd_plugin.loading``), which ``library_name`` its model card has and how the card shows it
+(``sd_plugin.storage.loading``), which ``library_name`` its model card has and how the card shows it
 being loaded. The adapter, the checkpoint format, ``export``, the card, the loaders and the
 Trainer ask ``family_of(model)`` / ``family_named(library)`` / ``family_reading(config)``
 instead of branching on the library. A new family is a subclass here, listed in ``FAMILIES``
@@ -100,7 +100,7 @@ class ModelFamily:
         """The model card's "how to load it" code."""
         if model_class == "PaperCNN":
             return (
-                "from sd_plugin.loading import load_classifier  # pip install sd-plugin\n"
+                "from sd_plugin.storage.loading import load_classifier  # pip install sd-plugin\n"
                 'model = load_classifier("PATH")  # this folder: PaperCNN(**config.json model_args) + model.safetensors'
             )
         return (
@@ -234,7 +234,7 @@ def family_reading(config: dict[str, Any]) -> ModelFamily | None:
 
 
 def _model_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """``model.safetensors`` without the whitening's buffers (restored separately, ``sd_plugin.loading``)."""
+    """``model.safetensors`` without the whitening's buffers (restored separately, ``sd_plugin.storage.loading``)."""
     from safetensors.torch import load_file
 
     from .feature_tap import is_whitening_key
