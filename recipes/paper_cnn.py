@@ -22,7 +22,8 @@ from transformers import HfArgumentParser
 
 from sd_plugin.core.arguments import SaliencyDecorArguments
 from sd_plugin.core.models import PaperCNN
-from sd_plugin.integrations.loop import RecipeArguments, make_accelerator, train
+from sd_plugin.integrations.loop import train
+from sd_plugin.integrations.recipe_arguments import RecipeArguments, make_accelerator
 from sd_plugin.storage.data import (
     HFImageDataset,
     folder_classes,

@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from transformers import HfArgumentParser
 
 from sd_plugin.core.arguments import SaliencyDecorArguments
-from sd_plugin.integrations.loop import RecipeArguments, make_accelerator, train
+from sd_plugin.integrations.loop import train
+from sd_plugin.integrations.recipe_arguments import RecipeArguments, make_accelerator
 from sd_plugin.storage.data import HFImageDataset, folder_classes, image_folder_dataset, image_transform
 from sd_plugin.storage.loading import load_for_finetuning
 from sd_plugin.utils.run_lock import output_dir_lock

@@ -80,7 +80,8 @@ def test_one_dataclass__every_method_field_reaches_config_flags_metadata_card_an
     """A field declared in SaliencyDecorArguments needs no other declaration to reach every consumer."""
     from sd_plugin.core.arguments import EXECUTION_FIELDS, SETTING_FIELDS, SaliencyDecorArguments
     from sd_plugin.hub.card import render_model_card
-    from sd_plugin.integrations.loop import RecipeArguments, _run_identity
+    from sd_plugin.integrations.recipe_arguments import RecipeArguments
+    from sd_plugin.integrations.recipe_checkpoints import run_identity
 
     fields = SaliencyDecorArguments.field_names()
     config = SaliencyDecorConfig(output_dir=str(tmp_path))
@@ -90,7 +91,7 @@ def test_one_dataclass__every_method_field_reaches_config_flags_metadata_card_an
     assert set(SETTING_FIELDS) == set(fields) - set(EXECUTION_FIELDS) - {"feature_layer"}
     card = render_model_card("m", "timm", metadata=SaliencyDecorArguments().to_dict())
     assert all(f"| `{name}` |" in card for name in SETTING_FIELDS)
-    identity = _run_identity(RecipeArguments(), SaliencyDecorArguments(), num_processes=1)
+    identity = run_identity(RecipeArguments(), SaliencyDecorArguments(), num_processes=1)
     scalar_fields = [name for name, value in SaliencyDecorArguments().to_dict().items() if value is not None]
     assert {name for name in scalar_fields if name not in EXECUTION_FIELDS} <= set(identity)
     assert not set(EXECUTION_FIELDS) & set(identity)

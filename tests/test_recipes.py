@@ -532,7 +532,7 @@ def test_recipe_arguments__tracker_without_its_package_gets_one_warning(monkeypa
     """Issue 11, item 12: --with_tracking --report_to tensorboard without tensorboard logged nothing, silently."""
     import importlib.util
 
-    from sd_plugin.integrations.loop import RecipeArguments
+    from sd_plugin.integrations.recipe_arguments import RecipeArguments
 
     real_find_spec = importlib.util.find_spec
 

@@ -95,7 +95,7 @@ def test_full_disk__named_with_the_fix_and_nothing_half_written_kept(tmp_path, m
     # the recipe's atomic save: a failing save_state leaves no staging folder
     from accelerate import Accelerator
 
-    from sd_plugin.integrations.loop import _atomic_save_state
+    from sd_plugin.integrations.recipe_checkpoints import save_checkpoint_atomically
 
     accelerator = Accelerator(cpu=True)
 
@@ -107,7 +107,7 @@ def test_full_disk__named_with_the_fix_and_nothing_half_written_kept(tmp_path, m
     monkeypatch.setattr(accelerator, "save_state", failing_save_state)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 0))
     with pytest.raises(OSError, match="No space left on device"):
-        _atomic_save_state(accelerator, tmp_path / "step_2", 2, {}, [])
+        save_checkpoint_atomically(accelerator, tmp_path / "step_2", 2, {}, [])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -155,7 +155,8 @@ def test_export__overwrite_replaces_only_an_earlier_export_and_the_folder_is_rea
 def test_recipe_push_to_hub__credentials_checked_before_training(tmp_path, monkeypatch):
     from sd_plugin.core.arguments import SaliencyDecorArguments
     from sd_plugin.hub import PushError
-    from sd_plugin.integrations.loop import RecipeArguments, _check_arguments
+    from sd_plugin.integrations.loop import _check_arguments
+    from sd_plugin.integrations.recipe_arguments import RecipeArguments
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # no saved login
