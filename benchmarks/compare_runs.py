@@ -1,10 +1,13 @@
-"""Per-seed paired comparison of one method between two ``reproduce.py`` / ``finetune.py`` result folders.
+"""Per-seed paired comparison of runs between two ``reproduce.py`` / ``finetune.py`` result folders.
 
 For a change that should move no result (for example the default whitening, eigh → Cholesky):
 the same method, the same seeds, trained before and after, compared seed by seed.
 
     python benchmarks/compare_runs.py benchmarks/results/reproduce-fashion-mnist-quick-controls \\
         benchmarks/results/reproduce-fashion-mnist-quick-cheaper-masking --method saliencydecor
+
+With ``--after-method``, two methods of two folders: for example a baseline trained for fewer
+epochs against SGT, at matched accuracy. Localization columns are compared where both have them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ KEYS = (
     ("deletion_auc", "deletion"),
     ("insertion_auc", "insertion"),
     ("live_features", "live fraction"),
+    ("relevance_mass", "relevance mass"),
+    ("relevance_rank", "relevance rank"),
+    ("pointing_game", "pointing game"),
 )
 
 
@@ -41,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("before", help="result folder of the earlier runs")
     parser.add_argument("after", help="result folder of the later runs")
     parser.add_argument("--method", default="saliencydecor", help="method (or variant) to compare")
+    parser.add_argument("--after-method", default=None, help="the after folder's method (default: --method)")
     args = parser.parse_args(argv)
-    before, after = runs_of(args.before, args.method), runs_of(args.after, args.method)
-    print(f"{args.method}: {args.after} against {args.before}, per seed")
+    after_method = args.after_method or args.method
+    before, after = runs_of(args.before, args.method), runs_of(args.after, after_method)
+    print(f"{after_method} of {args.after} against {args.method} of {args.before}, per seed")
     for key, label in KEYS:
         test = paired_runs("after", after, "before", before, key)
         if test:

@@ -181,3 +181,22 @@ def test_reproduce__ablation_values_are_tested_per_seed_against_the_first():
         "- **decor_objective=default** vs paper: accuracy: decor_objective=default − decor_objective=paper per seed"
     )
     assert "+1.17 ± 0.29, higher in 3 of 3 seeds, paired t = 7.00: significant at 5%" in line
+
+
+def test_compare_runs__two_methods_of_two_folders_paired_by_seed(tmp_path, capsys):
+    import compare_runs
+
+    def folder(name, method, values):
+        runs = [{"seed": seed, "accuracy": acc, "relevance_mass": mass} for seed, (acc, mass) in enumerate(values)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"main": {method: {"runs": runs}}}))
+        return str(tmp_path / name)
+
+    short = folder("short", "baseline", [(30.0, 0.25), (31.0, 0.24), (29.0, 0.26)])
+    full = folder("full", "sgt", [(29.0, 0.18), (30.0, 0.19), (29.5, 0.17)])
+    assert compare_runs.main([short, full, "--method", "baseline", "--after-method", "sgt"]) == 0
+    out = capsys.readouterr().out
+    assert "sgt of" in out and "against baseline of" in out
+    assert "relevance mass: after − before per seed -0.07 ± 0.02, higher in 0 of 3 seeds, paired t = -6.06" in out
+    with pytest.raises(SystemExit, match="no runs of 'sgt'"):
+        compare_runs.main([short, full, "--method", "sgt"])

@@ -230,8 +230,11 @@ def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra)
         return
     # The adapter folder exports (merged) and evaluates like any other folder the package writes.
     assert (exported / "adapter_model.safetensors").is_file()
-    run(["-m", "sd_plugin", "export", str(exported), str(tmp_path / "merged")], tmp_path)
     from transformers import AutoModelForImageClassification
+
+    from sd_plugin.__main__ import main as sd_plugin_command  # the commands in-process (the recipe ran as users do)
+
+    assert sd_plugin_command(["export", str(exported), str(tmp_path / "merged")]) == 0
 
     from sd_plugin.storage.loading import load_classifier
 
@@ -246,23 +249,8 @@ def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra)
         for i in range(2):
             Image.new("RGB", (20, 20), (70 * k, 20 * i, 0)).save(images / wnid / f"{i}.png")
     evaluation = tmp_path / "evaluation"
-    run(
-        [
-            "-m",
-            "sd_plugin",
-            "evaluate",
-            "--model",
-            str(exported),
-            "--dataset",
-            str(images),
-            "--output-dir",
-            str(evaluation),
-            "--step",
-            "50",
-            "--no-progress",
-        ],
-        tmp_path,
-    )
+    command = ["evaluate", "--model", str(exported), "--dataset", str(images), "--output-dir", str(evaluation)]
+    assert sd_plugin_command([*command, "--step", "50", "--no-progress"]) == 0
     assert json.loads((evaluation / "results.json").read_text())["models"]
 
 
@@ -373,39 +361,29 @@ def test_bad_input__missing_label_column(models, tmp_path):
 
 
 def test_bad_input__checkpoint_from_another_run(tiny_imagenet, models, tmp_path):
-    output = tmp_path / "a"
-    run(
-        recipe_args(
-            models["hf_resnet"],
-            tiny_imagenet,
-            output,
-            "--max_train_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "8",
-            "--checkpointing_steps",
-            "2",
-        ),
-        tmp_path,
+    """A checkpoint of another run's settings is refused before anything is loaded, naming what changed.
+
+    The refusal reads only the checkpoint's ``recipe_state.json`` (the identity), so the other run's
+    checkpoint is its state file: the identity a default run of the same data and model records."""
+    from sd_plugin.core.arguments import SaliencyDecorArguments
+    from sd_plugin.integrations.recipe_arguments import RecipeArguments
+    from sd_plugin.integrations.recipe_checkpoints import STATE_FILE, run_identity
+
+    other = RecipeArguments(
+        model=str(models["hf_resnet"]),
+        train_dir=str(tiny_imagenet / "train"),
+        validation_dir=str(tiny_imagenet / "val"),
+        per_device_train_batch_size=8,
     )
-    result = run(
-        recipe_args(
-            models["hf_resnet"],
-            tiny_imagenet,
-            tmp_path / "b",
-            "--max_train_steps",
-            "4",
-            "--per_device_train_batch_size",
-            "8",
-            "--method",
-            "sgt",
-            "--resume_from_checkpoint",
-            str(output / "step_2"),
-        ),
-        tmp_path,
-        check=False,
-    )
+    identity = run_identity(other, SaliencyDecorArguments(group_size=8), num_processes=1)
+    checkpoint = tmp_path / "a" / "step_2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"completed_steps": 2, "identity": identity, "history": []}))
+    extra = ["--max_train_steps", "4", "--per_device_train_batch_size", "8", "--method", "sgt"]
+    extra += ["--resume_from_checkpoint", str(checkpoint)]
+    result = run(recipe_args(models["hf_resnet"], tiny_imagenet, tmp_path / "b", *extra), tmp_path, check=False)
     assert result.returncode != 0 and "is not a checkpoint of this run" in result.stderr
+    assert "it was saved with other settings (method: 'saliencydecor' -> 'sgt')" in result.stderr
 
 
 DDP_SCRIPT = """

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..utils.distributed import sum_over_processes
+from ..utils.precision import at_least_float32, autocast_off
 from .whitening import GroupZCA
 
 __all__ = [
@@ -87,9 +88,8 @@ def decorrelation_loss(
         raise ValueError(f"liveness_weight must be >= 0, got {liveness_weight}.")
     if not 0.0 < dead_variance_ratio <= 1.0:
         raise ValueError(f"dead_variance_ratio must be in (0, 1], got {dead_variance_ratio}.")
-    device_type = features.device.type if features.device.type in ("cuda", "cpu") else "cpu"
-    with torch.autocast(device_type=device_type, enabled=False):
-        f = features.to(torch.promote_types(features.dtype, torch.float32))
+    with autocast_off(features):
+        f = at_least_float32(features)
         count = sum_over_processes(f.new_full((), batch), sync)  # no host-to-device copy
         centred = f - sum_over_processes(f.sum(0), sync) / count
         variance = sum_over_processes(centred.pow(2).sum(0), sync) / count

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..utils.choices import WHITENING_METHODS, check_choice, check_fraction
 from ..utils.distributed import sum_over_processes
 from ..utils.errors import NonFiniteLossError
+from ..utils.precision import at_least_float32, autocast_off
 
 __all__ = ["GroupZCA", "cholesky_whitening", "inverse_sqrt_psd", "shrink_covariance"]
 
@@ -251,9 +252,8 @@ class GroupZCA(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         self._check_shape(features)
-        device_type = features.device.type if features.device.type in ("cuda", "cpu") else "cpu"
-        with torch.autocast(device_type=device_type, enabled=False):
-            f = features.to(torch.promote_types(features.dtype, torch.float32))
+        with autocast_off(features):
+            f = at_least_float32(features)
             if self.training:
                 try:
                     z = self._training_forward()(f)
@@ -282,9 +282,8 @@ class GroupZCA(nn.Module):
         are not updated. Differentiable; the caller's mode (train/eval) does not matter.
         """
         self._check_shape(features)
-        device_type = features.device.type if features.device.type in ("cuda", "cpu") else "cpu"
-        with torch.autocast(device_type=device_type, enabled=False):
-            f = features.to(torch.promote_types(features.dtype, torch.float32))
+        with autocast_off(features):
+            f = at_least_float32(features)
             try:
                 return self._whiten_batch(f, update_running=False)
             except torch.linalg.LinAlgError as error:
