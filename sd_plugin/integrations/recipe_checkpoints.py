@@ -69,6 +69,7 @@ def saved_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint of ``output_dir`` (``--resume_from_checkpoint latest``), or ``None``."""
     saved = saved_checkpoints(output_dir)
     return saved[-1] if saved else None
 
