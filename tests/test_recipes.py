@@ -1,10 +1,14 @@
-"""The Accelerate recipes, run as users run them (subprocesses; torchrun for 2 CPU processes)."""
+"""The Accelerate recipes, run through their ``main(argv)`` in this process (each subprocess would pay
+~8 s of imports for well under a second of training), and as users run them where the process
+matters: ``torchrun`` for 2 CPU processes, and a subprocess for the push (the Hub endpoint is read
+from the environment at import)."""
 
 import json
 import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,9 @@ import tiny_models
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from two_processes import run_recipe, trainer_runs
+
+from sd_plugin.utils.errors import SaliencyDecorWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = ["n01443537", "n01629819", "n01641577"]
@@ -56,8 +63,9 @@ def models(tmp_path_factory):
     return built
 
 
-def run(args, tmp_path, processes=1, check=True, hub=None):
-    """Run a recipe as users do; ``hub``: a ``FakeHub`` to push to (otherwise offline)."""
+def run(args, processes=1, hub=None):
+    """Run a script as users do, in a subprocess (``torchrun`` for ``processes`` > 1); ``hub``: a
+    ``FakeHub`` to push to (otherwise offline). Fails the test on a non-zero exit."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HUB_OFFLINE")}
     env.update(OMP_NUM_THREADS="1")
     if hub is None:
@@ -78,9 +86,15 @@ def run(args, tmp_path, processes=1, check=True, hub=None):
     else:
         command = [sys.executable]
     result = subprocess.run(command + args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def run_in_process(args):
+    """``main(argv)`` of the recipe ``args[0]`` names, in this process; returns its results."""
+    with warnings.catch_warnings():  # warned of as a user's run warns (the tiny runs' small batches), not failed
+        warnings.simplefilter("default", SaliencyDecorWarning)
+        return run_recipe(args)
 
 
 def recipe_args(model, data, output, *extra):
@@ -122,29 +136,38 @@ def test_raw_tiny_imagenet_layout__labels(tiny_imagenet):
     assert all(path.name.startswith(WNIDS[label]) for path, label in train.samples)
 
 
-def test_two_processes__same_loss_and_gradients_as_one_process(tiny_imagenet, models, tmp_path):
-    common = [
-        "--max_train_steps",
-        "3",
-        "--mask_fill",
-        "mean",
-        "--optimizer",
-        "sgd",
-        "--learning_rate",
-        "0.1",
-        "--checkpointing_steps",
-        "2",
-    ]
+TWO_PROCESS_RECIPE_FLAGS = [
+    "--max_train_steps",
+    "3",
+    "--mask_fill",
+    "mean",
+    "--optimizer",
+    "sgd",
+    "--learning_rate",
+    "0.1",
+    "--checkpointing_steps",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_imagenet, models, tmp_path_factory):
+    """One ``torchrun`` launch of ``tests/two_processes.py``: the recipe, the step and the Trainer on 2 processes."""
+    root = tmp_path_factory.mktemp("two_processes")
+    recipe = recipe_args(models["hf_vit"], tiny_imagenet, root / "recipe", "--per_device_train_batch_size", "4")
+    run(["tests/two_processes.py", str(root / "results.json"), *recipe, *TWO_PROCESS_RECIPE_FLAGS], processes=2)
+    results = json.loads((root / "results.json").read_text())
+    assert results["world_size"] == 2
+    return {**results, "recipe_output": root / "recipe"}
+
+
+def test_two_processes__same_loss_and_gradients_as_one_process(two_processes, tiny_imagenet, models, tmp_path):
     one = tmp_path / "one"
-    two = tmp_path / "two"
-    run(recipe_args(models["hf_vit"], tiny_imagenet, one, "--per_device_train_batch_size", "8", *common), tmp_path)
-    result = run(
-        recipe_args(models["hf_vit"], tiny_imagenet, two, "--per_device_train_batch_size", "4", *common),
-        tmp_path,
-        processes=2,
-    )
-    assert "MULTI_CPU" in result.stderr + result.stdout or (two / "step_2").is_dir()
-    assert (two / "step_2" / "recipe_state.json").is_file()  # checkpoint written
+    flags = ["--per_device_train_batch_size", "8", *TWO_PROCESS_RECIPE_FLAGS]
+    run_in_process(recipe_args(models["hf_vit"], tiny_imagenet, one, *flags))
+    two = two_processes["recipe_output"]
+    checkpoint = json.loads((two / "step_2" / "recipe_state.json").read_text())  # checkpoint written
+    assert checkpoint["identity"]["global_batch"] == 8  # 2 processes x 4
     losses_one = [h["loss"] for h in history(one)["history"]]
     losses_two = [h["loss"] for h in history(two)["history"]]
     decor_one = [h["loss_decor"] for h in history(one)["history"]]
@@ -156,6 +179,28 @@ def test_two_processes__same_loss_and_gradients_as_one_process(tiny_imagenet, mo
     moved = max((a[k] - start[k]).abs().max().item() for k in a if k in start and a[k].shape == start[k].shape)
     assert moved > 1e-2
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4  # same gradients => same SGD steps
+
+
+def test_two_pass_step__one_gradient_all_reduce_with_no_sync(two_processes):
+    counts = two_processes["step"]
+    assert counts["with_no_sync"] == 1  # one bucket, reduced once per step
+    assert counts["without"] == 2  # without no_sync the clean backward would reduce too
+
+
+def test_trainer_under_two_processes__one_all_reduce_per_step_and_one_process_gradients(two_processes):
+    """Issue 20, item 3: the Trainer's clean pass runs under no_sync, as the recipes' loop's does."""
+    two = two_processes["trainer"]
+    with warnings.catch_warnings():  # the 8-image batch is below 2 x group_size: warned of, as in the 2 processes
+        warnings.simplefilter("ignore", SaliencyDecorWarning)
+        one = trainer_runs(world_size=1)
+    plain = two["plain"]["all_reduces"]
+    assert plain >= 2  # one bucket per step, two steps
+    assert two["sgt"]["all_reduces"] == plain  # two backward passes per step, one all-reduce
+    assert two["saliencydecor"]["all_reduces"] == plain
+    assert one["plain"]["all_reduces"] == 0  # one process: no DDP model, nothing reduced
+    for name in ("plain", "sgt"):  # the same training as one process with the whole batch
+        two_processes_weights, one_process = torch.tensor(two[name]["weights"]), torch.tensor(one[name]["weights"])
+        torch.testing.assert_close(two_processes_weights, one_process, atol=1e-5, rtol=0)
 
 
 def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
@@ -170,7 +215,7 @@ def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
         "1e-2",
     ]  # mask_fill random: masks must replay too
     full = tmp_path / "full"
-    run(recipe_args(models["hf_resnet"], tiny_imagenet, full, *common), tmp_path)
+    run_in_process(recipe_args(models["hf_resnet"], tiny_imagenet, full, *common))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     import shutil
@@ -178,7 +223,7 @@ def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
     shutil.copytree(full / "step_2", resumed / "step_2")
     # `step_2` as the README writes it: a checkpoint of --output_dir (the command runs elsewhere)
     resume = ["--resume_from_checkpoint", "step_2", "--checkpoints_total_limit", "1"]
-    run(recipe_args(models["hf_resnet"], tiny_imagenet, resumed, *common, *resume), tmp_path)
+    run_in_process(recipe_args(models["hf_resnet"], tiny_imagenet, resumed, *common, *resume))
     assert sorted(p.name for p in resumed.glob("step_*")) == ["step_4"]  # the older one deleted
     uninterrupted = [h["loss"] for h in history(full)["history"]]
     continued = [h["loss"] for h in history(resumed)["history"]]
@@ -192,9 +237,9 @@ def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
     other.mkdir()
     shutil.copytree(full / "step_2", other / "step_2")
     changed = [*common, "--group_size", "4", "--resume_from_checkpoint", "latest"]
-    refused = run(recipe_args(models["hf_resnet"], tiny_imagenet, other, *changed), tmp_path, check=False)
-    assert refused.returncode != 0 and "is not a checkpoint of this run" in refused.stderr
-    assert re.search(r"group_size: \d+ -> 4\)", refused.stderr)  # the fields that differ, not two dicts
+    with pytest.raises(ValueError, match="is not a checkpoint of this run") as refused:
+        run_in_process(recipe_args(models["hf_resnet"], tiny_imagenet, other, *changed))
+    assert re.search(r"group_size: \d+ -> 4\)", str(refused.value))  # the fields that differ, not two dicts
 
 
 @pytest.mark.parametrize(
@@ -207,19 +252,8 @@ def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
 )
 def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra):
     output = tmp_path / "out"
-    run(
-        recipe_args(
-            models[family],
-            tiny_imagenet,
-            output,
-            "--max_train_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "8",
-            *extra,
-        ),
-        tmp_path,
-    )
+    extra = ["--max_train_steps", "2", "--per_device_train_batch_size", "8", *extra]
+    run_in_process(recipe_args(models[family], tiny_imagenet, output, *extra))
     results = history(output)
     assert results["completed_steps"] == 2
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0 <= results["eval_masking_auc"] <= 10000
@@ -232,7 +266,7 @@ def test_model_families_and_lora(tiny_imagenet, models, tmp_path, family, extra)
     assert (exported / "adapter_model.safetensors").is_file()
     from transformers import AutoModelForImageClassification
 
-    from sd_plugin.__main__ import main as sd_plugin_command  # the commands in-process (the recipe ran as users do)
+    from sd_plugin.__main__ import main as sd_plugin_command
 
     assert sd_plugin_command(["export", str(exported), str(tmp_path / "merged")]) == 0
 
@@ -261,7 +295,7 @@ def test_recipe_flags__periodic_evaluation_gradient_checkpointing_image_size_and
     extra = ["--max_train_steps", "2", "--per_device_train_batch_size", "8", "--group_size", "4", "--eval_steps", "1"]
     extra += ["--gradient_checkpointing", "--image_size", "24", "--push_to_hub", "--hub_model_id", "alice/recipe-sd"]
     with FakeHub() as hub:
-        result = run(recipe_args(models["timm_resnet"], tiny_imagenet, output, *extra), tmp_path, hub=hub)
+        result = run(recipe_args(models["timm_resnet"], tiny_imagenet, output, *extra), hub=hub)
     # pushed through hub.publish, the Trainer's path: the exported folder, its card naming the repository
     assert "pushed: http://" in result.stdout, result.stdout[-2000:]
     (commit,) = hub.commits
@@ -283,20 +317,8 @@ def test_recipe_flags__periodic_evaluation_gradient_checkpointing_image_size_and
 
 def test_paper_cnn_recipe__digits(tmp_path):
     output = tmp_path / "cnn"
-    run(
-        [
-            "recipes/paper_cnn.py",
-            "--dataset",
-            "digits",
-            "--output_dir",
-            str(output),
-            "--num_train_epochs",
-            "2",
-            "--eval_masking_samples",
-            "64",
-        ],
-        tmp_path,
-    )
+    flags = ["--dataset", "digits", "--output_dir", output, "--num_train_epochs", "2", "--eval_masking_samples", "64"]
+    run_in_process(["recipes/paper_cnn.py", *flags])
     results = history(output)
     assert results["eval_accuracy"] > 0.25  # 10 classes (chance 0.1), 2 epochs of SGD 0.01 on 1.4k digits
     assert all(0.5 < entry["live_features"] <= 1.0 for entry in results["history"])  # logged, no collapse
@@ -323,20 +345,9 @@ def test_bad_input__clear_errors(tiny_imagenet, models, tmp_path):
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="no class sub-folders with images"):
         folder_classes(tmp_path / "empty")
-    result = run(
-        recipe_args(models["hf_vit"], tiny_imagenet, tmp_path / "x", "--max_train_steps", "1")[:1]
-        + [
-            "--model",
-            str(models["hf_vit"]),
-            "--dataset_name",
-            "nobody/no-such-dataset",
-            "--output_dir",
-            str(tmp_path / "x"),
-        ],
-        tmp_path,
-        check=False,
-    )
-    assert result.returncode != 0 and "--dataset_name 'nobody/no-such-dataset' could not be loaded" in result.stderr
+    flags = ["--model", models["hf_vit"], "--dataset_name", "nobody/no-such-dataset", "--output_dir", tmp_path / "x"]
+    with pytest.raises(ValueError, match="--dataset_name 'nobody/no-such-dataset' could not be loaded"):
+        run_in_process(["recipes/tiny_imagenet.py", *flags])
 
 
 def test_bad_input__missing_label_column(models, tmp_path):
@@ -344,20 +355,9 @@ def test_bad_input__missing_label_column(models, tmp_path):
 
     rows = [{"image": Image.new("RGB", (16, 16))} for _ in range(4)]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "nolabels"))
-    result = run(
-        [
-            "recipes/tiny_imagenet.py",
-            "--model",
-            str(models["hf_vit"]),
-            "--dataset_name",
-            str(tmp_path / "nolabels"),
-            "--output_dir",
-            str(tmp_path / "o"),
-        ],
-        tmp_path,
-        check=False,
-    )
-    assert result.returncode != 0 and "no label column" in result.stderr
+    flags = ["--model", models["hf_vit"], "--dataset_name", tmp_path / "nolabels", "--output_dir", tmp_path / "o"]
+    with pytest.raises(ValueError, match="no label column"):
+        run_in_process(["recipes/tiny_imagenet.py", *flags])
 
 
 def test_bad_input__checkpoint_from_another_run(tiny_imagenet, models, tmp_path):
@@ -381,129 +381,9 @@ def test_bad_input__checkpoint_from_another_run(tiny_imagenet, models, tmp_path)
     (checkpoint / STATE_FILE).write_text(json.dumps({"completed_steps": 2, "identity": identity, "history": []}))
     extra = ["--max_train_steps", "4", "--per_device_train_batch_size", "8", "--method", "sgt"]
     extra += ["--resume_from_checkpoint", str(checkpoint)]
-    result = run(recipe_args(models["hf_resnet"], tiny_imagenet, tmp_path / "b", *extra), tmp_path, check=False)
-    assert result.returncode != 0 and "is not a checkpoint of this run" in result.stderr
-    assert "it was saved with other settings (method: 'saliencydecor' -> 'sgt')" in result.stderr
-
-
-DDP_SCRIPT = """
-import contextlib, torch, torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-dist.init_process_group("gloo")
-torch.manual_seed(0)
-import sys; sys.path.insert(0, "tests")
-import tiny_models
-from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, adapt
-model = tiny_models.TinyNet()
-arguments = SaliencyDecorArguments(method="saliencydecor", group_size=8, sync_whitening=True, mask_fill="mean")
-objective = SaliencyDecorStep(adapt(model, feature_layer="body"), arguments)
-ddp = DDP(model)
-calls = []
-def count(state, bucket):
-    calls.append(1)
-    fut = torch.futures.Future(); fut.set_result(bucket.buffer()); return fut
-ddp.register_comm_hook(None, count)
-x = torch.randn(8, 3, 16, 16); y = torch.randint(0, 3, (8,))
-objective.step(ddp, x, y)  # the step finds the DDP model's no_sync itself
-with_no_sync = len(calls)
-calls.clear(); ddp.zero_grad()
-objective.step(ddp, x, y, no_sync=contextlib.nullcontext)  # no suppression: the clean backward reduces too
-for rank in range(dist.get_world_size()):
-    if rank == dist.get_rank():
-        print("ALLREDUCE", rank, with_no_sync, len(calls), flush=True)
-    dist.barrier()
-"""
-
-
-def test_two_pass_step__one_gradient_all_reduce_with_no_sync(tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    result = run([str(script)], tmp_path, processes=2)
-    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("ALLREDUCE")]
-    assert len(lines) == 2
-    for _, _, with_no_sync, without in lines:
-        assert int(with_no_sync) == 1  # one bucket, reduced once per step
-        assert int(without) == 2  # without no_sync the clean backward would reduce too
-
-
-TRAINER_DDP_SCRIPT = """
-import json, os, sys, tempfile
-import torch
-from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel
-from transformers import Trainer, TrainingArguments
-from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
-
-calls = []  # one entry per bucket all-reduce, counted in a comm hook on every DDP model the Trainer builds
-original_init = DistributedDataParallel.__init__
-def counting_init(self, *args, **kwargs):
-    original_init(self, *args, **kwargs)
-    def hook(process_group, bucket):
-        calls.append(1)
-        return default_hooks.allreduce_hook(process_group, bucket)
-    self.register_comm_hook(self.process_group, hook)
-DistributedDataParallel.__init__ = counting_init
-
-class Net(nn.Module):  # no BatchNorm: 2 processes x 4 images train exactly as 1 process x 8
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.Tanh()
-        )
-        self.out = nn.Linear(16, 3)
-    def forward(self, pixel_values, labels=None):  # a plain Trainer reads the loss from the output
-        logits = self.out(self.body(pixel_values))
-        if labels is None:
-            return {"logits": logits}
-        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-g = torch.Generator().manual_seed(0)
-x, y = torch.randn(8, 3, 12, 12, generator=g), torch.arange(8) % 3
-data = [{"pixel_values": x[i], "labels": int(y[i])} for i in range(8)]
-world = int(os.environ.get("WORLD_SIZE", "1"))
-common = dict(per_device_train_batch_size=8 // world, max_steps=2, learning_rate=0.5, optim="sgd", report_to="none",
-              use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1)
-results = {}
-for name, method in (("plain", None), ("sgt", "sgt"), ("saliencydecor", "saliencydecor")):
-    torch.manual_seed(0)
-    output_dir = tempfile.mkdtemp()
-    if method is None:
-        trainer = Trainer(model=Net(), args=TrainingArguments(output_dir=output_dir, **common), train_dataset=data)
-    else:
-        args = SaliencyDecorConfig(output_dir=output_dir, method=method, mask_fill="mean", group_size=8,
-                                   feature_layer="body", **common)
-        trainer = SaliencyDecorTrainer(model=Net(), args=args, train_dataset=data)
-    calls.clear()
-    trainer.train()
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    weights = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
-    results[name] = {"all_reduces": len(calls), "weights": weights}
-if int(os.environ.get("RANK", "0")) == 0:
-    print("RESULTS " + json.dumps(results), flush=True)
-if torch.distributed.is_initialized():  # a clean shutdown: gloo threads alive at exit abort the process
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-"""
-
-
-def test_trainer_under_two_processes__one_all_reduce_per_step_and_one_process_gradients(tmp_path):
-    """Issue 20, item 3: the Trainer's clean pass runs under no_sync, as the recipes' loop's does."""
-    script = tmp_path / "trainer_ddp.py"
-    script.write_text(TRAINER_DDP_SCRIPT)
-
-    def results(processes):
-        out = run([str(script)], tmp_path, processes=processes).stdout
-        return json.loads(next(line for line in out.splitlines() if line.startswith("RESULTS "))[8:])
-
-    two, one = results(2), results(1)
-    plain = two["plain"]["all_reduces"]
-    assert plain >= 2  # one bucket per step, two steps
-    assert two["sgt"]["all_reduces"] == plain  # two backward passes per step, one all-reduce
-    assert two["saliencydecor"]["all_reduces"] == plain
-    for name in ("plain", "sgt"):  # the same training as one process with the whole batch
-        two_processes, one_process = torch.tensor(two[name]["weights"]), torch.tensor(one[name]["weights"])
-        torch.testing.assert_close(two_processes, one_process, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="is not a checkpoint of this run") as refused:
+        run_in_process(recipe_args(models["hf_resnet"], tiny_imagenet, tmp_path / "b", *extra))
+    assert "it was saved with other settings (method: 'saliencydecor' -> 'sgt')" in str(refused.value)
 
 
 def test_recipe_arguments__tracker_without_its_package_gets_one_warning(monkeypatch):
@@ -532,6 +412,6 @@ def test_exported_model__keeps_the_source_preprocessor_config(tiny_imagenet, mod
     shutil.copytree(models["hf_resnet"], source)
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(source)
     output = tmp_path / "out"
-    run(recipe_args(source, tiny_imagenet, output, "--max_train_steps", "1"), tmp_path)
+    run_in_process(recipe_args(source, tiny_imagenet, output, "--max_train_steps", "1"))
     copied = json.loads((output / "model" / "preprocessor_config.json").read_text())
     assert copied == json.loads((source / "preprocessor_config.json").read_text())
