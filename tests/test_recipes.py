@@ -315,6 +315,24 @@ def test_recipe_flags__periodic_evaluation_gradient_checkpointing_image_size_and
     assert "accelerate launch recipes/tiny_imagenet.py" in card and "--image_size 24" in card  # the command
 
 
+def test_push_to_hub__settings_and_credentials_checked_before_training(tiny_imagenet, models, tmp_path, monkeypatch):
+    """--push_to_hub without --hub_model_id, or without a token, stops before the first step, not after training."""
+    import huggingface_hub.constants
+
+    from sd_plugin.hub import PushError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no saved login
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    output = tmp_path / "out"
+    push = recipe_args(models["hf_resnet"], tiny_imagenet, output, "--push_to_hub")
+    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
+        run_in_process(push)
+    with pytest.raises(PushError, match="no Hugging Face token"):
+        run_in_process([*push, "--hub_model_id", "alice/model"])
+    assert not any(output.glob("step_*")) and not (output / "model").exists()  # nothing trained or saved
+
+
 def test_paper_cnn_recipe__digits(tmp_path):
     output = tmp_path / "cnn"
     flags = ["--dataset", "digits", "--output_dir", output, "--num_train_epochs", "2", "--eval_masking_samples", "64"]

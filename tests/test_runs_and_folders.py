@@ -150,21 +150,3 @@ def test_export__overwrite_replaces_only_an_earlier_export_and_the_folder_is_rea
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
-
-
-def test_recipe_push_to_hub__credentials_checked_before_training(tmp_path, monkeypatch):
-    from sd_plugin.core.arguments import SaliencyDecorArguments
-    from sd_plugin.hub import PushError
-    from sd_plugin.integrations.loop import _check_arguments
-    from sd_plugin.integrations.recipe_arguments import RecipeArguments
-
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no saved login
-    method = SaliencyDecorArguments()
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
-    with pytest.raises(ValueError, match="needs --hub_model_id"):
-        _check_arguments(RecipeArguments(push_to_hub=True), method, 1)
-    with pytest.raises(PushError, match="no Hugging Face token"):
-        _check_arguments(RecipeArguments(push_to_hub=True, hub_model_id="user/model"), method, 1)
