@@ -153,12 +153,16 @@ TWO_PROCESS_RECIPE_FLAGS = [
 @pytest.fixture(scope="module")
 def two_processes(tiny_imagenet, models, tmp_path_factory):
     """One ``torchrun`` launch of ``tests/two_processes.py``: the recipe, the step and the Trainer on 2 processes."""
+    from fake_hub import FakeHub
+
     root = tmp_path_factory.mktemp("two_processes")
     recipe = recipe_args(models["hf_vit"], tiny_imagenet, root / "recipe", "--per_device_train_batch_size", "4")
-    run(["tests/two_processes.py", str(root / "results.json"), *recipe, *TWO_PROCESS_RECIPE_FLAGS], processes=2)
+    script = ["tests/two_processes.py", str(root / "results.json"), *recipe, *TWO_PROCESS_RECIPE_FLAGS]
+    with FakeHub() as hub:
+        run(script, processes=2, hub=hub)
     results = json.loads((root / "results.json").read_text())
     assert results["world_size"] == 2
-    return {**results, "recipe_output": root / "recipe"}
+    return {**results, "recipe_output": root / "recipe", "commits": hub.commits}
 
 
 def test_two_processes__same_loss_and_gradients_as_one_process(two_processes, tiny_imagenet, models, tmp_path):
@@ -187,12 +191,12 @@ def test_two_pass_step__one_gradient_all_reduce_with_no_sync(two_processes):
     assert counts["without"] == 2  # without no_sync the clean backward would reduce too
 
 
-def test_trainer_under_two_processes__one_all_reduce_per_step_and_one_process_gradients(two_processes):
+def test_trainer_under_two_processes__one_all_reduce_per_step_and_one_process_gradients(two_processes, tmp_path):
     """Issue 20, item 3: the Trainer's clean pass runs under no_sync, as the recipes' loop's does."""
     two = two_processes["trainer"]
     with warnings.catch_warnings():  # the 8-image batch is below 2 x group_size: warned of, as in the 2 processes
         warnings.simplefilter("ignore", SaliencyDecorWarning)
-        one = trainer_runs(world_size=1)
+        one = trainer_runs(world_size=1, root=tmp_path)
     plain = two["plain"]["all_reduces"]
     assert plain >= 2  # one bucket per step, two steps
     assert two["sgt"]["all_reduces"] == plain  # two backward passes per step, one all-reduce
@@ -201,6 +205,16 @@ def test_trainer_under_two_processes__one_all_reduce_per_step_and_one_process_gr
     for name in ("plain", "sgt"):  # the same training as one process with the whole batch
         two_processes_weights, one_process = torch.tensor(two[name]["weights"]), torch.tensor(one[name]["weights"])
         torch.testing.assert_close(two_processes_weights, one_process, atol=1e-5, rtol=0)
+
+
+def test_trainer_push_to_hub_under_two_processes__the_main_process_exports_and_pushes_once(two_processes):
+    """Every process calls ``push_to_hub`` (as a script does); one writes the folder and pushes it, all wait for it."""
+    main, other = two_processes["push_by_rank"]
+    assert main["url"] and main["url"].startswith("http://")
+    assert other["url"] is None  # it pushed nothing
+    assert main["export_complete"] and other["export_complete"]  # neither returned before the folder was written
+    (commit,) = two_processes["commits"]
+    assert {"README.md", "model.safetensors", "saliency_decor.json"} <= set(commit["files"])
 
 
 def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):

@@ -3,9 +3,10 @@
     torchrun --nproc_per_node 2 tests/two_processes.py RESULTS.json recipes/tiny_imagenet.py --model ...
 
 runs, on 2 CPU processes: the recipe with the flags after ``RESULTS.json`` (its own output folder
-holds what it wrote), then the two-pass step on a DDP model (all-reduces counted with and without
-``no_sync``), then the Trainer three ways (plain ``Trainer``, SGT, SaliencyDecor; all-reduces and
-final weights). Rank 0 writes the counts and weights to ``RESULTS.json``. ``tests/test_recipes.py``
+holds what it wrote), then the Trainer three ways (plain ``Trainer``, SGT, SaliencyDecor; all-reduces
+and final weights) and the SaliencyDecor one's ``push_to_hub`` (to ``HF_ENDPOINT``: the test's
+loopback Hub), then the two-pass step on a DDP model (all-reduces counted with and without
+``no_sync``). Rank 0 writes the counts, weights and each rank's push to ``RESULTS.json``. ``tests/test_recipes.py``
 compares them with one process, which it runs in-process through the same functions.
 """
 
@@ -16,7 +17,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,8 +105,12 @@ class Net(nn.Module):
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
-def trainer_runs(world_size: int) -> dict[str, dict]:
-    """Two SGD steps on 8 images, as a plain ``Trainer``, SGT and SaliencyDecor: all-reduces and final weights."""
+def trainer_runs(world_size: int, root: Path, push_to: str | None = None) -> dict[str, dict]:
+    """Two SGD steps on 8 images, as a plain ``Trainer``, SGT and SaliencyDecor: all-reduces and final weights.
+
+    Each run's ``output_dir`` is ``root/NAME`` (one folder for all processes, as a multi-GPU run has);
+    with ``push_to`` the SaliencyDecor run then calls ``push_to_hub`` to that repository, and
+    ``"push"`` says what it returned and whether the exported folder was complete when it did."""
     from transformers import Trainer, TrainingArguments
 
     from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
@@ -128,26 +132,31 @@ def trainer_runs(world_size: int) -> dict[str, dict]:
     results = {}
     for name, method in (("plain", None), ("sgt", "sgt"), ("saliencydecor", "saliencydecor")):
         torch.manual_seed(0)
-        output_dir = tempfile.mkdtemp()
+        output_dir = root / name
         if method is None:
             trainer = Trainer(model=Net(), args=TrainingArguments(output_dir=output_dir, **common), train_dataset=data)
         else:
-            args = SaliencyDecorConfig(
-                output_dir=output_dir, method=method, mask_fill="mean", group_size=8, feature_layer="body", **common
-            )
+            method_fields = dict(method=method, mask_fill="mean", group_size=8, feature_layer="body")
+            args = SaliencyDecorConfig(output_dir=output_dir, hub_model_id=push_to, **method_fields, **common)
             trainer = SaliencyDecorTrainer(model=Net(), args=args, train_dataset=data)
         with counted_all_reduces() as calls:
             trainer.train()
         model = trainer.accelerator.unwrap_model(trainer.model)
         weights = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
         results[name] = {"all_reduces": len(calls), "weights": weights}
+    if push_to is not None:
+        url = trainer.push_to_hub()  # the SaliencyDecor run's
+        results["push"] = {"url": url, "export_complete": (root / "saliencydecor" / "export" / "README.md").is_file()}
     return results
 
 
 def main(results_file: str, recipe_argv: list[str]) -> None:
     run_recipe(recipe_argv)  # its Accelerator starts the process group the other two checks use
     world_size = torch.distributed.get_world_size()
-    results = {"world_size": world_size, "step": step_all_reduces(), "trainer": trainer_runs(world_size)}
+    trainers = trainer_runs(world_size, Path(results_file).parent / "trainer", push_to="alice/two-processes")
+    pushes = [None] * world_size
+    torch.distributed.all_gather_object(pushes, trainers.pop("push"))
+    results = {"world_size": world_size, "step": step_all_reduces(), "trainer": trainers, "push_by_rank": pushes}
     if torch.distributed.get_rank() == 0:
         Path(results_file).write_text(json.dumps(results))
     torch.distributed.barrier()  # a clean shutdown: gloo threads alive at exit abort the process

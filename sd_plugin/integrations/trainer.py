@@ -339,11 +339,13 @@ class SaliencyDecorTrainer(Trainer):
         revision: str | None = None,
         private: bool | None = None,
         **kwargs: Any,
-    ) -> str:
+    ) -> str | None:
         """Export (whitening folded, PEFT merged, model card) to ``output_dir/export`` and push it.
 
         The repository is ``args.hub_model_id`` (``user/name``). Goes through
-        ``sd_plugin.hub.publish`` like the recipes' ``--push_to_hub``. ``kwargs`` are the model card's
+        ``sd_plugin.hub.publish`` like the recipes' ``--push_to_hub``, and like it on several processes:
+        the main one exports and pushes (returns the commit URL), the others return ``None`` once the
+        folder is written. ``kwargs`` are the model card's
         (``create_model_card``'s: ``model_name``, ``finetuned_from``, ``dataset``/``dataset_name``,
         ``dataset_tags``, ``license``, ``language``, ``tags``) and ``create_pr``. The push runs to its end
         (``blocking=False`` is refused) on the default branch (a ``revision`` is refused).
@@ -367,17 +369,20 @@ class SaliencyDecorTrainer(Trainer):
             raise ValueError(
                 f"hub_model_id={repo_id!r}: set SaliencyDecorConfig(hub_model_id='user-or-org/model-name') to push."
             )
-        published = publish(
-            self,
-            os.path.join(self.args.output_dir, "export"),
-            repo_id=repo_id if self.args.should_save else None,  # every process exports, the main one pushes
-            private=bool(private if private is not None else self.args.hub_private_repo),
-            create_pr=create_pr,
-            token=token or self.args.hub_token,
-            commit_message=commit_message or "End of training",
-            **card,
-        )
-        return published.url or ""
+        url = None
+        if self.args.should_save:  # one writer: processes exporting into one folder would replace it under the push
+            url = publish(
+                self,
+                os.path.join(self.args.output_dir, "export"),
+                repo_id=repo_id,
+                private=bool(private if private is not None else self.args.hub_private_repo),
+                create_pr=create_pr,
+                token=token or self.args.hub_token,
+                commit_message=commit_message or "End of training",
+                **card,
+            ).url
+        self.accelerator.wait_for_everyone()
+        return url
 
     # -- evaluation -------------------------------------------------------------------
 
