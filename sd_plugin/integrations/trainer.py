@@ -345,9 +345,9 @@ class SaliencyDecorTrainer(Trainer):
         The repository is ``args.hub_model_id`` (``user/name``). Goes through
         ``sd_plugin.hub.publish`` like the recipes' ``--push_to_hub``, and like it on several processes:
         the main one exports and pushes (returns the commit URL), the others return ``None`` once the
-        folder is written. ``kwargs`` are the model card's
-        (``create_model_card``'s: ``model_name``, ``finetuned_from``, ``dataset``/``dataset_name``,
-        ``dataset_tags``, ``license``, ``language``, ``tags``) and ``create_pr``. The push runs to its end
+        folder is written. ``kwargs`` are the model card's (``create_model_card``'s: ``model_name``,
+        ``finetuned_from``, ``dataset``/``dataset_name``, ``dataset_tags``, ``license``, ``language``,
+        ``tags``) and ``create_pr``. The push runs to its end
         (``blocking=False`` is refused) on the default branch (a ``revision`` is refused).
         """
         from ..hub.publish import publish
