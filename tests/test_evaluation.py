@@ -254,6 +254,7 @@ def test_cli__two_saved_models_write_table_json_and_figures(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| a/model |" in printed and "| b/model |" in printed
+    assert "RISE deletion" in printed and "pointing game" not in printed  # no localization columns, no legend
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"a/model", "b/model"}
     for metrics in results["models"].values():

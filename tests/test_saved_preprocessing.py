@@ -68,3 +68,53 @@ def test_transformers_folder__processor_of_the_model_it_started_from_is_saved_an
     processor = AutoImageProcessor.from_pretrained(exported)
     assert processor.size == {"height": 16, "width": 16}  # set to the size it was trained at
     assert "processor = AutoImageProcessor.from_pretrained" in (exported / "README.md").read_text()
+
+
+def test_export_cli__preprocessing_from_flag_supplies_the_processor(tmp_path, capsys):
+    """The warning's advice works on the command line: ``--preprocessing-from`` is a flag of ``export``."""
+    from sd_plugin.hub.cli import export_main
+
+    model = tiny_models.build("hf_resnet", tmp_path)
+    (tmp_path / "hf_resnet" / "preprocessor_config.json").rename(tmp_path / "kept.json")
+    train_and_save(model, tmp_path)
+    with pytest.warns(UserWarning, match="--preprocessing-from <folder>"):
+        assert export_main([str(tmp_path / "run"), str(tmp_path / "bare")]) == 0
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "x"), "--preprocessing-from", str(tmp_path)]) == 2
+    assert "has no preprocessor_config.json" in capsys.readouterr().err
+    processor_folder = tmp_path / "processor"
+    processor_folder.mkdir()
+    (tmp_path / "kept.json").rename(processor_folder / "preprocessor_config.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        flags = [str(tmp_path / "run"), str(tmp_path / "exported"), "--preprocessing-from", str(processor_folder)]
+        assert export_main(flags) == 0
+    assert (tmp_path / "exported" / "preprocessor_config.json").is_file()
+
+
+def test_evaluate_builtin_digits__at_the_size_the_model_takes(tmp_path):
+    """``--dataset digits`` is built at the folder's recorded size (or the config's), not a fixed 16 px."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from sd_plugin.__main__ import main as cli
+    from sd_plugin.storage.checkpoint import write_metadata
+    from sd_plugin.storage.data import load_eval_dataset
+
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, num_channels=1, num_labels=10,
+    )  # fmt: skip
+    folder = tmp_path / "vit"
+    ViTForImageClassification(config).save_pretrained(folder)
+    model = load_classifier(folder)
+    assert load_eval_dataset("digits", None, model, folder)[0]["pixel_values"].shape == (1, 32, 32)
+    assert load_eval_dataset("fashion-mnist", None, model, folder)[0]["pixel_values"].shape == (1, 32, 32)
+    flags = ["--dataset", "digits", "--max-images", "8", "--step", "50", "--no-road", "--no-progress"]
+    assert cli(["evaluate", "--model", str(folder), "--output-dir", str(tmp_path / "eval"), *flags]) == 0
+
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    cnn.append(torch.nn.Linear(4, 10))
+    (tmp_path / "cnn").mkdir()
+    write_metadata(tmp_path / "cnn", {"input_size": [1, 24, 24]})  # the size it was trained at
+    assert load_eval_dataset("digits", None, cnn, tmp_path / "cnn")[0]["pixel_values"].shape == (1, 24, 24)
+    assert load_eval_dataset("digits", None, cnn)[0]["pixel_values"].shape == (1, 16, 16)  # nothing recorded

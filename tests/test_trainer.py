@@ -185,6 +185,45 @@ def test_resume_from_checkpoint__continues_exactly(tmp_path, whiten_head_input):
     )
 
 
+@pytest.mark.parametrize("family", ["hf_vit", "hf_convnext"])
+def test_resume_from_checkpoint__transformers_model_continues_exactly(tmp_path, family):
+    """Train 4 steps; a fresh model resumed from the step-2 checkpoint ends with the same weights.
+
+    transformers 5 saves legacy key names (ViT's ``vit.encoder.layer.0.attention.attention.key``)
+    that a plain ``load_state_dict`` of ``Trainer._load_from_checkpoint`` does not map: resuming
+    must load them the way ``from_pretrained`` does, not train on from freshly initialised layers.
+    """
+    common = dict(max_steps=4, mask_fill="mean", save_strategy="steps", save_steps=2, learning_rate=1e-2)
+    model = tiny_models.build(family, tmp_path)
+    trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path, **common), train_dataset=dataset(n=64))
+    trainer.train()
+    uninterrupted = snapshot(model)
+    uninterrupted_losses = [e["loss_ce"] for e in trainer.state.log_history if "loss_ce" in e]
+
+    resumed_model = tiny_models.build(family, tmp_path, seed=1)
+    args = config(tmp_path, **{**common, "output_dir": str(tmp_path / "resumed")})
+    resumed = SaliencyDecorTrainer(model=resumed_model, args=args, train_dataset=dataset(n=64))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    resumed_losses = [e["loss_ce"] for e in resumed.state.log_history if "loss_ce" in e]
+    assert resumed_losses[-2:] == pytest.approx(uninterrupted_losses[-2:], rel=1e-4)  # steps 3 and 4
+    for name, value in snapshot(resumed_model).items():
+        torch.testing.assert_close(value, uninterrupted[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resume_from_checkpoint__weights_that_do_not_load_are_refused(tmp_path):
+    """A checkpoint whose weights do not fit the model is an error, not training from fresh layers."""
+    common = dict(max_steps=2, mask_fill="mean", save_strategy="steps", save_steps=2)
+    trainer = SaliencyDecorTrainer(
+        model=tiny_models.build("timm_vit", tmp_path), args=config(tmp_path, **common), train_dataset=dataset(n=64)
+    )
+    trainer.train()
+    other = tiny_models.build("timm_resnet", tmp_path)
+    args = config(tmp_path, **{**common, "max_steps": 4, "output_dir": str(tmp_path / "resumed")})
+    resumed = SaliencyDecorTrainer(model=other, args=args, train_dataset=dataset(n=64))
+    with pytest.raises(ValueError, match="do not load into the model.*freshly initialised"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
 def test_load_best_model_at_end__whitened_head_is_the_best_checkpoint(tmp_path):
     import timm
 

@@ -28,7 +28,25 @@ from .metrics import METRICS, TABLE_METRICS, metric_directions
 from .randomization import parameter_randomization
 from .report import evaluate_model, first_images
 
-__all__ = ["main", "format_table"]
+__all__ = ["main", "format_table", "table_legend"]
+
+# What each group of table columns means; a line is printed when one of its columns is in the table.
+_LEGEND = (
+    (
+        ("faithfulness_gap", "lerf_morf_gap", "road_lerf_morf_gap"),
+        "gap = (AUC_random - AUC_MoRF) / AUC_random; LeRF-MoRF = (AUC_LeRF - AUC_MoRF) / AUC_random, under the "
+        "mean fill and under ROAD imputation;",
+    ),
+    (
+        ("blurred_road_lerf_morf_gap", "blurred_insertion_auc", "blurred_relevance_mass"),
+        "blur: the same metric for the maps Gaussian-blurred (a map that is sharper and more faithful beats it);",
+    ),
+    (("deletion_auc", "insertion_auc"), "del/ins: RISE deletion / insertion;"),
+    (
+        ("relevance_mass", "relevance_rank", "pointing_game"),
+        "mass/rank/point: relevance mass, relevance rank and pointing game on the ground-truth objects;",
+    ),
+)
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -44,6 +62,19 @@ def format_table(results: dict[str, dict]) -> str:
         cells = [METRICS[key].fmt.format(metrics[key]) if key in metrics else "–" for key in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table_legend(results: dict[str, dict]) -> str:
+    """The lines under ``format_table`` that explain the columns it has (none for absent ones).
+
+    Example:
+        >>> print(table_legend({"m": {"accuracy": 90.0, "deletion_auc": 0.1}}))
+        del/ins: RISE deletion / insertion;
+        Every metric and per-image scores are in results.json.
+    """
+    present = {key for metrics in results.values() for key in metrics}
+    lines = [text for keys, text in _LEGEND if present.intersection(keys)]
+    return "\n".join([*lines, "Every metric and per-image scores are in results.json."])
 
 
 def _display_name(path: str, taken: set[str]) -> str:
@@ -62,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="model folder or Hub id")
     parser.add_argument("--compare", nargs="*", default=[], help="more models to score side by side")
-    parser.add_argument("--dataset", required=True, help="'digits', 'fashion-mnist', a dataset folder or a Hub id")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="'digits', 'fashion-mnist' (built in, at the size the model was trained at), a dataset folder "
+        "(save_to_disk or image folder), a Hub id, or a localization dataset: a folder with images and a "
+        "ground-truth object mask per image (benchmarks/localization_data.py, benchmarks/block_data.py write "
+        "them), which adds relevance mass, relevance rank and the pointing game",
+    )
     parser.add_argument("--split", default=None, help="dataset split (default: test/validation)")
     parser.add_argument("--output-dir", required=True, help="where results.json and the figures go")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward")
@@ -164,13 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(format_table(results))
-    print(
-        "\ngap = (AUC_random - AUC_MoRF) / AUC_random; LeRF-MoRF = (AUC_LeRF - AUC_MoRF) / AUC_random, under the "
-        "mean fill and under ROAD imputation;\nblur: the same metric for the maps Gaussian-blurred (a map that is "
-        "sharper and more faithful beats it); del/ins: RISE deletion / insertion;\nmass/rank/point: relevance "
-        "mass, relevance rank and pointing game on the ground-truth objects. Every metric and per-image scores "
-        "are in results.json."
-    )
+    print("\n" + table_legend(results))
     print(f"Results and figures in {output_dir}/")
     return 0
 

@@ -23,6 +23,11 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", default=None, help="Hub id of the model it was fine-tuned from")
     parser.add_argument("--training-command", default=None, help="the command that trained it, for the card")
     parser.add_argument("--license", default=None, help="the card's license, a Hub id such as apache-2.0")
+    parser.add_argument(
+        "--preprocessing-from",
+        default=None,
+        help="a folder whose preprocessor_config.json goes with the model (when SOURCE records none)",
+    )
     args = parser.parse_args(argv)
     from .export import export
 
@@ -37,6 +42,7 @@ def export_main(argv: list[str] | None = None) -> int:
             base_model=args.base_model,
             training_command=args.training_command,
             license=args.license,
+            preprocessing_from=args.preprocessing_from,
         )
     except (FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

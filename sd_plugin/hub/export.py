@@ -129,7 +129,8 @@ def _save_processor(
         warnings.warn(
             "export: no image processor to save (the trainer had no processing_class and no source folder holds a "
             "preprocessor_config.json), so the folder does not say how to preprocess images. Pass "
-            "processing_class= to SaliencyDecorTrainer, or preprocessing_from=<folder with one> to export.",
+            "processing_class= to SaliencyDecorTrainer, or a folder that has one: `python -m sd_plugin export ... "
+            "--preprocessing-from <folder>` (Python: export(..., preprocessing_from=<folder>)).",
             SaliencyDecorWarning,
             stacklevel=3,
         )
@@ -203,6 +204,11 @@ def export(
         language, tags: the card's ``language`` and extra ``tags`` metadata.
     """
     path = Path(path)
+    if preprocessing_from is not None and not (Path(preprocessing_from) / PREPROCESSOR_FILE).is_file():
+        raise FileNotFoundError(
+            f"preprocessing_from={str(preprocessing_from)!r} has no {PREPROCESSOR_FILE}; pass the folder of the model "
+            "training started from (or any folder saved with processor.save_pretrained)."
+        )
     _prepare_target(path, overwrite)
     model, source_metadata, processor, source_dir = _load_source(source)
     metadata = {**source_metadata, **(metadata or {})}

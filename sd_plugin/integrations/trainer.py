@@ -122,6 +122,7 @@ class SaliencyDecorTrainer(Trainer):
         self._training_log = TrainingLog(self.sd_step)
         self._eval_metrics = MetricMeter()
         self._warned_unfolded = False
+        self._unloaded_keys: list[str] = []  # set by _issue_warnings_after_load while a checkpoint loads
         if self.args.push_to_hub:
             warnings.warn(
                 f"push_to_hub=True: checkpoints stay local (hub_strategy={self.args.hub_strategy!r} is not applied); "
@@ -305,17 +306,48 @@ class SaliencyDecorTrainer(Trainer):
         return metadata
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self._unloaded_keys = []
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_unloaded_keys(self.model if model is None else model, resume_from_checkpoint)
         checkpoint.restore_training_state(self.sd_adapter.model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        self._unloaded_keys = []
         super()._load_best_model()
+        self._load_unloaded_keys(self.model, self.state.best_model_checkpoint)
         checkpoint.restore_training_state(self.sd_adapter.model, self.state.best_model_checkpoint)
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
-        """The whitening's buffers are missing from the weight file by design (they are restored after)."""
+        """The whitening's buffers are missing from the weight file by design (they are restored after).
+
+        Other missing weights are loaded by ``_load_unloaded_keys`` (or refused) instead of warned of.
+        """
         missing = [key for key in load_result.missing_keys if not checkpoint.is_whitening_key(key)]
-        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+        self._unloaded_keys = missing
+        if not missing:
+            super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
+    def _load_unloaded_keys(self, model: nn.Module, folder: str | None) -> None:
+        """Weights the Trainer's plain ``load_state_dict`` left out: loaded with the library's key names, or refused.
+
+        transformers 5 writes ViT checkpoints under legacy key names that ``Trainer`` does not map
+        (``checkpoint.load_with_library_key_names``); training on from freshly initialised layers
+        would silently not be a resume.
+        """
+        if not self._unloaded_keys or folder is None:
+            return
+        model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        still = checkpoint.load_with_library_key_names(model, folder)
+        self._unloaded_keys = []
+        if still:
+            import transformers
+
+            raise ValueError(
+                f"the weights in {folder} do not load into the model: {len(still)} of its tensors have no value there "
+                f"(e.g. {still[:3]}), so training would go on from freshly initialised layers. The folder was written "
+                f"by another model or library version (this is transformers {transformers.__version__}); resume with "
+                "the model class and the versions that wrote it."
+            )
 
     # -- publishing -------------------------------------------------------------------
 

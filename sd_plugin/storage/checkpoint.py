@@ -264,3 +264,28 @@ def restore_training_state(model: nn.Module, directory: str | Path) -> bool:
         linear.weight.copy_(tensors[_HEAD_KEY + "weight"])
         linear.bias.copy_(tensors[_HEAD_KEY + "bias"])
     return True
+
+
+def load_with_library_key_names(model: nn.Module, directory: str | Path) -> list[str]:
+    """Load a transformers folder into ``model`` as ``from_pretrained`` does; the parameters left unloaded.
+
+    A plain ``load_state_dict`` of the weight file (what ``Trainer`` does when resuming) does not
+    apply transformers' checkpoint key conversions: in transformers 5 a ViT checkpoint holds the
+    legacy names (``vit.encoder.layer.0.attention.attention.key.weight``) of modules the model
+    calls ``vit.layers.0.attention.k_proj``. ``from_pretrained`` maps them; its weights are copied
+    into ``model``. Returns the model's keys (whitening buffers aside) the folder still did not
+    provide; every key for a model that is not a transformers ``PreTrainedModel``.
+    """
+    expected = [key for key in model.state_dict() if not is_whitening_key(key)]
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return expected
+    if not isinstance(model, PreTrainedModel):
+        return expected
+    parameter = next(model.parameters())
+    loaded = type(model).from_pretrained(str(directory), config=model.config, dtype=parameter.dtype)
+    weights = loaded.state_dict()
+    with torch.no_grad():
+        model.load_state_dict({key: weights[key] for key in expected if key in weights}, strict=False)
+    return [key for key in expected if key not in weights]

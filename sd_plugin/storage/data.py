@@ -269,10 +269,14 @@ def load_eval_dataset(
     """An evaluation set: a built-in name, a ``save_to_disk`` folder, an image folder or a Hub id."""
     if name_or_path in BUILTIN_DATASETS:
         test_split = split in (None, "test", "validation")
+        size = _trained_size(model, model_directory)
         if name_or_path == "digits":
-            builtin = load_digits_splits()[1 if test_split else 0]
+            builtin = load_digits_splits(image_size=size or 16)[1 if test_split else 0]
         else:
             builtin = load_fashion_mnist("test" if test_split else "train")
+            if size and size != builtin.images.shape[-1]:  # the size trained at, as image folders get it
+                resized = F.interpolate(builtin.images, size=(size, size), mode="bilinear", align_corners=False)
+                builtin = TensorImageDataset(resized, builtin.labels)
         check_labels_fit(model, 10, None, name_or_path)
         return with_channels(builtin, _model_channels(model))
     import datasets
@@ -303,6 +307,27 @@ def load_eval_dataset(
     count = len(names) if names else int(max(loaded[evaluation_set.label_column])) + 1
     check_labels_fit(model, count, names, name_or_path)
     return evaluation_set
+
+
+def _trained_size(model: nn.Module, directory: str | Path | None) -> int | None:
+    """The square side the model takes: the folder's recorded ``input_size``, else its config's ``image_size``.
+
+    ``None`` when neither says (a model that takes any size, as CNNs do).
+    """
+    from ..core.adapter import unwrap_model
+    from .checkpoint import read_metadata
+
+    metadata = (read_metadata(directory) if directory is not None else None) or {}
+    if metadata.get("input_size"):
+        height, width = metadata["input_size"][-2:]
+        if height != width:
+            raise ValueError(
+                f"{directory} was trained on {height}x{width} images; the built-in datasets are square. Evaluate "
+                "on a dataset folder of that size instead."
+            )
+        return int(height)
+    image_size = getattr(getattr(unwrap_model(model), "config", None), "image_size", None)
+    return int(image_size) if isinstance(image_size, int) else None
 
 
 def _model_channels(model: nn.Module) -> int | None:
