@@ -85,6 +85,15 @@ VARIANT_FIELDS = {
     "masked_pass_every": int,
     "masked_fraction": float,
     "whitening_method": str,
+    "adversarial_epsilon": float,
+    "adversarial_norm": str,
+    "adversarial_steps": int,
+    "adversarial_step_size": float,
+    "adversarial_random_start": lambda text: {"true": True, "false": False}[text.lower()],
+    "input_gradient_weight": float,
+    "input_gradient_mode": str,
+    "input_gradient_step": float,
+    "explanation_mask_weight": float,
 }
 
 
@@ -121,16 +130,22 @@ class PreloadedImages(Dataset):
         if self.train:
             top, left = (int(v) for v in torch.randint(0, margin + 1, (2,), generator=self.generator))
             image = image[:, top : top + self.crop, left : left + self.crop]
-            if torch.rand((), generator=self.generator) < 0.5:
+            flipped = bool(torch.rand((), generator=self.generator) < 0.5)
+            if flipped:
                 image = image.flip(-1)
         else:
             start = margin // 2
             image = image[:, start : start + self.crop, start : start + self.crop]
         pixels = (image.float() / 255.0 - self.mean) / self.std
         item = {"pixel_values": pixels, "labels": int(self.labels[index])}
-        if self.masks is not None and not self.train:
-            start = margin // 2
-            item["masks"] = self.masks[index, 0, start : start + self.crop, start : start + self.crop] > 127
+        if self.masks is not None:  # cropped (and flipped) as the image
+            mask = self.masks[index, 0]
+            if self.train:
+                mask = mask[top : top + self.crop, left : left + self.crop]
+                mask = mask.flip(-1) if flipped else mask
+            else:
+                mask = mask[start : start + self.crop, start : start + self.crop]
+            item["masks"] = mask > 127
         return item
 
 
@@ -157,11 +172,17 @@ def load_splits(data: Path, image_size: int, mean, std):
         raise SystemExit(f"--data {data}: no evaluation split ({'/'.join(EVAL_SPLITS)}) beside train/.")
     classes = folder_classes(data / "train")
     stored = math.ceil(image_size / 0.875)  # timm's crop_pct: train crops and the eval centre crop
-    train = PreloadedImages(*folder_split(data / "train", classes), stored, image_size, mean, std, train=True)
+    localization = (data / "localization.json").is_file()  # sd_plugin.storage.localization_data: masks beside
+
+    def masks_of(files: list[Path], split_name: str) -> list[Path] | None:
+        return [data / "masks" / split_name / p.parent.name / p.name for p in files] if localization else None
+
+    train_files, train_labels = folder_split(data / "train", classes)
+    train = PreloadedImages(
+        train_files, train_labels, stored, image_size, mean, std, train=True, masks=masks_of(train_files, "train")
+    )  # the training masks: only explanation_mask_weight (RRR) reads them
     files, labels = folder_split(split, classes)
-    masks = None
-    if (data / "localization.json").is_file():  # sd_plugin.storage.localization_data: masks beside the images
-        masks = [data / "masks" / split.name / path.parent.name / path.name for path in files]
+    masks = masks_of(files, split.name)
     evaluation = PreloadedImages(files, labels, stored, image_size, mean, std, train=False, masks=masks)
     return train, evaluation, classes, split.name
 
@@ -235,18 +256,23 @@ def method_config(method: str, group_size: int) -> dict:
 
 
 def parse_variant(text: str, group_size: int) -> dict:
-    """``NAME=VALUE`` (SaliencyDecor with it changed) or ``METHOD:NAME=VALUE`` (e.g. ``sgt:mask_selection=random``)."""
+    """``NAME=VALUE[,NAME=VALUE...]`` (SaliencyDecor with them changed) or ``METHOD:NAME=VALUE,...``.
+
+    E.g. ``sgt:mask_selection=random`` (the control), ``baseline:adversarial_epsilon=0.1,adversarial_norm=l2``.
+    """
     method, _, text = text.rpartition(":") if ":" in text else ("saliencydecor", "", text)
     if method not in MAIN_METHODS:
         raise SystemExit(f"--variants {method}:{text}: {method!r} is not one of {MAIN_METHODS}.")
-    name, _, value = text.partition("=")
-    if name not in VARIANT_FIELDS or not value:
-        raise SystemExit(f"--variants {text}: use NAME=VALUE with NAME one of {sorted(VARIANT_FIELDS)}.")
-    try:
-        typed = VARIANT_FIELDS[name](value)
-    except (KeyError, ValueError):
-        raise SystemExit(f"--variants {text}: {value!r} is not a value of {name}.") from None
-    return {**method_config(method, group_size), name: typed}
+    config = method_config(method, group_size)
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name not in VARIANT_FIELDS or not value:
+            raise SystemExit(f"--variants {part}: use NAME=VALUE with NAME one of {sorted(VARIANT_FIELDS)}.")
+        try:
+            config[name] = VARIANT_FIELDS[name](value)
+        except (KeyError, ValueError):
+            raise SystemExit(f"--variants {part}: {value!r} is not a value of {name}.") from None
+    return config
 
 
 def table(entries: dict[str, dict]) -> list[str]:

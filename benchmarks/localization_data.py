@@ -9,6 +9,11 @@ Benchmark-sized, on the fetched natural photos (see benchmarks/natural_images.py
     python benchmarks/localization_data.py --output data/localization-clothing \\
         --backgrounds data/clothing-small-224 --train 10000 --test 2000 --image-size 96
 
+Block-MNIST-style (Shah et al. 2021: the object and a pattern shared by every class in two random
+cells of a 2 x 2 grid; the ground truth is the object's cell):
+
+    python benchmarks/localization_data.py --output data/blocks --layout blocks --objects digits
+
 Then train on ``<output>/train`` like any image folder and score with
 ``python -m sd_plugin evaluate --model <model> --dataset <output>``.
 """
@@ -29,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=500, help="test images")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--layout",
+        default="pasted",
+        choices=["pasted", "blocks"],
+        help="'pasted': an object on a photo; 'blocks': Block-MNIST-style, the object and a class-free pattern "
+        "in two random cells of a 2 x 2 grid",
+    )
     args = parser.parse_args(argv)
     root = write_localization_dataset(
         args.output,
@@ -37,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         counts={"train": args.train, "test": args.test},
         image_size=args.image_size,
         seed=args.seed,
+        layout=args.layout,
     )
     print(f"wrote {args.train} + {args.test} images with masks to {root}")
     return 0

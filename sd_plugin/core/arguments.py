@@ -48,6 +48,18 @@ recipes' run identity read the fields from this class.
   head; or ``"eigh"``, ``"newton_schulz"`` (ZCA), ``"cholesky"`` explicitly.
 - ``whitening_shrinkage``, ``whitening_momentum``.
 
+> Input-gradient terms (any method; ``sd_plugin.core.input_gradients``)
+
+- ``adversarial_epsilon``: radius of the PGD perturbation the step trains on (0, the default: off);
+  ``adversarial_norm`` ``"linf"`` or ``"l2"``; ``adversarial_steps`` ``k`` (1 with
+  ``adversarial_random_start``: fast adversarial training); ``adversarial_step_size`` (default
+  ``1.25 epsilon`` for one step, ``2.5 epsilon / k`` for more). The attack runs in ``eval()`` mode.
+- ``input_gradient_weight``: weight of ``mean_i ||d CE_i / d x_i||^2`` (0: off);
+  ``input_gradient_mode`` ``"double_backprop"`` (exact) or ``"finite_difference"`` (along the
+  gradient direction, step ``input_gradient_step``; first-order gradients only).
+- ``explanation_mask_weight``: weight of RRR's penalty on the input gradient outside each image's
+  object mask (0: off); the batches must carry ``masks`` (1 on the object).
+
 > Execution (``EXECUTION_FIELDS``: how a step runs, not what it computes)
 
 - ``check_finite``: stop with an error naming the loss component that became NaN/inf (recorded on the
@@ -79,8 +91,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..utils.choices import (
+    ADVERSARIAL_NORMS,
     CONSISTENCY_GRADS,
     DECOR_TARGETS,
+    INPUT_GRADIENT_MODES,
     MASK_FILLS,
     MASK_SELECTIONS,
     METHODS,
@@ -197,6 +211,49 @@ class SaliencyDecorArguments:
             "choices": list(WHITENING_METHOD_SETTINGS),
         },
     )
+    adversarial_epsilon: float = field(
+        default=0.0,
+        metadata={
+            "help": "Radius of the PGD perturbation each training batch is replaced by (in the model's input "
+            "units, after normalisation), >= 0; 0 switches adversarial training off."
+        },
+    )
+    adversarial_norm: str = field(
+        default="linf",
+        metadata={"help": f"Ball of the perturbation, one of {ADVERSARIAL_NORMS}.", "choices": list(ADVERSARIAL_NORMS)},
+    )
+    adversarial_steps: int = field(
+        default=1, metadata={"help": "PGD steps k, >= 1 (1 with a random start: fast adversarial training)."}
+    )
+    adversarial_step_size: Optional[float] = field(  # noqa: UP045
+        default=None,
+        metadata={"help": "PGD step size; default 1.25 * epsilon for one step, 2.5 * epsilon / k for more."},
+    )
+    adversarial_random_start: bool = field(
+        default=True, metadata={"help": "Start PGD at a random point of the ball (else at the image)."}
+    )
+    input_gradient_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the input-gradient norm penalty mean ||dCE/dx||^2, >= 0; 0 switches it off."},
+    )
+    input_gradient_mode: str = field(
+        default="double_backprop",
+        metadata={
+            "help": "How the penalty is computed: 'double_backprop' (exact) or 'finite_difference' (along the "
+            "gradient direction; first-order gradients only).",
+            "choices": list(INPUT_GRADIENT_MODES),
+        },
+    )
+    input_gradient_step: float = field(
+        default=0.01, metadata={"help": "Finite-difference step h of input_gradient_mode='finite_difference', > 0."}
+    )
+    explanation_mask_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the 'right for the right reasons' penalty on input gradients outside each image's "
+            "object mask (batches carry 'masks', 1 on the object), >= 0; 0 switches it off."
+        },
+    )
     whitening_compile: bool = field(
         default=False,
         metadata={
@@ -245,6 +302,7 @@ class SaliencyDecorArguments:
                 "every step, 4: on every 4th step)."
             )
         check_fraction("masked_fraction", self.masked_fraction, low_open=True)
+        self._validate_input_gradient_terms()
         for name in ("decor_weight", "consistency_weight", "decor_liveness_weight"):
             check_weight(name, getattr(self, name))
         if self.group_size < 1:
@@ -264,6 +322,40 @@ class SaliencyDecorArguments:
                 "gradients were seen on some machines). Use consistency_grad='detached' (the default) or "
                 "whitening_compile=False."
             )
+
+    def _validate_input_gradient_terms(self) -> None:
+        check_choice("adversarial_norm", self.adversarial_norm, ADVERSARIAL_NORMS)
+        check_choice("input_gradient_mode", self.input_gradient_mode, INPUT_GRADIENT_MODES)
+        for name in ("adversarial_epsilon", "input_gradient_weight", "explanation_mask_weight"):
+            check_weight(name, getattr(self, name))
+        if not isinstance(self.adversarial_steps, int) or self.adversarial_steps < 1:
+            raise ValueError(f"adversarial_steps={self.adversarial_steps!r} must be a whole number >= 1 (PGD steps).")
+        if self.adversarial_step_size is not None and not self.adversarial_step_size > 0:
+            raise ValueError(
+                f"adversarial_step_size={self.adversarial_step_size} must be > 0, or None for the default "
+                "(1.25 * epsilon for one step, 2.5 * epsilon / steps for more)."
+            )
+        if not self.input_gradient_step > 0:
+            raise ValueError(f"input_gradient_step={self.input_gradient_step} must be > 0, e.g. 0.01.")
+        second_order = self.explanation_mask_weight > 0 or (
+            self.input_gradient_weight > 0 and self.input_gradient_mode == "double_backprop"
+        )
+        if self.whitening_compile and second_order:
+            raise ValueError(
+                "whitening_compile=True does not support double back-propagation (explanation_mask_weight > 0, or "
+                "input_gradient_weight > 0 with input_gradient_mode='double_backprop'): compiled graphs are not "
+                "differentiated twice. Set whitening_compile=False, or input_gradient_mode='finite_difference'."
+            )
+
+    @property
+    def uses_adversarial_inputs(self) -> bool:
+        """The step trains on PGD-perturbed inputs (``adversarial_epsilon > 0``)."""
+        return self.adversarial_epsilon > 0
+
+    @property
+    def needs_input_gradient_graph(self) -> bool:
+        """The clean pass adds a term of the input gradient (gradient norm or RRR): its input needs a gradient."""
+        return self.input_gradient_weight > 0 or self.explanation_mask_weight > 0
 
     @property
     def uses_masking(self) -> bool:

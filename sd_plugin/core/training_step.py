@@ -60,6 +60,12 @@ from .decorrelation import (
     decorrelation_loss,
     whitened_decorrelation_loss,
 )
+from .input_gradients import (
+    adversarial_perturbation,
+    explanation_penalty,
+    finite_difference_gradient_penalty,
+    input_gradient_penalty,
+)
 from .masking import mask_least_salient, pixel_saliency
 from .running_stats import frozen_running_stats
 
@@ -80,6 +86,8 @@ class SaliencyDecorOutput:
     logits: Tensor
     masked_accuracy: Tensor | None = None
     live_features: Tensor | None = None
+    loss_input_gradient: Tensor | None = None
+    loss_explanation: Tensor | None = None
 
     def components(self) -> dict[str, Tensor]:
         """The scalar components present for this method, by log name."""
@@ -90,6 +98,8 @@ class SaliencyDecorOutput:
             "loss_decor": self.loss_decor,
             "masked_accuracy": self.masked_accuracy,
             "live_features": self.live_features,
+            "loss_input_gradient": self.loss_input_gradient,
+            "loss_explanation": self.loss_explanation,
         }
         return {name: value for name, value in values.items() if value is not None}
 
@@ -101,8 +111,10 @@ class _CleanPass:
     logits: Tensor
     loss_ce: Tensor
     loss_decor: Tensor | None
-    objective: Tensor  # loss_ce + decor_weight * loss_decor
+    objective: Tensor  # loss_ce + decor_weight * loss_decor + the input-gradient terms
     live_features: Tensor | None
+    loss_input_gradient: Tensor | None = None
+    loss_explanation: Tensor | None = None
 
 
 class SaliencyDecorStep:
@@ -129,6 +141,11 @@ class SaliencyDecorStep:
                 "consistency_grad='both' keeps two graphs alive and is not supported with several processes "
                 f"({num_processes}); use consistency_grad='detached'."
             )
+        if args.input_gradient_weight > 0 and args.input_gradient_mode == "finite_difference" and num_processes > 1:
+            raise ValueError(
+                "input_gradient_mode='finite_difference' runs a second forward before the backward, which "
+                f"DistributedDataParallel does not support ({num_processes} processes); use 'double_backprop'."
+            )
         self.adapter = adapter
         self.args = args
         self.sync_whitening = args.sync_whitening_for(num_processes)
@@ -147,6 +164,7 @@ class SaliencyDecorStep:
             compiled_whitened_decorrelation_loss() if args.whitening_compile else whitened_decorrelation_loss
         )
         self.batches_seen = 0  # training batches this step object ran (numbers the non-finite record)
+        self._object_masks: Tensor | None = None  # the batch's, while a step runs (explanation_mask_weight)
         self.whitening = None
         if self.uses_decorrelation:
             self.whitening = adapter.attach_whitening(
@@ -161,7 +179,7 @@ class SaliencyDecorStep:
         advice = "Lower the learning rate or check the inputs for NaN"
         if self.whitening is not None:  # only the decorrelation methods whiten
             advice += ", or raise whitening_shrinkage"
-        self.finite_watch = NonFiniteWatch(("loss_ce", "loss_decor", "loss_kl"), advice=advice + ".")
+        self.finite_watch = NonFiniteWatch(_WATCHED, advice=advice + ".")
 
     def settings(self) -> dict[str, object]:
         """The method's settings as they act (``whiten_head_input`` resolved), for metadata and cards."""
@@ -208,6 +226,7 @@ class SaliencyDecorStep:
         loss_scale: float = 1.0,
         no_sync: NoSync | None = None,
         step_index: int | None = None,
+        object_masks: Tensor | None = None,
     ) -> SaliencyDecorOutput:
         """Run the passes of one training step and back-propagate them.
 
@@ -227,12 +246,18 @@ class SaliencyDecorStep:
             step_index: the optimizer step this batch belongs to, for ``masked_pass_every``
                 (default: the number of batches this object has run; pass the loop's step
                 so that a resumed run keeps the same masked steps).
+            object_masks: ``(B, H, W)`` masks, 1 on each image's object: required by
+                ``explanation_mask_weight > 0`` (RRR), ignored otherwise.
+
+        With ``adversarial_epsilon > 0`` every pass runs on the PGD-perturbed batch.
 
         Non-finite components are recorded, not read: call ``raise_if_nonfinite`` when logging.
         """
         model = self.adapter.model if model is None else model
         backward = backward or (lambda loss: loss.backward())
-        decorrelate = self._prepare_batch(pixel_values, labels)
+        decorrelate = self._prepare_batch(pixel_values, labels, object_masks)
+        self._object_masks = object_masks
+        pixel_values = self._training_inputs(pixel_values, labels)
         masked_now = self.uses_masking and self._masked_pass_due(step_index)
         with self._whitening_on_running_statistics(self.uses_decorrelation and not decorrelate):
             if not masked_now:
@@ -245,6 +270,7 @@ class SaliencyDecorStep:
             else:
                 no_sync = no_sync if no_sync is not None else _ddp_no_sync(model)
                 output = self._two_pass_step(model, pixel_values, labels, decorrelate, backward, loss_scale, no_sync)
+        self._object_masks = None
         self._record_finite(output)
         return output
 
@@ -260,7 +286,7 @@ class SaliencyDecorStep:
             self.finite_watch.raise_if_nonfinite(step, across_processes=across_processes)
 
     def compute_loss(
-        self, model: nn.Module | None, pixel_values: Tensor, labels: Tensor
+        self, model: nn.Module | None, pixel_values: Tensor, labels: Tensor, object_masks: Tensor | None = None
     ) -> tuple[Tensor, SaliencyDecorOutput]:
         """``(loss, output)``: the step's objective as one differentiable loss; call ``loss.backward()``.
 
@@ -270,7 +296,9 @@ class SaliencyDecorStep:
         before the caller's backward (one host read).
         """
         model = self.adapter.model if model is None else model
-        decorrelate = self._prepare_batch(pixel_values, labels)
+        decorrelate = self._prepare_batch(pixel_values, labels, object_masks)
+        self._object_masks = object_masks
+        pixel_values = self._training_inputs(pixel_values, labels)
         masked_now = self.uses_masking and self._masked_pass_due(None)
         with self._whitening_on_running_statistics(self.uses_decorrelation and not decorrelate):
             if not masked_now:
@@ -279,6 +307,7 @@ class SaliencyDecorStep:
             else:
                 detach_clean = self.args.consistency_grad == "detached"
                 loss, output = self._joint_objective(model, pixel_values, labels, decorrelate, detach_clean)
+        self._object_masks = None
         self._record_finite(output)
         self.raise_if_nonfinite()  # before the caller's backward: such a loop has no logging hook
         return loss, output
@@ -337,19 +366,77 @@ class SaliencyDecorStep:
     # -- passes ---------------------------------------------------------------------------
 
     def _clean_pass(self, model: nn.Module, inputs: Tensor, labels: Tensor, decorrelate: bool) -> _CleanPass:
+        if self.args.needs_input_gradient_graph and not inputs.requires_grad:
+            inputs = inputs.detach().requires_grad_(True)  # the terms differentiate the input gradient
         tap = self.adapter.tap
         tap.clear()
         logits = self.adapter.logits(model, inputs)
         features, whitened = tap.features, tap.whitened  # whitened: only when the whitening feeds the head
         tap.clear()
-        loss_ce = F.cross_entropy(logits.float(), labels)
+        per_sample_ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        loss_ce = per_sample_ce.mean()
         loss_decor = None
         objective = loss_ce
         if decorrelate:
             loss_decor = self._decorrelation_term(features, whitened)
             objective = loss_ce + self.args.decor_weight * loss_decor
+        loss_gradient = loss_explanation = None
+        if self.args.input_gradient_weight > 0:
+            loss_gradient = self._input_gradient_term(model, inputs, per_sample_ce, labels)
+            objective = objective + self.args.input_gradient_weight * loss_gradient
+        if self.args.explanation_mask_weight > 0:
+            loss_explanation = explanation_penalty(logits, inputs, self._object_masks)
+            objective = objective + self.args.explanation_mask_weight * loss_explanation
         live = live_feature_fraction(features) if features is not None and features.shape[0] > 1 else None
-        return _CleanPass(logits, loss_ce, loss_decor, objective, live)
+        return _CleanPass(logits, loss_ce, loss_decor, objective, live, loss_gradient, loss_explanation)
+
+    def _input_gradient_term(self, model: nn.Module, inputs: Tensor, per_sample_ce: Tensor, labels: Tensor) -> Tensor:
+        """``mean ||dCE_i/dx_i||^2`` (``input_gradient_mode``); the finite difference's forward keeps running stats."""
+        if self.args.input_gradient_mode == "double_backprop":
+            return input_gradient_penalty(per_sample_ce.sum(), inputs)
+
+        def logits_of(images: Tensor) -> Tensor:
+            with frozen_running_stats(self.adapter.base_model):
+                logits = self.adapter.logits(model, images)
+            self.adapter.tap.clear()
+            return logits
+
+        return finite_difference_gradient_penalty(
+            per_sample_ce, inputs, logits_of, labels, self.args.input_gradient_step
+        )
+
+    def _training_inputs(self, pixel_values: Tensor, labels: Tensor) -> Tensor:
+        """The batch the passes train on: ``pixel_values``, or its PGD perturbation (``adversarial_epsilon``).
+
+        The attack calls the adapter's model (not a distributed wrapper: no gradient all-reduce) in
+        ``eval()`` mode, so BatchNorm and the whitening use their running statistics and update none.
+        """
+        if not self.args.uses_adversarial_inputs:
+            return pixel_values
+        model = self.adapter.model
+        was_training = model.training
+        model.eval()
+
+        def logits_of(images: Tensor) -> Tensor:
+            logits = self.adapter.logits(model, images)
+            self.adapter.tap.clear()
+            return logits
+
+        try:
+            delta = adversarial_perturbation(
+                logits_of,
+                pixel_values,
+                labels,
+                epsilon=self.args.adversarial_epsilon,
+                norm=self.args.adversarial_norm,
+                steps=self.args.adversarial_steps,
+                step_size=self.args.adversarial_step_size,
+                random_start=self.args.adversarial_random_start,
+                generator=self.generator,
+            )
+        finally:
+            model.train(was_training)
+        return (pixel_values.detach() + delta).to(pixel_values.dtype)
 
     def _decorrelation_term(self, features: Tensor | None, whitened: Tensor | None) -> Tensor:
         """The decorrelation loss of the clean pass's features (``decor_target``).
@@ -423,13 +510,21 @@ class SaliencyDecorStep:
             logits=clean.logits.detach(),
             masked_accuracy=masked_accuracy,
             live_features=clean.live_features,
+            loss_input_gradient=None if clean.loss_input_gradient is None else clean.loss_input_gradient.detach(),
+            loss_explanation=None if clean.loss_explanation is None else clean.loss_explanation.detach(),
         )
 
     # -- checks and warnings --------------------------------------------------------------
 
-    def _prepare_batch(self, pixel_values: Tensor, labels: Tensor) -> bool:
+    def _prepare_batch(self, pixel_values: Tensor, labels: Tensor, object_masks: Tensor | None = None) -> bool:
         """Check the batch; True when it gets the decorrelation term."""
         self.adapter.check_batch(pixel_values, labels)
+        if self.args.explanation_mask_weight > 0 and object_masks is None:
+            raise ValueError(
+                f"explanation_mask_weight={self.args.explanation_mask_weight} penalises input gradients outside each "
+                "image's object, but the batch has no 'masks': give each example 'masks' (H x W, 1 on the object; "
+                "sd_plugin.storage.localization_data's datasets have them), or set explanation_mask_weight=0."
+            )
         self.batches_seen += 1
         if self.input_size is None:
             self.input_size = tuple(int(n) for n in pixel_values.shape[1:])
@@ -497,7 +592,7 @@ class SaliencyDecorStep:
     def _record_finite(self, output: SaliencyDecorOutput) -> None:
         """``check_finite``: note non-finite components on the device (read by ``raise_if_nonfinite``)."""
         if self.args.check_finite:
-            values = {"loss_ce": output.loss_ce, "loss_decor": output.loss_decor, "loss_kl": output.loss_kl}
+            values = {name: getattr(output, name) for name in _WATCHED}
             self.finite_watch.record(values, batch=self.batches_seen)
 
 
@@ -506,4 +601,5 @@ def _ddp_no_sync(model: nn.Module) -> NoSync | None:
     return model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
 
+_WATCHED = ("loss_ce", "loss_decor", "loss_kl", "loss_input_gradient", "loss_explanation")
 _WHITENING_SETTINGS = ("group_size", "whitening_shrinkage", "whitening_momentum", "whitening_method")

@@ -283,6 +283,7 @@ def _train_epochs(run: _Run) -> None:
                     *unpack_batch(batch),
                     backward=accelerator.backward,
                     step_index=run.completed_steps,
+                    object_masks=batch.get("masks") if isinstance(batch, dict) else None,
                 )
                 run.optimizer.step()
                 run.scheduler.step()

@@ -136,7 +136,8 @@ class SaliencyDecorTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
-            self._signature_columns = ["pixel_values", "labels", "label", "label_ids", *self.label_names]
+            # masks: the object masks explanation_mask_weight (RRR) trains with
+            self._signature_columns = ["pixel_values", "labels", "label", "label_ids", "masks", *self.label_names]
 
     def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
         """A dataset with an on-the-fly transform (``with_transform``) keeps the raw columns it reads.
@@ -175,6 +176,7 @@ class SaliencyDecorTrainer(Trainer):
                 backward=self.accelerator.backward,
                 loss_scale=scale,
                 step_index=self.state.global_step,
+                object_masks=inputs.get("masks") if isinstance(inputs, dict) else None,
             )
         self._training_log.update(output)
         return output.loss * scale

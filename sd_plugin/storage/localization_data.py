@@ -1,11 +1,16 @@
-"""A localization dataset whose class evidence is known by construction.
+"""Localization datasets whose class evidence is known by construction.
 
-Each image is a random crop of a natural photo (no class information) with one object pasted
+``layout="pasted"`` (default): each image is a random crop of a natural photo (no class information) with one object pasted
 at a random position and scale, in a random colour; the label is the object's class and the
 object's pixel mask is written beside the image. Objects: Fashion-MNIST items (Debian's
 ``dataset-fashion-mnist``) or scikit-learn's digits; backgrounds: scikit-learn's two sample
 photos (offline everywhere) or any folder of photos (e.g. the fetched clothing or Tiny-ImageNet
 images, ``benchmarks/localization_data.py``).
+
+``layout="blocks"``, Block-MNIST-style (Shah, Jain & Netrapalli, NeurIPS 2021): the image is a
+2 x 2 grid of blocks; two of them, drawn at random per image, are filled: one with the object (the
+class evidence), the other with one pattern shared by every class (evidence of nothing). The
+ground-truth mask is the object's whole block.
 
 Layout (an image folder the recipes and ``evaluate`` read as usual, plus the masks)::
 
@@ -40,9 +45,10 @@ from torch.utils.data import Dataset
 
 from .data import IMAGE_EXTENSIONS, load_fashion_mnist, resize_and_scale
 
-__all__ = ["MANIFEST", "LocalizationDataset", "is_localization_dataset", "write_localization_dataset"]
+__all__ = ["LAYOUTS", "MANIFEST", "LocalizationDataset", "is_localization_dataset", "write_localization_dataset"]
 
 MANIFEST = "localization.json"
+LAYOUTS = ("pasted", "blocks")
 FASHION_MNIST_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
 )  # fmt: skip
@@ -106,6 +112,36 @@ def _compose(
     return (image * 255).round().astype(np.uint8), full > 0.25
 
 
+def _null_pattern(side: int) -> np.ndarray:
+    """The block shared by every class: a square frame with a cross, in ``[0, 1]`` (Block-MNIST's null block)."""
+    pattern = np.zeros((side, side), dtype=np.float32)
+    width = max(1, side // 8)
+    pattern[:width], pattern[-width:], pattern[:, :width], pattern[:, -width:] = 1, 1, 1, 1
+    middle = side // 2
+    pattern[middle - width // 2 : middle + (width + 1) // 2 + 0, :] = 1
+    pattern[:, middle - width // 2 : middle + (width + 1) // 2 + 0] = 1
+    return pattern
+
+
+def _compose_blocks(item: np.ndarray, image_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A Block-MNIST image ``uint8 (S, S, 3)`` (object and null block in two random cells) and its mask."""
+    from PIL import Image
+
+    side = image_size // 2
+    cells = rng.permutation(4)[:2]  # the object's cell, the null block's cell
+    canvas = np.zeros((image_size, image_size), dtype=np.float32)
+    mask = np.zeros((image_size, image_size), dtype=bool)
+    resized = Image.fromarray((item * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+    blocks = (np.asarray(resized, dtype=np.float32) / 255.0, _null_pattern(side))
+    for cell, block in zip(cells, blocks, strict=True):
+        row, col = (int(cell) // 2) * side, (int(cell) % 2) * side
+        canvas[row : row + side, col : col + side] = block
+    row, col = (int(cells[0]) // 2) * side, (int(cells[0]) % 2) * side
+    mask[row : row + side, col : col + side] = True
+    image = np.repeat(canvas[..., None], 3, axis=2)
+    return (image * 255).round().astype(np.uint8), mask
+
+
 def write_localization_dataset(
     root: str | Path,
     objects: str = "fashion-mnist",
@@ -114,6 +150,7 @@ def write_localization_dataset(
     image_size: int = 64,
     scale: tuple[float, float] = (0.35, 0.6),
     seed: int = 0,
+    layout: str = "pasted",
 ) -> Path:
     """Write the dataset under ``root`` (see the module docstring) and return ``root``.
 
@@ -124,27 +161,34 @@ def write_localization_dataset(
         image_size: side of the square images in pixels.
         scale: the object's side as a fraction of the image side, drawn uniformly.
         seed: everything random (crops, objects, positions, colours) comes from it.
+        layout: ``"pasted"`` (an object on a photo) or ``"blocks"`` (Block-MNIST-style, no photo).
     """
     from PIL import Image
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not supported; use one of {LAYOUTS}.")
     root = Path(root)
     counts = counts or {"train": 2000, "test": 500}
-    photos = _backgrounds(backgrounds)
+    photos = _backgrounds(backgrounds) if layout == "pasted" else []
     rng = np.random.default_rng(seed)
     classes: list[str] = []
     for split, count in counts.items():
         items, labels, classes = _objects(objects, split)
         for index in range(count):
             pick = int(rng.integers(0, len(labels)))
-            image, mask = _compose(photos[int(rng.integers(0, len(photos)))], items[pick], image_size, scale, rng)
+            if layout == "blocks":
+                image, mask = _compose_blocks(items[pick], image_size, rng)
+            else:
+                image, mask = _compose(photos[int(rng.integers(0, len(photos)))], items[pick], image_size, scale, rng)
             name = classes[int(labels[pick])]
             for folder, array in ((root / split / name, image), (root / "masks" / split / name, mask * np.uint8(255))):
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(array).save(folder / f"{index:06d}.png")
     manifest = {
         "classes": classes,
+        "layout": layout,
         "objects": objects,
-        "backgrounds": str(backgrounds) if backgrounds else "sklearn.datasets.load_sample_images",
+        "backgrounds": None if layout == "blocks" else str(backgrounds or "sklearn.datasets.load_sample_images"),
         "counts": counts,
         "image_size": image_size,
         "scale": list(scale),

@@ -13,8 +13,10 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "ADVERSARIAL_NORMS",
     "CONSISTENCY_GRADS",
     "DECOR_TARGETS",
+    "INPUT_GRADIENT_MODES",
     "MASK_FILLS",
     "MASK_SELECTIONS",
     "METHODS",
@@ -46,6 +48,11 @@ SALIENCY_TARGETS = ("objective", "loss", "logit")
 # only feeds the loss, ZCA by eigh when it feeds the head.
 WHITENING_METHODS = ("eigh", "newton_schulz", "cholesky")
 WHITENING_METHOD_SETTINGS = ("auto", *WHITENING_METHODS)
+# The ball adversarial training perturbs the inputs in (PGD): l_inf (sign steps) or l_2 (normalised steps).
+ADVERSARIAL_NORMS = ("linf", "l2")
+# How the input-gradient norm penalty is computed: double back-propagation (exact), or a finite
+# difference along the gradient direction (first-order gradients only).
+INPUT_GRADIENT_MODES = ("double_backprop", "finite_difference")
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
