@@ -66,6 +66,16 @@ VARIANTS = (
     ("saliencydecor (compiled whitening)", {"method": "saliencydecor", "whitening_compile": True}),
     ("saliencydecor (check_finite off)", {"method": "saliencydecor", "check_finite": False}),
     ("saliencydecor (both)", {"method": "saliencydecor", "consistency_grad": "both"}),
+    # the input-gradient training terms (sd_plugin.core.input_gradients), on the plain objective
+    ("adversarial linf eps 0.1, k=1", {"method": "baseline", "adversarial_epsilon": 0.1}),
+    ("adversarial l2 eps 0.5, k=1", {"method": "baseline", "adversarial_epsilon": 0.5, "adversarial_norm": "l2"}),
+    ("adversarial linf eps 0.1, k=3", {"method": "baseline", "adversarial_epsilon": 0.1, "adversarial_steps": 3}),
+    ("input-gradient norm (double backprop)", {"method": "baseline", "input_gradient_weight": 1.0}),
+    (
+        "input-gradient norm (finite difference)",
+        {"method": "baseline", "input_gradient_weight": 1.0, "input_gradient_mode": "finite_difference"},
+    ),
+    ("RRR mask supervision", {"method": "baseline", "explanation_mask_weight": 1.0}),
 )
 # the whitening + decorrelation alone: (label, method, compiled)
 WHITENINGS = (
@@ -163,6 +173,13 @@ def build_trainer(case: dict, overrides: dict | None, reference_state: dict, dev
 def make_step(trainer, batch):
     """One optimizer step as ``Trainer.train`` runs it (the global step advances: ``masked_pass_every`` reads it)."""
     model = trainer.model
+
+    batch = dict(batch)
+    if getattr(trainer.args, "explanation_mask_weight", 0) > 0:  # RRR reads an object mask per image
+        images = batch["pixel_values"]
+        masks = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        masks[:, : images.shape[-2] // 2, : images.shape[-1] // 2] = True
+        batch["masks"] = masks
 
     def step():
         trainer.training_step(model, dict(batch))

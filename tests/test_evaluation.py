@@ -255,6 +255,10 @@ def test_cli__two_saved_models_write_table_json_and_figures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| a/model |" in printed and "| b/model |" in printed
     assert "RISE deletion" in printed and "pointing game" not in printed  # no localization columns, no legend
+    from sd_plugin.evaluation.cli import build_parser
+
+    usage = build_parser().format_help()
+    assert "localization dataset" in usage and "relevance mass" in usage and "per_image" in usage
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"a/model", "b/model"}
     for metrics in results["models"].values():

@@ -221,3 +221,7 @@ def test_trainer__rrr_on_a_localization_dataset_trains_and_records_its_settings(
     trainer.save_model()
     recorded = json.loads((tmp_path / "out" / "saliency_decor.json").read_text())
     assert recorded["explanation_mask_weight"] == 1.0 and recorded["adversarial_epsilon"] == 0.05
+    from sd_plugin.hub import export
+
+    card = (export(trainer, tmp_path / "exported") / "README.md").read_text()
+    assert "trained on adversarial inputs: linf PGD, epsilon 0.05" in card and "right for the right reasons" in card

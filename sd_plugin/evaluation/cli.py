@@ -30,6 +30,17 @@ from .report import evaluate_model, first_images
 
 __all__ = ["main", "format_table", "table_legend"]
 
+EPILOG = (
+    "A localization dataset is a folder written by sd_plugin.storage.localization_data (benchmarks/"
+    "localization_data.py: objects pasted on photos, or --layout blocks: Block-MNIST-style): images plus one "
+    "ground-truth object mask each. On one, evaluate adds relevance mass (share of the map's total inside the mask, "
+    "higher is better), relevance rank (share of the map's top-K pixels inside the mask, K its size, "
+    "higher is better) and the pointing game (whether the map's maximum is on the object, higher is better), each "
+    "also for the blurred map. results.json: 'metrics' gives every metric's title, description and "
+    "higher_is_better; each model's 'per_image' lists per-image scores in the order of the evaluated images, with "
+    "the direction of the metric of the same name."
+)
+
 # What each group of table columns means; a line is printed when one of its columns is in the table.
 _LEGEND = (
     (
@@ -90,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sd_plugin evaluate",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EPILOG,
     )
     parser.add_argument("--model", required=True, help="model folder or Hub id")
     parser.add_argument("--compare", nargs="*", default=[], help="more models to score side by side")

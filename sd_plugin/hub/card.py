@@ -141,6 +141,7 @@ def render_model_card(
             " **Control run:** the masked pixels were drawn uniformly at random per image "
             '(`mask_selection="random"`), not chosen by saliency.'
         )
+    method_description += _input_gradient_terms(metadata)
     folded = metadata.get("whiten_head_input") and method in ("decor", "saliencydecor")
     inference_note = (
         "The whitening fed the classifier during training; it has been folded into the head's weight and "
@@ -203,3 +204,29 @@ def evaluation_for_card(metrics: dict[str, Any], prefix: str = "eval_") -> dict[
     if "accuracy" in evaluation:
         evaluation["accuracy"] = 100.0 * evaluation["accuracy"]
     return evaluation or None
+
+
+def _input_gradient_terms(metadata: dict[str, Any]) -> str:
+    """The card's sentences for the input-gradient training terms that were on (none when all were off).
+
+    Example:
+        >>> _input_gradient_terms({"adversarial_epsilon": 0.1, "adversarial_norm": "l2", "adversarial_steps": 1})
+        ' It was trained on adversarial inputs: l2 PGD, epsilon 0.1, 1 step(s) (`adversarial_epsilon`).'
+    """
+    sentences = []
+    if metadata.get("adversarial_epsilon"):
+        sentences.append(
+            f"It was trained on adversarial inputs: {metadata.get('adversarial_norm', 'linf')} PGD, epsilon "
+            f"{metadata['adversarial_epsilon']:g}, {metadata.get('adversarial_steps', 1)} step(s) (`adversarial_epsilon`)."
+        )
+    if metadata.get("input_gradient_weight"):
+        sentences.append(
+            f"Its loss penalised the input-gradient norm, weight {metadata['input_gradient_weight']:g} "
+            f"({metadata.get('input_gradient_mode', 'double_backprop')}; `input_gradient_weight`)."
+        )
+    if metadata.get("explanation_mask_weight"):
+        sentences.append(
+            "Its loss penalised input gradients outside annotated object masks (right for the right reasons), "
+            f"weight {metadata['explanation_mask_weight']:g} (`explanation_mask_weight`)."
+        )
+    return "".join(" " + sentence for sentence in sentences)

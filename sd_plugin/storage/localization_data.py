@@ -1,8 +1,8 @@
 """Localization datasets whose class evidence is known by construction.
 
-``layout="pasted"`` (default): each image is a random crop of a natural photo (no class information) with one object pasted
-at a random position and scale, in a random colour; the label is the object's class and the
-object's pixel mask is written beside the image. Objects: Fashion-MNIST items (Debian's
+``layout="pasted"`` (default): each image is a random crop of a natural photo (no class
+information) with one object pasted at a random position and scale, in a random colour; the label
+is the object's class and the object's pixel mask is written beside the image. Objects: Fashion-MNIST items (Debian's
 ``dataset-fashion-mnist``) or scikit-learn's digits; backgrounds: scikit-learn's two sample
 photos (offline everywhere) or any folder of photos (e.g. the fetched clothing or Tiny-ImageNet
 images, ``benchmarks/localization_data.py``).
