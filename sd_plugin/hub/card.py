@@ -217,7 +217,8 @@ def _input_gradient_terms(metadata: dict[str, Any]) -> str:
     if metadata.get("adversarial_epsilon"):
         sentences.append(
             f"It was trained on adversarial inputs: {metadata.get('adversarial_norm', 'linf')} PGD, epsilon "
-            f"{metadata['adversarial_epsilon']:g}, {metadata.get('adversarial_steps', 1)} step(s) (`adversarial_epsilon`)."
+            f"{metadata['adversarial_epsilon']:g}, {metadata.get('adversarial_steps', 1)} step(s) "
+            "(`adversarial_epsilon`)."
         )
     if metadata.get("input_gradient_weight"):
         sentences.append(
