@@ -200,3 +200,27 @@ def test_compare_runs__two_methods_of_two_folders_paired_by_seed(tmp_path, capsy
     assert "relevance mass: after − before per seed -0.07 ± 0.02, higher in 0 of 3 seeds, paired t = -6.06" in out
     with pytest.raises(SystemExit, match="no runs of 'sgt'"):
         compare_runs.main([short, full, "--method", "sgt"])
+
+
+def test_gt_search_table__a_run_better_than_baseline_and_control_in_every_seed_is_marked(tmp_path):
+    import gt_search_table
+
+    def run(mass, seed):
+        return {"accuracy": 70.0 + seed, "relevance_mass": mass + 0.01 * seed, "pointing_game": 0.9,
+                "road_lerf_morf_gap": 0.2, "insertion_auc": 0.5, "train_seconds": 1.0,
+                "per_image": {"relevance_mass": [mass + 0.01 * i for i in range(5)]}}  # fmt: skip
+
+    finished = {}
+    for seed in (0, 1, 2):
+        for config, mass in (
+            ({"method": "baseline"}, 0.40 + 0.003 * seed),
+            ({"method": "sgt", "mask_selection": "random"}, 0.45 - 0.002 * seed),
+            ({"method": "baseline", "adversarial_epsilon": 0.1}, 0.60 + 0.001 * seed),
+        ):
+            finished[f"{json.dumps(config)} seed={seed}"] = run(mass, seed)
+    (tmp_path / "results.json").write_text(json.dumps({"finished": finished}))
+    runs = gt_search_table.load_runs([str(tmp_path)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in gt_search_table.comparisons(runs)[2:]}
+    assert rows["baseline:adversarial_epsilon=0.1"].endswith("| yes |")
+    assert rows["sgt:mask_selection=random"].endswith("| no |")  # it is the control
+    assert "sig." in rows["baseline:adversarial_epsilon=0.1"]
