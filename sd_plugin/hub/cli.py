@@ -29,7 +29,18 @@ def export_main(argv: list[str] | None = None) -> int:
         help="a folder whose preprocessor_config.json goes with the model (when SOURCE records none)",
     )
     args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from ..storage.checkpoint import PREPROCESSOR_FILE
     from .export import export
+
+    if args.preprocessing_from is not None and not (Path(args.preprocessing_from) / PREPROCESSOR_FILE).is_file():
+        print(
+            f"error: --preprocessing-from {args.preprocessing_from} has no {PREPROCESSOR_FILE}; pass the folder of "
+            "the model training started from (or any folder saved with processor.save_pretrained).",
+            file=sys.stderr,
+        )
+        return 2
 
     try:
         path = export(

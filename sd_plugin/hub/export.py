@@ -204,11 +204,6 @@ def export(
         language, tags: the card's ``language`` and extra ``tags`` metadata.
     """
     path = Path(path)
-    if preprocessing_from is not None and not (Path(preprocessing_from) / PREPROCESSOR_FILE).is_file():
-        raise FileNotFoundError(
-            f"preprocessing_from={str(preprocessing_from)!r} has no {PREPROCESSOR_FILE}; pass the folder of the model "
-            "training started from (or any folder saved with processor.save_pretrained)."
-        )
     _prepare_target(path, overwrite)
     model, source_metadata, processor, source_dir = _load_source(source)
     metadata = {**source_metadata, **(metadata or {})}
