@@ -23,7 +23,8 @@ $PY benchmarks/finetune.py --data data/loc32 "${COMMON[@]}" --methods baseline -
 $PY benchmarks/finetune.py --data data/blocks32 "${COMMON[@]}" --methods baseline sgt --variants "$CONTROL" \
     baseline:adversarial_epsilon=0.1 baseline:adversarial_epsilon=0.5,adversarial_norm=l2 \
     baseline:input_gradient_weight=1.0 baseline:explanation_mask_weight=1.0 \
-    baseline:adversarial_epsilon=0.03 baseline:adversarial_epsilon=0.05 decor:adversarial_epsilon=0.1 \
+    baseline:adversarial_epsilon=0.01 baseline:adversarial_epsilon=0.02 baseline:adversarial_epsilon=0.03 \
+    baseline:adversarial_epsilon=0.05 decor:adversarial_epsilon=0.1 \
     baseline:input_gradient_weight=1.0,input_gradient_mode=finite_difference \
     sgt:mask_ratio=0.5 sgt:saliency_target=logit \
     --reuse benchmarks/results/gt-search-blocks32-cpu --output-dir benchmarks/results/gt-search-blocks32-frontier-cpu
