@@ -30,6 +30,6 @@ $PY benchmarks/finetune.py --data data/blocks32 "${COMMON[@]}" --methods baselin
     --reuse benchmarks/results/gt-search-blocks32-cpu --output-dir benchmarks/results/gt-search-blocks32-frontier-cpu
 # 4. Pasted objects on photos, the frontier: smaller l_inf budgets and mask supervision (reuses the runs of 2)
 $PY benchmarks/finetune.py --data data/loc32 "${COMMON[@]}" --methods baseline --variants "$CONTROL" \
-    baseline:adversarial_epsilon=0.1 baseline:adversarial_epsilon=0.01 baseline:adversarial_epsilon=0.03 \
-    baseline:explanation_mask_weight=1.0 \
+    baseline:adversarial_epsilon=0.1 baseline:adversarial_epsilon=0.005 baseline:adversarial_epsilon=0.01 \
+    baseline:adversarial_epsilon=0.02 baseline:adversarial_epsilon=0.03 baseline:explanation_mask_weight=1.0 \
     --reuse benchmarks/results/gt-search-loc32-cpu --output-dir benchmarks/results/gt-search-loc32-frontier-cpu
