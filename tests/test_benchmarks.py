@@ -51,6 +51,21 @@ def test_host_sync_audit__counts_reads_eigh_and_host_data_in_backward_too():
     assert audit.total == 0
 
 
+def test_step_cost__input_gradient_terms_get_their_batch_and_never_wait_for_the_device(tmp_path):
+    """RRR's rows need object masks in every measured step; no input-gradient term syncs the host."""
+    case = next(c for c in step_cost.cases(quick=True) if c["name"].startswith("paper CNN"))
+    torch.manual_seed(0)
+    reference = {k: v.clone() for k, v in case["build"]().state_dict().items()}
+    batch = {"pixel_values": torch.randn(8, *case["shape"]), "labels": torch.randint(0, 10, (8,))}
+    for label, overrides in step_cost.VARIANTS:
+        if overrides.get("method") != "baseline" or len(overrides) == 1:
+            continue  # the input-gradient rows: the plain objective plus one term
+        trainer = step_cost.build_trainer({**case, "bf16": False}, overrides, reference, torch.device("cpu"), str(tmp_path))
+        assert ("masks" in step_cost.batch_for(trainer, batch)) == ("explanation_mask_weight" in overrides), label
+        step_cost.make_step(trainer, batch)()  # one optimizer step runs
+        assert step_cost.host_syncs(trainer, batch) == 0, label
+
+
 @needs_torch_compile  # the step-cost table has a compiled-whitening row
 def test_step_cost__default_step_never_waits_for_the_device_and_memory_within_target(tmp_path):
     """Issue 20: no host sync in the default step; DESIGN.md §6: peak memory <= 1.15x a plain Trainer step."""
