@@ -60,7 +60,8 @@ def test_step_cost__input_gradient_terms_get_their_batch_and_never_wait_for_the_
     for label, overrides in step_cost.VARIANTS:
         if overrides.get("method") != "baseline" or len(overrides) == 1:
             continue  # the input-gradient rows: the plain objective plus one term
-        trainer = step_cost.build_trainer({**case, "bf16": False}, overrides, reference, torch.device("cpu"), str(tmp_path))
+        cpu_case = {**case, "bf16": False}
+        trainer = step_cost.build_trainer(cpu_case, overrides, reference, torch.device("cpu"), str(tmp_path))
         assert ("masks" in step_cost.batch_for(trainer, batch)) == ("explanation_mask_weight" in overrides), label
         step_cost.make_step(trainer, batch)()  # one optimizer step runs
         assert step_cost.host_syncs(trainer, batch) == 0, label
