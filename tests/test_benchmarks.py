@@ -240,3 +240,18 @@ def test_gt_search_table__a_run_better_than_baseline_and_control_in_every_seed_i
     assert rows["baseline:adversarial_epsilon=0.1"].endswith("| yes |")
     assert rows["sgt:mask_selection=random"].endswith("| no |")  # it is the control
     assert "sig." in rows["baseline:adversarial_epsilon=0.1"]
+
+
+def test_evaluate_cost__times_both_ways_and_writes_the_rows(tmp_path, capsys):
+    import evaluate_cost
+
+    out = tmp_path / "cost.json"
+    argv = ["--model", "resnet10t", "--sizes", "16", "--images", "4", "--repeats", "1", "--output", str(out)]
+    assert evaluate_cost.main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["size"] == 16 and row["images"] == 4
+    assert row["per_metric_s_per_100"] > 0 and row["once_s_per_100"] > 0
+    assert row["ratio"] == pytest.approx(row["per_metric_s_per_100"] / row["once_s_per_100"])
+    assert "| 16 | 4 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate_cost.main(["--sizes", "16", "32", "--images", "4"])

@@ -446,3 +446,36 @@ def test_masking_curves__one_pass_equals_each_order_alone():
     for order, curve in together.items():
         alone = masking_curve(model, data, percentages=percentages, order=order, fill="random")
         assert curve.accuracy == alone.accuracy, order
+
+
+@pytest.mark.parametrize("attribution", ["gradient", "logit_gradient"])
+def test_evaluate_model__maps_computed_once_give_the_same_results_as_per_metric(attribution, monkeypatch):
+    """Issue 29, item 3: one saliency pass per target feeds every metric, and nothing it reports changes."""
+    from sd_plugin.evaluation import report
+    from sd_plugin.storage.cluttered_digits import cluttered_digits_splits
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 20 * 20, 10))
+    _, test = cluttered_digits_splits()
+    kwargs = dict(batch_size=16, percentages=(0.0, 25.0, 50.0, 100.0), deletion_steps=4, max_images=40)
+    kwargs.update(sparseness_images=24, feature_layer="2", attribution=attribution)
+    per_metric = report.evaluate_model(model, test, reuse_maps=False, **kwargs)
+    passes = []
+    monkeypatch.setattr(report, "precompute_maps", _counting(report.precompute_maps, passes))
+    once = report.evaluate_model(model, test, **kwargs)
+    assert len(passes) == 2  # the maps of the labels, and of the predictions (RISE's target)
+    assert once["attribution"] == per_metric["attribution"] == attribution
+    assert "relevance_mass" in once  # the localization metrics read the same maps
+    for key, value in per_metric.items():
+        if isinstance(value, float):
+            assert once[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    for key, values in per_metric["per_image"].items():
+        assert once["per_image"][key] == pytest.approx(values, rel=1e-6, abs=1e-9, nan_ok=True), key
+
+
+def _counting(function, calls: list):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return wrapped

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.collapse import live_feature_fraction
 from ..utils.batches import unpack_batch
-from .attribution import Attribution, attribution_name, blur_maps, blurred, saliency_maps
+from .attribution import Attribution, PrecomputedMaps, attribution_name, blur_maps, blurred, saliency_maps
 from .deletion_insertion import deletion_insertion
 from .localization import localization_scores
 from .masking_curve import (
@@ -132,6 +132,52 @@ def localization_metrics(
     return scores or None
 
 
+# Attributions whose maps are a function of the model and the image alone: computed once, reused by
+# every metric. "random" and "smoothgrad" draw from the evaluation's generator, so each metric draws its own.
+_REUSABLE = ("gradient", "logit_gradient", "integrated_gradients")
+MAX_REUSED_MAP_BYTES = 1 << 30  # both sets of maps above this: recomputed per metric, not held in memory
+
+
+def _reusable(attribution: Attribution) -> bool:
+    return attribution in _REUSABLE if isinstance(attribution, str) else callable(attribution)
+
+
+@torch.no_grad()
+def precompute_maps(
+    model: nn.Module,
+    dataset: Dataset,
+    count: int,
+    batch_size: int,
+    attribution: Attribution = "gradient",
+    at_prediction: bool = False,
+) -> PrecomputedMaps:
+    """The first ``count`` images' maps, in dataset order, held on the host for every metric to read.
+
+    The maps explain the true label, or with ``at_prediction`` the predicted class (what RISE
+    deletion / insertion explains).
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> data = TensorDataset(torch.randn(5, 1, 4, 4), torch.zeros(5, dtype=torch.long))
+        >>> precompute_maps(model, data, 4, batch_size=3).maps.shape
+        torch.Size([4, 4, 4])
+    """
+    forward, device, generator = prepare_for_evaluation(model, None, 0)
+    maps, seen = [], 0
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        if seen >= count:
+            break
+        images, labels = unpack_batch(batch)
+        images, labels = images[: count - seen].to(device), labels[: count - seen].to(device)
+        if at_prediction:
+            labels = forward(images).argmax(-1)
+        with torch.enable_grad():
+            maps.append(saliency_maps(model, images, labels, attribution, generator, offset=seen).cpu())
+        seen += images.shape[0]
+    return PrecomputedMaps(torch.cat(maps), name=attribution_name(attribution))
+
+
 def evaluate_model(
     model: nn.Module,
     dataset: Dataset,
@@ -147,6 +193,7 @@ def evaluate_model(
     progress: bool = False,
     road: bool = True,
     blur_sigma: float | None = 2.0,
+    reuse_maps: bool = True,
 ) -> dict[str, Any]:
     """Every metric of ``METRICS`` for one model on one dataset, with per-image scores.
 
@@ -161,22 +208,34 @@ def evaluate_model(
     dataset yields ``masks`` (``LocalizationDataset``), relevance mass / rank accuracy and the
     pointing game are added. ``per_image`` holds each image's score of the per-image metrics in
     dataset order, so two models scored on the same images can be compared image by image.
+    With ``reuse_maps`` (and a deterministic attribution: the gradients, Integrated Gradients, a
+    function) each image's map is computed once for its label and once for its predicted class
+    (RISE's target), and every metric reads those (the blurred control blurs them); ``False``
+    recomputes the maps per metric, with the same results.
     """
     loader = DataLoader(dataset, batch_size=batch_size)
     common = dict(max_images=max_images, seed=seed, progress=progress)
+    attribution_label = attribution_name(attribution)
     with evaluation_mode(model):
+        evaluated = len(dataset) if max_images is None else min(max_images, len(dataset))
+        count = max(evaluated, min(sparseness_images, len(dataset)))
+        height, width = first_images(dataset, 1)[0].shape[-2:]
+        explain_prediction = attribution  # RISE explains the predicted class, every other metric the label
+        if reuse_maps and _reusable(attribution) and 2 * count * height * width * 4 <= MAX_REUSED_MAP_BYTES:
+            explain_prediction = precompute_maps(model, dataset, evaluated, batch_size, attribution, at_prediction=True)
+            attribution = precompute_maps(model, dataset, count, batch_size, attribution)
         fills = (fill, "road") if road and fill != "road" else (fill,)
         curves = faithfulness_curves(model, loader, ORDERS, percentages, fills, attribution, blur_sigma, **common)
-        rise = deletion_insertion(model, loader, steps=deletion_steps, attribution=attribution, **common)
+        rise = deletion_insertion(model, loader, steps=deletion_steps, attribution=explain_prediction, **common)
         images, labels = first_images(dataset, min(sparseness_images, len(dataset)))
         device = next(model.parameters()).device
-        maps = saliency_maps(model, images.to(device), labels.to(device), attribution)
+        maps = saliency_maps(model, images.to(device), labels.to(device), attribution)  # precomputed: a slice
         features = collect_features(model, loader, feature_layer, max_images)
         located = localization_metrics(model, loader, attribution, blur_sigma, max_images)
         blurred_rise = None
         if blur_sigma is not None:
             blurred_rise = deletion_insertion(
-                model, loader, steps=deletion_steps, attribution=blurred(attribution, blur_sigma), **common
+                model, loader, steps=deletion_steps, attribution=blurred(explain_prediction, blur_sigma), **common
             )
     by_saliency = curves["map", fill, "saliency"]
     metrics: dict[str, Any] = {"accuracy": by_saliency.clean_accuracy}
@@ -217,7 +276,7 @@ def evaluate_model(
             "live_features": float(live_feature_fraction(features)),
             "num_features": int(features.shape[1]),
             "num_images": by_saliency.num_images,
-            "attribution": attribution_name(attribution),
+            "attribution": attribution_label,
             "curves": {
                 f"{variant}/{curve_fill}/{order}": curve.to_dict()
                 for (variant, curve_fill, order), curve in curves.items()

@@ -1,0 +1,93 @@
+"""What ``evaluate`` costs per 100 images, with each saliency map computed once or per metric.
+
+``evaluate_model`` (what ``python -m sd_plugin evaluate`` runs) scores removal curves under the mean
+fill and ROAD, RISE deletion / insertion, the blurred-map control of each, sparseness and (on a
+localization set) relevance mass. With ``reuse_maps=True`` (the default) every metric reads one
+pass of maps per target; ``False`` recomputes them per metric, as before issue 29. Both run in one
+process, alternately, on the same model and images; the table reports seconds per 100 images and
+the ratio, best of ``--repeats``.
+
+    python benchmarks/evaluate_cost.py --output benchmarks/results/evaluate-cost-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import machine_description  # noqa: E402
+
+from sd_plugin.evaluation.masking_curve import percentages_every  # noqa: E402
+from sd_plugin.evaluation.report import evaluate_model  # noqa: E402
+
+
+def timed(model, data, reuse: bool, step: float) -> float:
+    start = time.perf_counter()
+    evaluate_model(
+        model,
+        data,
+        batch_size=50,
+        percentages=percentages_every(step),
+        sparseness_images=len(data),
+        reuse_maps=reuse,
+        feature_layer="global_pool",
+    )
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    import timm
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18", help="timm architecture (random weights)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    parser.add_argument("--images", type=int, nargs="+", default=[100, 20], help="images per size")
+    parser.add_argument("--step", type=float, default=10.0, help="removal-curve step in percent")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    if len(args.images) != len(args.sizes):
+        parser.error(f"--images needs one count per size ({len(args.sizes)}), got {len(args.images)}.")
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, num_classes=10).eval()
+    rows = []
+    for size, count in zip(args.sizes, args.images, strict=True):
+        data = TensorDataset(torch.randn(count, 3, size, size), torch.randint(0, 10, (count,)))
+        seconds = {False: [], True: []}
+        for _ in range(args.repeats):
+            for reuse in (False, True):
+                seconds[reuse].append(timed(model, data, reuse, args.step))
+        before, after = min(seconds[False]), min(seconds[True])
+        rows.append(
+            {
+                "size": size,
+                "images": count,
+                "per_metric_s_per_100": 100 * before / count,
+                "once_s_per_100": 100 * after / count,
+                "ratio": before / after,
+            }
+        )
+    print(f"Machine: {machine_description(torch.device('cpu'))}; {args.model}, random weights, step {args.step}%")
+    print("| size | images | maps per metric, s / 100 images | maps once, s / 100 images | speed-up |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['size']} | {row['images']} | {row['per_metric_s_per_100']:.1f} | {row['once_s_per_100']:.1f} "
+            f"| {row['ratio']:.2f}× |"
+        )
+    if args.output:
+        Path(args.output).write_text(json.dumps({"machine": machine_description(torch.device("cpu")), "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
