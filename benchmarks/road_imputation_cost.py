@@ -1,7 +1,10 @@
 """ROAD imputation cost: the package's batched solver against the reference, side by side.
 
-Workload: the masks a MoRF curve makes, the top p% of a smooth random saliency map per image
-(clustered holes, as real saliency gives), p = 10, 30, 50, 70, 90, on random images of each size.
+Workload: the masks a MoRF curve makes, the top p% of a random saliency map per image,
+p = 10, 30, 50, 70, 90, on random images of each size, for three families of map (``--families``):
+``smooth`` (blurred at size/16: clustered holes, as gradient saliency gives), ``pixel`` (i.i.d.
+noise: scattered single-pixel holes, as a raw, noisy gradient gives) and ``blurred`` (blurred at
+size/4: a few large holes, as a blurred map gives).
 The reference (``benchmarks/road_reference.py``, ROAD's scipy ``spsolve`` per image) runs on a
 subset of the same images and masks; both are timed in the same process, alternately, and the
 largest absolute difference between them (noise off) is printed beside the speed. Then the
@@ -30,8 +33,13 @@ from sd_plugin.evaluation.imputation import noisy_linear_impute  # noqa: E402
 from sd_plugin.evaluation.masking_curve import masking_curve, pixel_ranks  # noqa: E402
 
 
-def morf_masks(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    maps = blur_maps(torch.rand(count, size, size, generator=generator), max(1.0, size / 16))
+MASK_FAMILIES = {"smooth": 16, "pixel": None, "blurred": 4}  # blur sigma = size / value (None: no blur)
+
+
+def morf_masks(count: int, size: int, generator: torch.Generator, family: str = "smooth") -> torch.Tensor:
+    maps = torch.rand(count, size, size, generator=generator)
+    if MASK_FAMILIES[family] is not None:
+        maps = blur_maps(maps, max(1.0, size / MASK_FAMILIES[family]))
     ranks = pixel_ranks(maps).view(count, size, size)
     levels = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9]).repeat(count // 5 + 1)[:count].view(count, 1, 1)
     return ranks < (levels * size * size).round()
@@ -51,14 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96])
     parser.add_argument("--images", type=int, default=100, help="images per size for the batched solver")
     parser.add_argument("--reference-images", type=int, default=20, help="images per size for the reference")
+    parser.add_argument("--families", nargs="+", default=["smooth"], choices=sorted(MASK_FAMILIES))
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     rows = []
-    for size in args.sizes:
+    for family, size in [(family, size) for family in args.families for size in args.sizes]:
         images = torch.rand(args.images, 3, size, size, generator=generator)
-        masks = morf_masks(args.images, size, generator)
+        masks = morf_masks(args.images, size, generator, family)
         subset = slice(0, args.reference_images)
         ours = noisy_linear_impute(images, masks, noise=0.0)
         reference = reference_impute_batch(images[subset], masks[subset])
@@ -68,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         t_ref = best_of(2, lambda work=reference_work: reference_impute_batch(*work)) / args.reference_images
         rows.append(
             dict(
+                family=family,
                 size=size,
                 ours_images_per_s=1 / t_ours,
                 reference_images_per_s=1 / t_ref,
@@ -93,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     curve_ratio = min(curve_times["road"]) / min(curve_times["mean"])
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"machine: {machine}")
-    print("| size px | ours img/s | reference img/s | ours / reference | max abs diff |")
-    print("|---|---|---|---|---|")
+    print("| masks | size px | ours img/s | reference img/s | ours / reference | max abs diff |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['size']} | {row['ours_images_per_s']:.0f} | {row['reference_images_per_s']:.1f} | "
+            f"| {row['family']} | {row['size']} | {row['ours_images_per_s']:.1f} | {row['reference_images_per_s']:.1f} | "
             f"{row['ratio']:.1f}x | {row['max_abs_difference']:.1e} |"
         )
     print(
