@@ -32,7 +32,6 @@ from sd_plugin.evaluation.attribution import blur_maps  # noqa: E402
 from sd_plugin.evaluation.imputation import noisy_linear_impute  # noqa: E402
 from sd_plugin.evaluation.masking_curve import masking_curve, pixel_ranks  # noqa: E402
 
-
 MASK_FAMILIES = {"smooth": 16, "pixel": None, "blurred": 4}  # blur sigma = size / value (None: no blur)
 
 
@@ -107,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['family']} | {row['size']} | {row['ours_images_per_s']:.1f} | {row['reference_images_per_s']:.1f} | "
+            f"| {row['family']} | {row['size']} | {row['ours_images_per_s']:.1f} | "
+            f"{row['reference_images_per_s']:.1f} | "
             f"{row['ratio']:.1f}x | {row['max_abs_difference']:.1e} |"
         )
     print(
