@@ -255,3 +255,17 @@ def test_evaluate_cost__times_both_ways_and_writes_the_rows(tmp_path, capsys):
     assert "| 16 | 4 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         evaluate_cost.main(["--sizes", "16", "32", "--images", "4"])
+
+
+def test_road_imputation_cost__mask_families_remove_the_asked_fractions():
+    import road_imputation_cost
+
+    for family in road_imputation_cost.MASK_FAMILIES:
+        masks = road_imputation_cost.morf_masks(5, 32, torch.Generator().manual_seed(0), family)
+        fractions = masks.flatten(1).double().mean(1)
+        assert fractions.tolist() == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9], abs=1e-3), family
+    pixel = road_imputation_cost.morf_masks(5, 32, torch.Generator().manual_seed(0), "pixel")[2]
+    blurred = road_imputation_cost.morf_masks(5, 32, torch.Generator().manual_seed(0), "blurred")[2]
+    # scattered holes have more hole/kept borders than a few large ones
+    borders = [int((m[1:] != m[:-1]).sum() + (m[:, 1:] != m[:, :-1]).sum()) for m in (pixel, blurred)]
+    assert borders[0] > 5 * borders[1]
