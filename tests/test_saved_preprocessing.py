@@ -118,3 +118,27 @@ def test_evaluate_builtin_digits__at_the_size_the_model_takes(tmp_path):
     write_metadata(tmp_path / "cnn", {"input_size": [1, 24, 24]})  # the size it was trained at
     assert load_eval_dataset("digits", None, cnn, tmp_path / "cnn")[0]["pixel_values"].shape == (1, 24, 24)
     assert load_eval_dataset("digits", None, cnn)[0]["pixel_values"].shape == (1, 16, 16)  # nothing recorded
+
+
+def test_evaluate_builtin_cluttered_digits__the_demos_ground_truth_adds_localization(tmp_path):
+    """``--dataset cluttered-digits``: the demo's data with masks, at the model's size; localization metrics appear."""
+    import json
+
+    from sd_plugin.__main__ import main as cli
+    from sd_plugin.demo import build_demo_model
+    from sd_plugin.storage.checkpoint import write_metadata
+    from sd_plugin.storage.data import load_eval_dataset
+
+    folder = tmp_path / "demo-model"
+    build_demo_model(0).save_pretrained(folder)
+    model = load_classifier(folder)
+    item = load_eval_dataset("cluttered-digits", None, model, folder)[0]
+    assert item["pixel_values"].shape == (1, 20, 20) and item["masks"].shape == (20, 20)  # the demo's canvas
+    write_metadata(folder, {"input_size": [1, 30, 30]})
+    item = load_eval_dataset("cluttered-digits", None, model, folder)[0]
+    assert item["pixel_values"].shape == (1, 30, 30) and int(item["masks"].sum()) == 18 * 18
+    flags = ["--dataset", "cluttered-digits", "--max-images", "8", "--step", "50", "--no-road", "--no-progress"]
+    assert cli(["evaluate", "--model", str(folder), "--output-dir", str(tmp_path / "eval"), *flags]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    (scores,) = results["models"].values()
+    assert 0.0 <= scores["relevance_mass"] <= 1.0 and len(scores["per_image"]["pointing_game"]) == 8

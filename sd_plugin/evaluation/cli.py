@@ -8,7 +8,7 @@ with every metric of ``metrics.METRICS``, each metric's direction, per-image sco
 
 Example:
     python -m sd_plugin evaluate --model outputs/demo/saliencydecor/seed0 \\
-        --compare outputs/demo/baseline/seed0 --dataset digits --output-dir outputs/eval
+        --compare outputs/demo/baseline/seed0 --dataset cluttered-digits --output-dir outputs/eval
 """
 
 from __future__ import annotations
@@ -108,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset",
         required=True,
-        help="'digits', 'fashion-mnist' (built in, at the size the model was trained at), a dataset folder "
-        "(save_to_disk or image folder), a Hub id, or a localization dataset: a folder with images and a "
-        "ground-truth object mask per image (benchmarks/localization_data.py, benchmarks/block_data.py write "
-        "them), which adds relevance mass, relevance rank and the pointing game",
+        help="'digits', 'fashion-mnist', 'cluttered-digits' (built in, at the size the model was trained at; the "
+        "last is the demo's data, with the digit's square as ground truth), a dataset folder (save_to_disk or "
+        "image folder), a Hub id, or a localization dataset: a folder with images and a ground-truth object mask "
+        "per image (benchmarks/localization_data.py writes them, --layout blocks too); a dataset with masks adds "
+        "relevance mass, relevance rank and the pointing game",
     )
     parser.add_argument("--split", default=None, help="dataset split (default: test/validation)")
     parser.add_argument("--output-dir", required=True, help="where results.json and the figures go")
