@@ -18,30 +18,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import TensorImageDataset
+from .tensor_datasets import MaskedTensorImageDataset
 
 __all__ = ["MaskedTensorImageDataset", "cluttered_digits_splits", "compose_cluttered"]
-
-
-class MaskedTensorImageDataset(TensorImageDataset):
-    """``{"pixel_values", "labels", "masks"}`` examples from image, label and ``(N, H, W)`` mask tensors."""
-
-    def __init__(self, images: Tensor, labels: Tensor, masks: Tensor) -> None:
-        super().__init__(images, labels)
-        if masks.shape != (images.shape[0], *images.shape[-2:]):
-            raise ValueError(f"masks of shape {tuple(masks.shape)} do not match images {tuple(images.shape)}.")
-        self.masks = masks.bool()
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = super().__getitem__(index)
-        item["masks"] = self.masks[index]
-        return item
 
 
 def compose_cluttered(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..utils.errors import SaliencyDecorWarning
+from .tensor_datasets import TensorImageDataset
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -39,22 +40,6 @@ __all__ = [
 
 BUILTIN_DATASETS = ("digits", "cluttered-digits", "fashion-mnist")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-class TensorImageDataset(Dataset):
-    """``{"pixel_values", "labels"}`` examples from image and label tensors."""
-
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"pixel_values": self.images[index], "labels": int(self.labels[index])}
 
 
 def load_digits_splits(
