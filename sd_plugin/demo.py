@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .evaluation import saliency_maps
-from .evaluation.masking_curve import faithfulness_curves, faithfulness_gap, percentages_every
-from .evaluation.report import localization_metrics
+from .evaluation.masking_curve import faithfulness_curves, percentages_every
+from .evaluation.report import finite_mean, localization_metrics, precompute_maps, removal_metrics
 from .integrations.config import SaliencyDecorConfig
 from .integrations.trainer import SaliencyDecorTrainer
 from .storage.cluttered_digits import cluttered_digits_splits
@@ -121,30 +121,25 @@ def _train_one(run: DemoRun, seed: int, train: TensorImageDataset, output_dir: P
 
 
 def _score(model, test, metric_images: int, step: float, seed: int) -> tuple[dict, dict]:
-    """The demo's metrics of one model, and its ROAD curves (for the figure)."""
+    """The demo's metrics of one model, and its ROAD curves (for the figure); one saliency pass feeds them all."""
     with torch.no_grad():
         logits = model(pixel_values=test.images).logits
     accuracy = 100.0 * float((logits.argmax(-1) == test.labels).double().mean())
+    maps = precompute_maps(model, test, metric_images, batch_size=metric_images)
     scored = DataLoader(test, batch_size=metric_images)
     curves = faithfulness_curves(
-        model, scored, percentages=percentages_every(step), fills=("mean", "road"), seed=seed, max_images=metric_images
-    )
-    random_auc = {fill: curves["map", fill, "random"].auc for fill in ("mean", "road")}
-    located = localization_metrics(model, scored, blur_sigma=None, max_images=metric_images)
-    road = curves["map", "road", "least_salient"].auc - curves["map", "road", "saliency"].auc
+        model, scored, percentages=percentages_every(step), fills=("mean", "road"), attribution=maps, seed=seed,
+        max_images=metric_images,
+    )  # fmt: skip
+    located = localization_metrics(model, scored, maps, blur_sigma=None, max_images=metric_images)
     scores = {
         "accuracy": accuracy,
-        "faithfulness_gap": faithfulness_gap(curves["map", "mean", "saliency"].auc, random_auc["mean"]),
-        "road_lerf_morf_gap": road / random_auc["road"] if random_auc["road"] > 0 else 0.0,
-        "relevance_mass": _mean(located["relevance_mass"]),
-        "pointing_game": _mean(located["pointing_game"]),
+        "faithfulness_gap": removal_metrics(curves, "mean")["faithfulness_gap"],
+        "road_lerf_morf_gap": removal_metrics(curves, "road")["lerf_morf_gap"],
+        "relevance_mass": finite_mean(located["relevance_mass"]),
+        "pointing_game": finite_mean(located["pointing_game"]),
     }
     return scores, {order: curves["map", "road", order] for order in ("saliency", "random")}
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if v == v]
-    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -246,9 +241,9 @@ def reading(rows: list[dict]) -> str:
             parts.append(part)
         accuracy = row["accuracy"] - baseline["accuracy"]
         sentences.append(f"{row['method']}: " + "; ".join(parts) + f"; accuracy {accuracy:+.1f} points.")
-        mass, mass_clear = _compare(row, baseline, "relevance_mass")
-        beats_control = control is None or _compare(row, control, "relevance_mass")
-        if mass > 0 and mass_clear and (control is None or (beats_control[0] > 0 and beats_control[1])):
+        references = [baseline] if control is None else [baseline, control]
+        comparisons = [_compare(row, reference, "relevance_mass") for reference in references]
+        if all(difference > 0 and clear for difference, clear in comparisons):
             passes.append(f"{row['method']} ({accuracy:+.1f} accuracy points)")
     if control is not None:
         difference, clear = _compare(control, baseline, "relevance_mass")

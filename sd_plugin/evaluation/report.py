@@ -37,7 +37,16 @@ from .model_fn import evaluation_mode, prepare_for_evaluation
 from .representation import effective_rank
 from .sparseness import sparseness
 
-__all__ = ["accuracy", "evaluate_model", "collect_features", "first_images", "localization_metrics"]
+__all__ = [
+    "accuracy",
+    "collect_features",
+    "evaluate_model",
+    "finite_mean",
+    "first_images",
+    "localization_metrics",
+    "precompute_maps",
+    "removal_metrics",
+]
 
 
 def first_images(dataset: Dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,11 +94,18 @@ def collect_features(
     return torch.cat(chunks)[:max_images]
 
 
+def finite_mean(values: list[float]) -> float:
+    """The mean of the scores that are not NaN (an image without a mask scores NaN); NaN if none is."""
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
 def _gap(low: float, high: float, reference: float) -> float:
     return (high - low) / reference if reference > 0 else 0.0
 
 
-def _removal_metrics(curves: dict, fill: str, variant: str, prefix: str) -> dict[str, float]:
+def removal_metrics(curves: dict, fill: str, variant: str = "map", prefix: str = "") -> dict[str, float]:
+    """AUCs, faithfulness gap and LeRF−MoRF gap of one fill's curves from ``faithfulness_curves``."""
     morf, lerf = curves[variant, fill, "saliency"], curves[variant, fill, "least_salient"]
     random = curves["map", fill, "random"]
     return {
@@ -239,7 +255,7 @@ def evaluate_model(
             )
     by_saliency = curves["map", fill, "saliency"]
     metrics: dict[str, Any] = {"accuracy": by_saliency.clean_accuracy}
-    metrics.update(_removal_metrics(curves, fill, "map", ""))
+    metrics.update(removal_metrics(curves, fill, "map", ""))
     metrics["masking_auc_normalized"] = by_saliency.normalized_auc
     metrics["masking_auc_relative"] = by_saliency.relative_auc
     per_image = {
@@ -249,15 +265,15 @@ def evaluate_model(
         "insertion_auc": rise.per_image_insertion_auc,
     }
     if road:
-        metrics.update(_removal_metrics(curves, "road", "map", "road_"))
+        metrics.update(removal_metrics(curves, "road", "map", "road_"))
         per_image["road_masking_auc"] = curves["map", "road", "saliency"].per_image_auc
         per_image["road_masking_auc_least"] = curves["map", "road", "least_salient"].per_image_auc
     if blur_sigma is not None:
-        blurred_removal = _removal_metrics(curves, fill, "blurred", "blurred_")
+        blurred_removal = removal_metrics(curves, fill, "blurred", "blurred_")
         metrics["blurred_faithfulness_gap"] = blurred_removal["blurred_faithfulness_gap"]
         metrics["blurred_lerf_morf_gap"] = blurred_removal["blurred_lerf_morf_gap"]
         if road:
-            road_blurred = _removal_metrics(curves, "road", "blurred", "blurred_road_")
+            road_blurred = removal_metrics(curves, "road", "blurred", "blurred_road_")
             metrics["blurred_road_lerf_morf_gap"] = road_blurred["blurred_road_lerf_morf_gap"]
         metrics["blurred_deletion_auc"] = blurred_rise.deletion_auc
         metrics["blurred_insertion_auc"] = blurred_rise.insertion_auc
@@ -266,8 +282,7 @@ def evaluate_model(
     metrics["insertion_auc"] = rise.insertion_auc
     if located:
         for name, values in located.items():
-            finite = [v for v in values if v == v]
-            metrics[name] = sum(finite) / len(finite) if finite else float("nan")
+            metrics[name] = finite_mean(values)
         per_image.update(located)
     metrics.update(
         {

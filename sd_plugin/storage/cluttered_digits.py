@@ -75,9 +75,9 @@ def compose_cluttered(
 
 def cluttered_digits_splits(
     canvas_size: int = 20,
-    digit_size: int = 12,
+    digit_size: int | None = None,
     fragments: int = 4,
-    fragment_size: int = 3,
+    fragment_size: int | None = None,
     train_copies: int = 1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -86,12 +86,15 @@ def cluttered_digits_splits(
 
     The split is the one of ``load_digits_splits(seed=seed)``; the clutter of each split is drawn
     from that split's own digits, so no test digit appears in a training canvas. ``train_copies``
-    canvases are drawn for each training digit (new positions and clutter each).
+    canvases are drawn for each training digit (new positions and clutter each). The digit and the
+    fragments scale with the canvas unless given: 0.6 and 0.15 of its side (12 and 3 px at 20 px).
     """
     from sklearn.datasets import load_digits
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction} must be in (0, 1).")
+    digit_size = digit_size if digit_size is not None else max(2, round(0.6 * canvas_size))
+    fragment_size = fragment_size if fragment_size is not None else max(1, round(0.15 * canvas_size))
     if train_copies < 1:
         raise ValueError(f"train_copies={train_copies} must be at least 1 (canvases per training digit).")
     digits = load_digits()

@@ -260,9 +260,7 @@ def load_eval_dataset(
         elif name_or_path == "cluttered-digits":  # the demo's ground truth, masks included
             from .cluttered_digits import cluttered_digits_splits
 
-            canvas = size or 20
-            shape = dict(canvas_size=canvas, digit_size=max(2, round(0.6 * canvas)), fragment_size=max(1, canvas // 7))
-            builtin = cluttered_digits_splits(**shape)[1 if test_split else 0]
+            builtin = cluttered_digits_splits(canvas_size=size or 20)[1 if test_split else 0]
         else:
             builtin = load_fashion_mnist("test" if test_split else "train")
             if size and size != builtin.images.shape[-1]:  # the size trained at, as image folders get it
