@@ -6,8 +6,11 @@ p = 10, 30, 50, 70, 90, on random images of each size, for three families of map
 noise: scattered single-pixel holes, as a raw, noisy gradient gives) and ``blurred`` (blurred at
 size/4: a few large holes, as a blurred map gives).
 The reference (``benchmarks/road_reference.py``, ROAD's scipy ``spsolve`` per image) runs on a
-subset of the same images and masks; both are timed in the same process, alternately, and the
-largest absolute difference between them (noise off) is printed beside the speed. Then the
+subset of the same images and masks, and so does the other way to make the solve independent of
+the hole size, a sparse direct factorization per image with vectorised assembly
+(``benchmarks/road_direct.py``); all are timed in the same process, alternately, and the largest
+absolute difference from the reference (noise off) is printed beside the speed, with the number
+of preconditioned CG iterations per removal level (the multigrid claim: flat in the hole size). Then the
 masking curve of the paper's CNN on Fashion-MNIST-sized images under ROAD against the mean fill.
 
     python benchmarks/road_imputation_cost.py --output benchmarks/results/road-imputation-cpu.json
@@ -26,11 +29,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from road_direct import direct_impute_batch  # noqa: E402
 from road_reference import reference_impute_batch  # noqa: E402
 
 from sd_plugin.evaluation.attribution import blur_maps  # noqa: E402
 from sd_plugin.evaluation.imputation import noisy_linear_impute  # noqa: E402
 from sd_plugin.evaluation.masking_curve import masking_curve, pixel_ranks  # noqa: E402
+from sd_plugin.evaluation.multigrid import VCycle  # noqa: E402
+
+LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 MASK_FAMILIES = {"smooth": 16, "pixel": None, "blurred": 4}  # blur sigma = size / value (None: no blur)
 
@@ -40,7 +47,7 @@ def morf_masks(count: int, size: int, generator: torch.Generator, family: str = 
     if MASK_FAMILIES[family] is not None:
         maps = blur_maps(maps, max(1.0, size / MASK_FAMILIES[family]))
     ranks = pixel_ranks(maps).view(count, size, size)
-    levels = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9]).repeat(count // 5 + 1)[:count].view(count, 1, 1)
+    levels = torch.tensor(LEVELS).repeat(count // 5 + 1)[:count].view(count, 1, 1)
     return ranks < (levels * size * size).round()
 
 
@@ -51,6 +58,27 @@ def best_of(repeats: int, function) -> float:
         function()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def iterations_per_level(images: torch.Tensor, masks: torch.Tensor) -> list[int]:
+    """Preconditioned CG iterations (V-cycles, both refinement stages) of each removal level's images."""
+    calls = [0]
+    original = VCycle.__call__
+
+    def counted(self, residual):
+        calls[0] += 1
+        return original(self, residual)
+
+    VCycle.__call__ = counted
+    try:
+        counts = []
+        for level in range(len(LEVELS)):
+            calls[0] = 0
+            noisy_linear_impute(images[level :: len(LEVELS)], masks[level :: len(LEVELS)], noise=0.0)
+            counts.append(calls[0])
+        return counts
+    finally:
+        VCycle.__call__ = original
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         ours = noisy_linear_impute(images, masks, noise=0.0)
         reference = reference_impute_batch(images[subset], masks[subset])
         error = float((ours[subset].double() - reference).abs().max())
+        direct_error = float((direct_impute_batch(images[subset], masks[subset]).double() - reference).abs().max())
         t_ours = best_of(3, lambda x=images, m=masks: noisy_linear_impute(x, m, noise=0.0)) / args.images
         reference_work = (images[subset], masks[subset])
         t_ref = best_of(2, lambda work=reference_work: reference_impute_batch(*work)) / args.reference_images
+        t_direct = best_of(2, lambda work=reference_work: direct_impute_batch(*work)) / args.reference_images
         rows.append(
             dict(
                 family=family,
@@ -82,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                 reference_images_per_s=1 / t_ref,
                 ratio=t_ref / t_ours,
                 max_abs_difference=error,
+                direct_images_per_s=1 / t_direct,
+                direct_ratio=t_ref / t_direct,
+                direct_max_abs_difference=direct_error,
+                iterations_per_level=dict(zip(map(str, LEVELS), iterations_per_level(images, masks), strict=True)),
             )  # fmt: skip
         )
     # masking curve: ROAD vs mean fill, same model and images
@@ -102,13 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     curve_ratio = min(curve_times["road"]) / min(curve_times["mean"])
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"machine: {machine}")
-    print("| masks | size px | ours img/s | reference img/s | ours / reference | max abs diff |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| masks | size px | ours img/s | reference img/s | ours / reference | max abs diff | "
+        "direct LU / reference | CG iterations at 10/30/50/70/90% |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
+        iterations = "/".join(str(count) for count in row["iterations_per_level"].values())
         print(
             f"| {row['family']} | {row['size']} | {row['ours_images_per_s']:.1f} | "
             f"{row['reference_images_per_s']:.1f} | "
-            f"{row['ratio']:.1f}x | {row['max_abs_difference']:.1e} |"
+            f"{row['ratio']:.1f}x | {row['max_abs_difference']:.1e} | {row['direct_ratio']:.1f}x | {iterations} |"
         )
     print(
         f"masking curve (paper CNN, 256 images 28 px, 21 levels): mean fill {min(curve_times['mean']):.2f} s, "

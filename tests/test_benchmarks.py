@@ -269,3 +269,18 @@ def test_road_imputation_cost__mask_families_remove_the_asked_fractions():
     # scattered holes have more hole/kept borders than a few large ones
     borders = [int((m[1:] != m[:-1]).sum() + (m[:, 1:] != m[:, :-1]).sum()) for m in (pixel, blurred)]
     assert borders[0] > 5 * borders[1]
+
+
+def test_road_direct__the_vectorised_factorization_equals_the_reference():
+    import road_direct
+    from road_reference import reference_impute_batch
+
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(3, 2, 12, 10, generator=g, dtype=torch.float64)
+    removed = torch.rand(3, 12, 10, generator=g) < 0.6
+    removed[1, 0, :] = True
+    removed[2, 3:9, 2:8] = True
+    direct = road_direct.direct_impute_batch(images, removed)
+    torch.testing.assert_close(direct, reference_impute_batch(images, removed), rtol=0, atol=1e-10)
+    untouched = road_direct.direct_impute(images[0], torch.zeros(12, 10, dtype=torch.bool))
+    assert torch.equal(untouched, images[0])

@@ -502,6 +502,11 @@ def masking_metrics_during_training(
     )
 
 
+# pixel values per ROAD solve when levels are grouped (~4 MB in float32): a 28 px grey batch of 64
+# solves ~20 levels at once, a 224 px RGB one a level at a time
+_ROAD_VALUES_PER_SOLVE = 2**20
+
+
 def _batch_correct(
     forward: LogitsFn,
     images: Tensor,
@@ -515,7 +520,8 @@ def _batch_correct(
 ) -> Tensor:
     """``(levels, B)`` correctness; levels that remove nothing reuse ``clean_logits`` (or one clean forward).
 
-    With ``fill="road"`` the imputation of every level of a chunk is one batched solve.
+    With ``fill="road"`` the imputation of every level of a chunk is one batched solve, the chunk
+    reaching ``_ROAD_VALUES_PER_SOLVE`` pixel values even when the forwards take fewer levels.
     """
     batch, num_pixels = images.shape[0], images.shape[2] * images.shape[3]
     ranks = pixel_ranks(scores).view(batch, *images.shape[2:])
@@ -527,7 +533,10 @@ def _batch_correct(
         clean_logits = forward(images) if clean_logits is None else clean_logits
         correct[unchanged] = clean_logits.argmax(-1) == labels
         levels = [i for i in levels if i not in unchanged]
-    per_chunk = max(1, (max_batch_size or batch) // batch)
+    per_forward = max(1, (max_batch_size or batch) // batch)
+    per_chunk = per_forward
+    if fill == "road":  # one solve over several forwards' levels amortises its fixed cost on small images
+        per_chunk = max(per_forward, _ROAD_VALUES_PER_SOLVE // images[0].numel() // batch)
     for start in range(0, len(levels), per_chunk):
         chunk = levels[start : start + per_chunk]
         removed = torch.cat([ranks < _removed_count(percentages[level], num_pixels) for level in chunk])
@@ -536,8 +545,10 @@ def _batch_correct(
             stacked = noisy_linear_impute(stacked, removed, generator=generator)
         else:
             stacked = torch.where(removed.unsqueeze(1), fill_image.repeat(len(chunk), 1, 1, 1), stacked)
-        predictions = forward(stacked).argmax(-1).view(len(chunk), batch)
-        correct[chunk] = predictions == labels
+        for offset in range(0, len(chunk), per_forward):
+            part = chunk[offset : offset + per_forward]
+            logits = forward(stacked[offset * batch : (offset + len(part)) * batch])
+            correct[part] = logits.argmax(-1).view(len(part), batch) == labels
     return correct
 
 
