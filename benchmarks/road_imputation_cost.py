@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=100, help="images per size for the batched solver")
     parser.add_argument("--reference-images", type=int, default=20, help="images per size for the reference")
     parser.add_argument("--families", nargs="+", default=["smooth"], choices=sorted(MASK_FAMILIES))
+    parser.add_argument("--device", default="cpu", help="where the package's solver runs (the reference: CPU)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -96,11 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         images = torch.rand(args.images, 3, size, size, generator=generator)
         masks = morf_masks(args.images, size, generator, family)
         subset = slice(0, args.reference_images)
-        ours = noisy_linear_impute(images, masks, noise=0.0)
+        device_images, device_masks = images.to(args.device), masks.to(args.device)
+
+        def solve(x=device_images, m=device_masks):
+            noisy_linear_impute(x, m, noise=0.0)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        ours = noisy_linear_impute(device_images, device_masks, noise=0.0).cpu()
         reference = reference_impute_batch(images[subset], masks[subset])
         error = float((ours[subset].double() - reference).abs().max())
         direct_error = float((direct_impute_batch(images[subset], masks[subset]).double() - reference).abs().max())
-        t_ours = best_of(3, lambda x=images, m=masks: noisy_linear_impute(x, m, noise=0.0)) / args.images
+        t_ours = best_of(3, solve) / args.images
         reference_work = (images[subset], masks[subset])
         t_ref = best_of(2, lambda work=reference_work: reference_impute_batch(*work)) / args.reference_images
         t_direct = best_of(2, lambda work=reference_work: direct_impute_batch(*work)) / args.reference_images
@@ -115,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                 direct_images_per_s=1 / t_direct,
                 direct_ratio=t_ref / t_direct,
                 direct_max_abs_difference=direct_error,
-                iterations_per_level=dict(zip(map(str, LEVELS), iterations_per_level(images, masks), strict=True)),
+                iterations_per_level=dict(
+                    zip(map(str, LEVELS), iterations_per_level(device_images, device_masks), strict=True)
+                ),
             )  # fmt: skip
         )
     # masking curve: ROAD vs mean fill, same model and images
     from sd_plugin.core.models import PaperCNN
 
-    model = PaperCNN().eval()
+    model = PaperCNN().eval().to(args.device)
     data = DataLoader(
         TensorDataset(
             torch.randn(256, 1, 28, 28, generator=generator), torch.randint(0, 10, (256,), generator=generator)
@@ -131,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     curve_times = {}
     for fill in ("mean", "road", "mean", "road"):  # interleaved
         start = time.perf_counter()
-        masking_curve(model, data, fill=fill)
+        masking_curve(model, data, fill=fill, device=args.device)
         curve_times.setdefault(fill, []).append(time.perf_counter() - start)
     curve_ratio = min(curve_times["road"]) / min(curve_times["mean"])
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if args.device != "cpu":
+        machine += f", solver on {torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}"
     print(f"machine: {machine}")
     print(
         "| masks | size px | ours img/s | reference img/s | ours / reference | max abs diff | "
