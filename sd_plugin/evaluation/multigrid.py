@@ -10,20 +10,19 @@ Coarse operators are Galerkin products ``P^T A P`` with vertex-centred bilinear 
 (a 9-point stencil stays 9-point), so a pixel the fine operator leaves out (a zero row) never
 enters a coarse one and holes of any shape need no special case. The smoother is damped Jacobi, one
 sweep before and one after the coarse correction, and the coarsest grid (at most ``coarsest`` pixels
-a side) is solved exactly with a dense inverse: the cycle is a fixed, symmetric linear operator,
+a side) is solved exactly with a dense pseudo-inverse: the cycle is a fixed, symmetric linear operator,
 which is what conjugate gradients needs of a preconditioner.
 
-Example:
+Example (ROAD's stencil on a 33 x 33 hole with a kept border; four cycles as a plain iteration):
     >>> import torch
-    >>> grid = torch.zeros(1, 9, 5, 5)
-    >>> grid[:, 4] = 4.0  # the 5-point Laplacian, zero (Dirichlet) outside the grid
-    >>> for k in (1, 3, 5, 7):
-    ...     grid[:, k] = -1.0
-    >>> stencil = Stencil(grid)
-    >>> cycle = VCycle(stencil, coarsest=3)
-    >>> rhs = to_padded_flat(torch.ones(1, 1, 5, 5))
-    >>> error = (stencil.apply(cycle(rhs)) - rhs).norm() / rhs.norm()
-    >>> bool(error < 0.2)
+    >>> weights = torch.tensor([1 / 12, 1 / 6, 1 / 12, 1 / 6, -1.0, 1 / 6, 1 / 12, 1 / 6, 1 / 12])
+    >>> stencil = Stencil(-weights.view(1, 9, 1, 1).expand(1, 9, 33, 33).clone())
+    >>> cycle = VCycle(stencil)
+    >>> rhs = to_padded_flat(torch.ones(1, 1, 33, 33))
+    >>> solution = torch.zeros_like(rhs)
+    >>> for _ in range(4):
+    ...     solution += cycle(rhs - stencil.apply(solution))
+    >>> bool((stencil.apply(solution) - rhs).norm() / rhs.norm() < 0.1)
     True
 """
 
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["OFFSETS", "Stencil", "VCycle", "from_padded_flat", "interior", "to_padded_flat"]
+__all__ = ["OFFSETS", "Stencil", "VCycle", "empty_with_zero_ends", "from_padded_flat", "interior", "to_padded_flat"]
 
 OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # plane k of a stencil: OFFSETS[k]
 _CENTRE = 4
@@ -62,7 +61,7 @@ def interior(height: int, width: int) -> slice:
     return slice(width + 3, (height + 2) * (width + 2) - width - 3)
 
 
-def _empty_with_zero_ends(like: Tensor, inside: slice) -> Tensor:
+def empty_with_zero_ends(like: Tensor, inside: slice) -> Tensor:
     """An uninitialised tensor like ``like`` but zero outside ``inside`` (the first and last rows)."""
     out = torch.empty_like(like)
     out[..., : inside.start] = 0
@@ -83,7 +82,7 @@ class Stencil:
     def apply(self, values: Tensor) -> Tensor:
         """``A values`` for padded flat ``values`` ``(B, C, L)``; the ring stays zero."""
         inside = interior(self.height, self.width)
-        out = _empty_with_zero_ends(values, inside)
+        out = empty_with_zero_ends(values, inside)
         segment = out[..., inside]
         torch.mul(self._flat[:, _CENTRE : _CENTRE + 1, inside], values[..., inside], out=segment)
         start, stop = inside.start, inside.stop
