@@ -131,3 +131,24 @@ def test_imputation__a_224_px_hole_equals_the_reference_in_float32():
     ours = noisy_linear_impute(images, removed, noise=0.0)
     reference = reference_impute_batch(images.double(), removed)
     assert float((ours.double() - reference).abs().max()) < 1e-4
+
+
+# a 4 x 4 image, found by search, whose one removed pixel (2, 2) the first stage solves exactly
+_EXACT_CASE = ["0x1.ee80f4p-2", "-0x1.372cdcp+0", "0x1.44ca3ep+0", "-0x1.c24cd8p-6", "-0x1.7086b4p-1",
+               "-0x1.d9b69ep-1", "0x1.990cf6p+0", "-0x1.afc948p-1", "-0x1.348028p-1", "-0x1.6c31f8p-2",
+               "-0x1.f615e2p-3", "0x1.18a1b8p-2", "0x1.4ae758p-7", "0x1.2180d0p-2", "-0x1.1ae072p-2",
+               "-0x1.28d352p+0"]  # fmt: skip
+
+
+def test_imputation__an_exact_first_stage_converges_without_warning():
+    """The coarsest solve covers a 4 x 4 grid, so the first stage is exact and its float64 residual
+    ~1e-18: the refinement stage must stop at float32 round-off instead of chasing it (it warned)."""
+    import warnings
+
+    image = torch.tensor([float.fromhex(value) for value in _EXACT_CASE]).view(1, 1, 4, 4)
+    removed = torch.zeros(1, 4, 4, dtype=torch.bool)
+    removed[0, 2, 2] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ours = noisy_linear_impute(image, removed, noise=0.0)
+    torch.testing.assert_close(ours.double(), reference_impute_batch(image.double(), removed), rtol=0, atol=1e-6)

@@ -149,14 +149,20 @@ def _solve(planes: Tensor, missing: Tensor, tolerance: float, limit: int, check_
     start = to_padded_flat(missing * _coarse_guess(planes, known.expand_as(planes), levels))
     refine = planes.dtype == torch.float32 and planes.device.type != "mps"  # MPS has no float64
     stage_tolerance = tolerance**0.5 if refine else tolerance  # the two stages multiply their reductions
-    solution = _preconditioned_cg(operator, preconditioner, rhs, start, stage_tolerance, limit, check_every)
+    rhs_norm = rhs.norm(dim=-1)
+    settings = dict(tolerance=tolerance, limit=limit, check_every=check_every)
+    solution = _preconditioned_cg(operator, preconditioner, rhs, start, stage_tolerance * rhs_norm, **settings)
     if refine:
         exact_missing, exact_planes = missing.double(), planes.double()
         exact_rhs = to_padded_flat(exact_missing * _neighbour_sum((1.0 - exact_missing) * exact_planes))
         exact_residual = exact_rhs - _RoadOperator(exact_missing, weight_sum.double())(solution.double())
         residual = exact_residual.float()
+        # below float32's round-off of the first residual there is nothing left to correct (an
+        # exact first stage, e.g. a grid the coarsest solve covers, leaves a residual of ~1e-18)
+        floor = 10 * torch.finfo(torch.float32).eps * rhs_norm
+        threshold = torch.maximum(stage_tolerance * residual.norm(dim=-1), floor)
         correction = _preconditioned_cg(
-            operator, preconditioner, residual, torch.zeros_like(residual), stage_tolerance, limit, check_every
+            operator, preconditioner, residual, torch.zeros_like(residual), threshold, **settings
         )
         solution = (solution.double() + correction.double()).float()
     return known * planes + from_padded_flat(solution, height, width)
@@ -167,16 +173,17 @@ def _preconditioned_cg(
     preconditioner: Callable[[Tensor], Tensor],
     rhs: Tensor,
     solution: Tensor,
+    threshold: Tensor,
     tolerance: float,
     limit: int,
     check_every: int,
 ) -> Tensor:
     """Solve ``operator(x) = rhs`` plane by plane from ``solution`` (updated in place and returned).
 
-    Stops when every plane's residual norm is at most ``tolerance`` times its ``rhs``'s norm;
-    warns if ``limit`` iterations do not get there.
+    Stops when every plane's residual norm is at most its ``threshold`` ``(B, C)``; warns, naming
+    the caller's ``tolerance``, if ``limit`` iterations do not get there.
     """
-    threshold = (tolerance * rhs.norm(dim=-1)).clamp_min(1e-30)
+    threshold = threshold.clamp_min(1e-30)
     residual = rhs - operator(solution)
     preconditioned = preconditioner(residual)
     direction = preconditioned
