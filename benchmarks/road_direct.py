@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from road_reference import NEIGHBORS_WEIGHTS
 from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import splu
-
-_OFFSETS = [(dy, dx, 1 / 6 if dy == 0 or dx == 0 else 1 / 12) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-            if (dy, dx) != (0, 0)]  # fmt: skip
 
 
 def direct_impute(image: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -29,7 +27,7 @@ def direct_impute(image: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     diagonal = np.zeros(len(ys))
     rhs = np.zeros((len(ys), values.shape[0]))
     rows, cols, data = [], [], []
-    for dy, dx, weight in _OFFSETS:
+    for (dy, dx), weight in NEIGHBORS_WEIGHTS:
         y, x = ys + dy, xs + dx
         inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)
         diagonal[inside] += weight

@@ -90,7 +90,7 @@ def test_vcycle__is_symmetric_and_its_coarse_solve_is_a_pseudo_inverse():
     singular = torch.zeros(2, 2, dtype=torch.float64)
     singular[:] = 1.0
     coarse = stencil_of(singular, 1, 2)
-    pseudo = multigrid._dense_inverse(coarse)[0]
+    pseudo = multigrid._dense_pseudo_inverse(coarse)[0]
     torch.testing.assert_close(pseudo, torch.linalg.pinv(singular))
 
 

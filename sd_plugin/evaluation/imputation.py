@@ -112,17 +112,17 @@ def noisy_linear_impute(
     dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
     planes = images.to(dtype)
     missing = removed.to(dtype).unsqueeze(1)  # (B, 1, H, W)
-    imputed = planes.clone()
+    tolerance = tolerance if tolerance is not None else (1e-10 if dtype == torch.float64 else 1e-5)
     removed_count = missing.sum((1, 2, 3))
     nothing_known = removed_count == height * width
-    if nothing_known.any():  # nothing to solve from: the channel mean stays
-        imputed[nothing_known] = planes[nothing_known].mean((2, 3), keepdim=True).expand(-1, -1, height, width)
-    tolerance = tolerance if tolerance is not None else (1e-10 if dtype == torch.float64 else 1e-5)
     solvable = (removed_count > 0) & ~nothing_known
     if bool(solvable.all()):
         imputed = _solve(planes, missing, tolerance, max_iterations, check_every)
-    elif bool(solvable.any()):
-        imputed[solvable] = _solve(planes[solvable], missing[solvable], tolerance, max_iterations, check_every)
+    else:  # images with nothing removed stay; with nothing kept, the channel mean fills them
+        imputed = planes.clone()
+        imputed[nothing_known] = planes[nothing_known].mean((2, 3), keepdim=True).expand(-1, -1, height, width)
+        if bool(solvable.any()):
+            imputed[solvable] = _solve(planes[solvable], missing[solvable], tolerance, max_iterations, check_every)
     if noise > 0:
         draw = torch.randn(imputed.shape, generator=generator, device=images.device, dtype=dtype)
         imputed = imputed + missing * noise * draw

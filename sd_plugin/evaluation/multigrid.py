@@ -192,7 +192,7 @@ class VCycle:
             inverse = torch.where(active, 1 / diagonal.clamp_min(1e-30), torch.zeros_like(diagonal))
             self.smoothers.append(inverse * (damping if index == 0 else coarse_damping))
             self.active.append(active.to(diagonal.dtype))
-        self.coarse_inverse = _dense_inverse(self.levels[-1]).unsqueeze(1)
+        self.coarse_inverse = _dense_pseudo_inverse(self.levels[-1]).unsqueeze(1)
 
     def __call__(self, residual: Tensor) -> Tensor:
         return self._cycle(0, residual)
@@ -214,7 +214,7 @@ class VCycle:
         return solution
 
 
-def _dense_inverse(stencil: Stencil) -> Tensor:
+def _dense_pseudo_inverse(stencil: Stencil) -> Tensor:
     """``(B, n, n)``: the pseudo-inverse of the stencil's matrix (zero rows and columns stay zero).
 
     A pseudo-inverse, because a Galerkin operator is singular where bilinear interpolation from
