@@ -152,3 +152,29 @@ def test_imputation__an_exact_first_stage_converges_without_warning():
         warnings.simplefilter("error", RuntimeWarning)
         ours = noisy_linear_impute(image, removed, noise=0.0)
     torch.testing.assert_close(ours.double(), reference_impute_batch(image.double(), removed), rtol=0, atol=1e-6)
+
+
+def test_imputation__splits_a_large_cpu_batch_into_solves_of_values_per_solve(monkeypatch):
+    """A batch past ``VALUES_PER_SOLVE`` is solved a few images at a time (cache-sized working set),
+    including when some images have nothing removed; each part still equals the reference."""
+    import sd_plugin.evaluation.imputation as imputation
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(7, 3, 20, 20, generator=g)
+    removed = torch.rand(7, 20, 20, generator=g) < 0.6
+    removed[4] = False  # nothing removed: stays as it is
+    solved_batches = []
+    original = imputation._solve
+
+    def recorded(planes, *args, **kwargs):
+        solved_batches.append(planes.shape[0])
+        return original(planes, *args, **kwargs)
+
+    monkeypatch.setattr(imputation, "_solve", recorded)
+    monkeypatch.setattr(imputation, "VALUES_PER_SOLVE", 2 * 3 * 22 * 22)  # two images per solve
+    ours = noisy_linear_impute(images, removed, noise=0.0)
+    assert solved_batches == [2, 2, 2], solved_batches  # the 6 images with a hole
+    holes = [0, 1, 2, 3, 5, 6]
+    reference = reference_impute_batch(images[holes].double(), removed[holes])
+    torch.testing.assert_close(ours[holes].double(), reference, rtol=0, atol=1e-4)
+    assert torch.equal(ours[4], images[4])

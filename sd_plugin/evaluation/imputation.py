@@ -33,7 +33,13 @@ from torch import Tensor
 
 from .multigrid import OFFSETS, Stencil, VCycle, empty_with_zero_ends, from_padded_flat, interior, to_padded_flat
 
-__all__ = ["noisy_linear_impute"]
+__all__ = ["VALUES_PER_SOLVE", "noisy_linear_impute"]
+
+# pixel values per solve on the CPU (~4 MB per vector in float32): past it the solver's vectors fall
+# out of cache, below it fixed per-call costs grow. Measured best of 2^18..2^24 at 28, 64 and 224 px
+# (224 px: 39 ms per image at 2^20, 57 ms solving 32 images at once; the command's output is
+# benchmarks/results/road-values-per-solve-cpu.json). Callers group their work up to it.
+VALUES_PER_SOLVE = 2**20
 
 
 def _neighbour_sum(values: Tensor) -> Tensor:
@@ -116,17 +122,31 @@ def noisy_linear_impute(
     removed_count = missing.sum((1, 2, 3))
     nothing_known = removed_count == height * width
     solvable = (removed_count > 0) & ~nothing_known
+    settings = dict(tolerance=tolerance, limit=max_iterations, check_every=check_every)
     if bool(solvable.all()):
-        imputed = _solve(planes, missing, tolerance, max_iterations, check_every)
+        imputed = _solve_in_chunks(planes, missing, **settings)
     else:  # images with nothing removed stay; with nothing kept, the channel mean fills them
         imputed = planes.clone()
         imputed[nothing_known] = planes[nothing_known].mean((2, 3), keepdim=True).expand(-1, -1, height, width)
         if bool(solvable.any()):
-            imputed[solvable] = _solve(planes[solvable], missing[solvable], tolerance, max_iterations, check_every)
+            imputed[solvable] = _solve_in_chunks(planes[solvable], missing[solvable], **settings)
     if noise > 0:
         draw = torch.randn(imputed.shape, generator=generator, device=images.device, dtype=dtype)
         imputed = imputed + missing * noise * draw
     return imputed.to(images.dtype)
+
+
+def _solve_in_chunks(planes: Tensor, missing: Tensor, **settings) -> Tensor:
+    """``_solve`` over groups of images of at most ``VALUES_PER_SOLVE`` values on the CPU (one on a GPU)."""
+    batch, channels, height, width = planes.shape
+    per_solve = max(1, VALUES_PER_SOLVE // (channels * (height + 2) * (width + 2)))
+    if planes.device.type != "cpu" or batch <= per_solve:
+        return _solve(planes, missing, **settings)
+    parts = [
+        _solve(planes[start : start + per_solve], missing[start : start + per_solve], **settings)
+        for start in range(0, batch, per_solve)
+    ]
+    return torch.cat(parts)
 
 
 def _solve(planes: Tensor, missing: Tensor, tolerance: float, limit: int, check_every: int) -> Tensor:

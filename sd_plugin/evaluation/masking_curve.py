@@ -37,7 +37,7 @@ from .attribution import (
     input_gradients,
     saliency_maps,
 )
-from .imputation import noisy_linear_impute
+from .imputation import VALUES_PER_SOLVE, noisy_linear_impute
 from .model_fn import LogitsFn, evaluation_mode, prepare_for_evaluation
 
 __all__ = [
@@ -502,11 +502,6 @@ def masking_metrics_during_training(
     )
 
 
-# pixel values per ROAD solve when levels are grouped (~4 MB in float32): a 28 px grey batch of 64
-# solves ~20 levels at once, a 224 px RGB one a level at a time
-_ROAD_VALUES_PER_SOLVE = 2**20
-
-
 def _batch_correct(
     forward: LogitsFn,
     images: Tensor,
@@ -521,7 +516,8 @@ def _batch_correct(
     """``(levels, B)`` correctness; levels that remove nothing reuse ``clean_logits`` (or one clean forward).
 
     With ``fill="road"`` the imputation of every level of a chunk is one batched solve, the chunk
-    reaching ``_ROAD_VALUES_PER_SOLVE`` pixel values even when the forwards take fewer levels.
+    reaching ``VALUES_PER_SOLVE`` pixel values even when the forwards take fewer levels (a 28 px grey
+    batch of 64 solves ~20 levels at once; a 224 px RGB level is split into solves of ~6 images).
     """
     batch, num_pixels = images.shape[0], images.shape[2] * images.shape[3]
     ranks = pixel_ranks(scores).view(batch, *images.shape[2:])
@@ -536,7 +532,7 @@ def _batch_correct(
     per_forward = max(1, (max_batch_size or batch) // batch)
     per_chunk = per_forward
     if fill == "road":  # one solve over several forwards' levels amortises its fixed cost on small images
-        per_chunk = max(per_forward, _ROAD_VALUES_PER_SOLVE // images[0].numel() // batch)
+        per_chunk = max(per_forward, VALUES_PER_SOLVE // images[0].numel() // batch)
     for start in range(0, len(levels), per_chunk):
         chunk = levels[start : start + per_chunk]
         removed = torch.cat([ranks < _removed_count(percentages[level], num_pixels) for level in chunk])
