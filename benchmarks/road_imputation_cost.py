@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     rows = []
-    for family, (size, count) in [(family, pair) for family in args.families for pair in zip(args.sizes, counts)]:
+    work = [(family, pair) for family in args.families for pair in zip(args.sizes, counts, strict=True)]
+    for family, (size, count) in work:
         images = torch.rand(count, 3, size, size, generator=generator)
         masks = morf_masks(count, size, generator, family)
         subset = slice(0, args.reference_images)
