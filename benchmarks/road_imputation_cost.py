@@ -68,15 +68,16 @@ def best_of(repeats: int, function) -> float:
 
 
 def iterations_per_level(images: torch.Tensor, masks: torch.Tensor) -> list[int]:
-    """Preconditioned CG iterations (V-cycles, both refinement stages) of each removal level's images."""
+    """Preconditioned CG iterations (V-cycles, both refinement stages) of one solve of each level's images."""
     calls = [0]
-    original = VCycle.__call__
+    original, values_per_solve = VCycle.__call__, imputation.VALUES_PER_SOLVE
 
     def counted(self, residual):
         calls[0] += 1
         return original(self, residual)
 
     VCycle.__call__ = counted
+    imputation.VALUES_PER_SOLVE = images[0].numel() * len(images)  # one solve per level, not chunks
     try:
         counts = []
         for level in range(len(LEVELS)):
@@ -86,6 +87,7 @@ def iterations_per_level(images: torch.Tensor, masks: torch.Tensor) -> list[int]
         return counts
     finally:
         VCycle.__call__ = original
+        imputation.VALUES_PER_SOLVE = values_per_solve
 
 
 def values_per_solve_table(sizes: list[int], counts: list[int], caps: list[int], rounds: int = 4) -> list[dict]:

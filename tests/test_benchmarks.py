@@ -252,6 +252,7 @@ def test_evaluate_cost__times_both_ways_and_writes_the_rows(tmp_path, capsys):
     assert row["size"] == 16 and row["images"] == 4
     assert row["per_metric_s_per_100"] > 0 and row["once_s_per_100"] > 0
     assert row["ratio"] == pytest.approx(row["per_metric_s_per_100"] / row["once_s_per_100"])
+    assert 0 < row["road_share"] < 1  # evaluate scores ROAD curves; the imputation is part of the time
     assert "| 16 | 4 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         evaluate_cost.main(["--sizes", "16", "32", "--images", "4"])
@@ -271,6 +272,22 @@ def test_road_imputation_cost__mask_families_remove_the_asked_fractions():
     assert borders[0] > 5 * borders[1]
 
 
+def test_road_imputation_cost__values_per_solve_sweep_times_each_cap_and_restores_the_default(tmp_path, capsys):
+    import road_imputation_cost
+
+    import sd_plugin.evaluation.imputation as imputation
+
+    default = imputation.VALUES_PER_SOLVE
+    out = tmp_path / "sweep.json"
+    argv = ["--values-per-solve", "1000", "100000", "--sizes", "12", "--images", "5", "--output", str(out)]
+    assert road_imputation_cost.main(argv) == 0
+    assert imputation.VALUES_PER_SOLVE == default
+    (row,) = json.loads(out.read_text())["values_per_solve"]
+    assert row["size"] == 12 and sorted(row["ms_per_image"]) == ["1000", "100000"]
+    assert all(value > 0 for value in row["ms_per_image"].values())
+    assert "| 12 | 5 |" in capsys.readouterr().out
+
+
 def test_road_direct__the_vectorised_factorization_equals_the_reference():
     import road_direct
     from road_reference import reference_impute_batch
@@ -284,3 +301,21 @@ def test_road_direct__the_vectorised_factorization_equals_the_reference():
     torch.testing.assert_close(direct, reference_impute_batch(images, removed), rtol=0, atol=1e-10)
     untouched = road_direct.direct_impute(images[0], torch.zeros(12, 10, dtype=torch.bool))
     assert torch.equal(untouched, images[0])
+
+
+def test_road_compile_probe__its_out_of_place_cycle_equals_the_package_vcycle():
+    """What the probe compiles must be the package's cycle, or its timing compares nothing."""
+    import road_compile_probe
+
+    import sd_plugin.evaluation.imputation as imputation
+    from sd_plugin.evaluation.multigrid import VCycle, to_padded_flat
+
+    g = torch.Generator().manual_seed(5)
+    for size in (13, 20):  # odd and even grids
+        missing = (torch.rand(3, 1, size, size, generator=g) < 0.7).float()
+        operator = imputation._RoadOperator(missing, imputation._neighbour_sum(torch.ones_like(missing[:1])))
+        cycle = VCycle(operator.stencil(), fine_apply=operator)
+        residual = to_padded_flat(torch.rand(3, 2, size, size, generator=g) * missing)
+        expected = cycle(residual)
+        probe = road_compile_probe.out_of_place_cycle(cycle, operator)(residual)
+        torch.testing.assert_close(probe, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
