@@ -15,6 +15,7 @@ import argparse
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ def road_apply(values: Tensor, diagonal: Tensor, scale: Tensor, height: int, wid
     stride, inside = width + 2, interior(height, width)
     rows = values[..., :-2] + 2 * values[..., 1:-1] + values[..., 2:]
     start, stop = inside.start - 1, inside.stop - 1
-    both = rows[..., start - stride : stop - stride] + 2 * rows[..., start:stop] + rows[..., start + stride : stop + stride]
+    above, below = rows[..., start - stride : stop - stride], rows[..., start + stride : stop + stride]
+    both = above + 2 * rows[..., start:stop] + below
     segment = diagonal[..., inside] * values[..., inside] - scale[..., inside] * both
     return F.pad(segment, (inside.start, values.shape[-1] - inside.stop))
 
@@ -67,7 +69,8 @@ def prolong(values: Tensor, coarse: tuple[int, int], fine: tuple[int, int]) -> T
     return to_padded_flat(torch.stack([rows, odd], dim=-1).flatten(-2)[..., :width])
 
 
-def out_of_place_cycle(cycle: VCycle, operator) -> callable:
+def out_of_place_cycle(cycle: VCycle, operator) -> Callable[[Tensor], Tensor]:
+    """``cycle`` (ROAD's fine operator ``operator`` on top) as out-of-place operations only."""
     sizes = [(level.height, level.width) for level in cycle.levels]
 
     def run(index: int, residual: Tensor) -> Tensor:
