@@ -8,7 +8,8 @@ system per image and solves it with scipy on the CPU; here the systems of every 
 are solved at once by conjugate gradients preconditioned with a multigrid V-cycle
 (:mod:`sd_plugin.evaluation.multigrid`), whose iteration count does not grow with the size of the
 holes (5 to 10 iterations from 10% to 90% removed, 28 to 224 px), started from a coarse-to-fine
-guess. The channels of an image share its operator and its multigrid hierarchy.
+guess. The channels of an image share its operator and its multigrid hierarchy. On the CPU a batch
+of more than ``VALUES_PER_SOLVE`` pixel values is solved a group of images at a time (cache-sized).
 
 The system is symmetric positive definite wherever a group of removed pixels touches a kept
 one; an image with no kept pixel at all (100% removed) gets the channel mean of the image.
