@@ -319,3 +319,30 @@ def test_road_compile_probe__its_out_of_place_cycle_equals_the_package_vcycle():
         expected = cycle(residual)
         probe = road_compile_probe.out_of_place_cycle(cycle, operator)(residual)
         torch.testing.assert_close(probe, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_gpu_session__every_command_parses_and_the_timeouts_fit_one_device_call(monkeypatch):
+    """A device call is scarce: a renamed flag must fail here, not after minutes on the GPU."""
+    import argparse
+    import importlib
+    import re
+    import shlex
+
+    class Parsed(Exception):
+        pass
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    script = (BENCHMARKS / "gpu_session.sh").read_text().replace("\\\n", " ")
+    commands = re.findall(r"^timeout (\d+) python benchmarks/(\w+)\.py (.*)$", script, flags=re.MULTILINE)
+    assert len(commands) >= 4
+    assert sum(int(seconds) for seconds, _, _ in commands) <= 590  # one call runs at most 600 s
+    for _, name, rest in commands:
+        argv = shlex.split(rest.replace('"$out', '"/tmp/out').split(">")[0])
+        with pytest.raises(Parsed):
+            importlib.import_module(name).main(argv)
