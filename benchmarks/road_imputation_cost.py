@@ -77,7 +77,7 @@ def iterations_per_level(images: torch.Tensor, masks: torch.Tensor) -> list[int]
         return original(self, residual)
 
     VCycle.__call__ = counted
-    imputation.VALUES_PER_SOLVE = images[0].numel() * len(images)  # one solve per level, not chunks
+    imputation.VALUES_PER_SOLVE = sys.maxsize  # one solve per level, not chunks
     try:
         counts = []
         for level in range(len(LEVELS)):

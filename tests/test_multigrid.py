@@ -178,3 +178,32 @@ def test_imputation__splits_a_large_cpu_batch_into_solves_of_values_per_solve(mo
     reference = reference_impute_batch(images[holes].double(), removed[holes])
     torch.testing.assert_close(ours[holes].double(), reference, rtol=0, atol=1e-4)
     assert torch.equal(ours[4], images[4])
+
+
+def test_road_curve__groups_levels_into_whole_solves_of_the_imputer(monkeypatch):
+    """The curve's level grouping and the imputer's split count the same values, so a group of levels
+    is one solve (counted without the solver's padding, the group overflowed it: a 12 + 4 split)."""
+    import importlib
+
+    import sd_plugin.evaluation.imputation as imputation
+
+    curves = importlib.import_module("sd_plugin.evaluation.masking_curve")
+    solves, calls = [], []
+    original_solve, original_impute = imputation._solve, curves.noisy_linear_impute
+
+    def recorded_solve(planes, *args, **kwargs):
+        solves.append(planes.shape[0])
+        return original_solve(planes, *args, **kwargs)
+
+    def recorded_impute(images, *args, **kwargs):
+        calls.append(images.shape[0])
+        return original_impute(images, *args, **kwargs)
+
+    monkeypatch.setattr(imputation, "_solve", recorded_solve)
+    monkeypatch.setattr(curves, "noisy_linear_impute", recorded_impute)
+    monkeypatch.setattr(imputation, "VALUES_PER_SOLVE", 12 * 12 * 12)  # 12 padded 10 px grey images
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(100, 3))
+    data = [(torch.rand(4, 1, 10, 10, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0]))]
+    curves.masking_curve(model, data, percentages=[0, 10, 20, 30, 40, 50, 60], fill="road")
+    assert calls == [12, 12], calls  # 6 levels that remove pixels, 3 per solve of 4 images each
+    assert solves == calls, solves

@@ -34,13 +34,24 @@ from torch import Tensor
 
 from .multigrid import OFFSETS, Stencil, VCycle, empty_with_zero_ends, from_padded_flat, interior, to_padded_flat
 
-__all__ = ["VALUES_PER_SOLVE", "noisy_linear_impute"]
+__all__ = ["VALUES_PER_SOLVE", "images_per_solve", "noisy_linear_impute"]
 
 # pixel values per solve on the CPU (~4 MB per vector in float32): past it the solver's vectors fall
 # out of cache, below it fixed per-call costs grow. Measured best of 2^18..2^24 at 28, 64 and 224 px
 # (224 px: 39 ms per image at 2^20, 57 ms solving 32 images at once; the command's output is
 # benchmarks/results/road-values-per-solve-cpu.json). Callers group their work up to it.
 VALUES_PER_SOLVE = 2**20
+
+
+def images_per_solve(channels: int, height: int, width: int) -> int:
+    """How many images of this shape one CPU solve takes: ``VALUES_PER_SOLVE`` values, the solver's
+    padded layout counted (at least one image).
+
+    Example:
+        >>> images_per_solve(1, 28, 28)  # 30 x 30 padded values an image
+        1165
+    """
+    return max(1, VALUES_PER_SOLVE // (channels * (height + 2) * (width + 2)))
 
 
 def _neighbour_sum(values: Tensor) -> Tensor:
@@ -139,8 +150,8 @@ def noisy_linear_impute(
 
 def _solve_in_chunks(planes: Tensor, missing: Tensor, **settings) -> Tensor:
     """``_solve`` over groups of images of at most ``VALUES_PER_SOLVE`` values on the CPU (one on a GPU)."""
-    batch, channels, height, width = planes.shape
-    per_solve = max(1, VALUES_PER_SOLVE // (channels * (height + 2) * (width + 2)))
+    batch = planes.shape[0]
+    per_solve = images_per_solve(*planes.shape[1:])
     if planes.device.type != "cpu" or batch <= per_solve:
         return _solve(planes, missing, **settings)
     parts = [
@@ -157,7 +168,7 @@ def _solve(planes: Tensor, missing: Tensor, tolerance: float, limit: int, check_
     second one solving for the correction from the first one's residual taken in float64. A large
     hole makes the system ill-conditioned (smallest eigenvalue ~ (pi / hole width)^2), enough for
     float32 round-off alone to move a 224 px imputation by up to 1.5e-3 (a 99% hole,
-    ``tests/test_multigrid.py``); with the step the benchmark's worst case is 2.3e-5
+    ``tests/test_multigrid.py``); with the step the benchmark's worst case is 2.8e-5
     (``benchmarks/road_imputation_cost.py``).
     """
     height, width = planes.shape[-2:]

@@ -37,7 +37,7 @@ from .attribution import (
     input_gradients,
     saliency_maps,
 )
-from .imputation import VALUES_PER_SOLVE, noisy_linear_impute
+from .imputation import images_per_solve, noisy_linear_impute
 from .model_fn import LogitsFn, evaluation_mode, prepare_for_evaluation
 
 __all__ = [
@@ -516,8 +516,8 @@ def _batch_correct(
     """``(levels, B)`` correctness; levels that remove nothing reuse ``clean_logits`` (or one clean forward).
 
     With ``fill="road"`` the imputation of every level of a chunk is one batched solve, the chunk
-    reaching ``VALUES_PER_SOLVE`` pixel values even when the forwards take fewer levels (a 28 px grey
-    batch of 64 solves ~20 levels at once; a 224 px RGB level is split into solves of ~6 images).
+    filling one solve (``images_per_solve``) even when the forwards take fewer levels (a 28 px grey
+    batch of 64 solves 18 levels at once; a 224 px RGB level is split into solves of 6 images).
     """
     batch, num_pixels = images.shape[0], images.shape[2] * images.shape[3]
     ranks = pixel_ranks(scores).view(batch, *images.shape[2:])
@@ -532,7 +532,7 @@ def _batch_correct(
     per_forward = max(1, (max_batch_size or batch) // batch)
     per_chunk = per_forward
     if fill == "road":  # one solve over several forwards' levels amortises its fixed cost on small images
-        per_chunk = max(per_forward, VALUES_PER_SOLVE // images[0].numel() // batch)
+        per_chunk = max(per_forward, images_per_solve(*images.shape[1:]) // batch)
     for start in range(0, len(levels), per_chunk):
         chunk = levels[start : start + per_chunk]
         removed = torch.cat([ranks < _removed_count(percentages[level], num_pixels) for level in chunk])
