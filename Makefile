@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.sd-plugin-installed
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-slow test-real-data lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The tests that need Debian's dataset-fashion-mnist (they skip in `make test` without it).
+test-real-data: $(STAMP)
+	$(PY) -m pytest -q -m 'fashion_mnist and not slow'
 
 lint: $(STAMP)
 	$(PY) -m ruff check sd_plugin tests benchmarks recipes

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from transformers import HfArgumentParser
 
 from sd_plugin.core.arguments import SaliencyDecorArguments
-from sd_plugin.integrations.loop import train
+from sd_plugin.integrations.loop import refuse_or_clear_previous_run, train
 from sd_plugin.integrations.recipe_arguments import RecipeArguments, make_accelerator
 from sd_plugin.storage.data import HFImageDataset, folder_classes, image_folder_dataset, image_transform
 from sd_plugin.storage.loading import load_for_finetuning
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = make_accelerator(args)
     command = "accelerate launch recipes/tiny_imagenet.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     with output_dir_lock(args.output_dir, enabled=accelerator.is_main_process):  # refused before loading anything
+        refuse_or_clear_previous_run(args, accelerator)  # a finished run is resumed or overwritten, never mixed
         model, train_set, eval_set = build(args, accelerator)
         results = train(args, method_args, model, train_set, eval_set, accelerator, command=command)
     accelerator.print({k: v for k, v in results.items() if k != "history"})

@@ -1,6 +1,5 @@
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import tiny_models
@@ -8,12 +7,10 @@ import torch
 
 from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
 from sd_plugin.evaluation import logits_fn
-from sd_plugin.storage.data import FASHION_MNIST_DIR, HFImageDataset, load_eval_dataset, load_fashion_mnist
+from sd_plugin.storage.data import HFImageDataset, load_eval_dataset, load_fashion_mnist
 from sd_plugin.storage.loading import load_classifier
 
-needs_fashion_mnist = pytest.mark.skipif(
-    not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install -y dataset-fashion-mnist"
-)
+needs_fashion_mnist = pytest.mark.fashion_mnist  # skips without the dataset (conftest.py)
 
 
 @needs_fashion_mnist

@@ -479,3 +479,50 @@ def _counting(function, calls: list):
         return function(*args, **kwargs)
 
     return wrapped
+
+
+def test_evaluate_model__max_images_scores_the_class_spread_subset_the_cli_scores():
+    """``evaluate_model(max_images=N)`` from Python scores the images ``evaluate --max-images N`` scores."""
+    from sd_plugin.evaluation import evaluate_model  # the package's evaluation namespace exports it
+    from sd_plugin.evaluation.attribution import PrecomputedMaps
+    from sd_plugin.evaluation.masking_curve import random_subset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    data = TensorDataset(torch.randn(30, 1, 4, 4), torch.arange(30) // 10)  # class-sorted, as image folders are
+    kwargs = dict(batch_size=8, percentages=(0.0, 50.0, 100.0), deletion_steps=2, road=False, feature_layer="0")
+    python = evaluate_model(model, data, max_images=6, **kwargs)
+    subset = random_subset(data, 6)  # what the CLI scores
+    assert len({int(data[i][1]) for i in subset.indices}) > 1  # not the first 6 images (one class)
+    cli = evaluate_model(model, subset, **kwargs)
+    assert python["per_image"]["masking_auc"] == pytest.approx(cli["per_image"]["masking_auc"])
+    assert python["accuracy"] == pytest.approx(cli["accuracy"])
+    # maps precomputed for the whole dataset are cut to the same subset
+    maps = torch.rand(30, 4, 4, generator=torch.Generator().manual_seed(1))
+    whole = evaluate_model(model, data, max_images=6, attribution=PrecomputedMaps(maps), **kwargs)
+    part = evaluate_model(model, subset, attribution=PrecomputedMaps(maps[subset.indices]), **kwargs)
+    assert whole["per_image"]["masking_auc"] == pytest.approx(part["per_image"]["masking_auc"])
+
+
+@pytest.mark.parametrize("family", ["hf_vit", "timm_resnet"])
+def test_attribution_function__gets_what_captum_takes_for_every_family(family, tmp_path):
+    """A Captum method passed as ``attribution=`` works on a transformers model as on a timm one."""
+    attr = pytest.importorskip("captum.attr")
+    from sd_plugin.core.masking import pixel_saliency
+
+    model = tiny_models.build(family, tmp_path).eval()
+    images = torch.randn(3, 3, tiny_models.IMAGE_SIZE, tiny_models.IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2])
+
+    def occlusion(forward, x, y):
+        return attr.Occlusion(forward).attribute(x, target=y, sliding_window_shapes=(3, 4, 4), strides=4)
+
+    maps = saliency_maps(model, images, labels, attribution=occlusion)
+
+    def logits(x):
+        output = model(pixel_values=x) if family.startswith("hf") else model(x)
+        return output.logits if family.startswith("hf") else output
+
+    expected = pixel_saliency(occlusion(logits, images, labels))
+    assert torch.allclose(maps, expected, atol=1e-6)
+    assert maps.abs().sum() > 0

@@ -84,3 +84,13 @@ def test_sdist__holds_the_card_template_as_a_file():
             members = {m.name.split("/", 1)[1]: m for m in archive.getmembers() if "/" in m.name}
     for name in RUNTIME_FILES:
         assert name in members and members[name].isfile(), name
+
+
+def test_ci__runs_the_test_suite_before_installing_outside_data():
+    """A test that needs apt-installed data and does not skip without it fails CI (as on a new user's machine)."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    commands = [line for line in lines if line and not line.startswith("#")]
+    make_test = commands.index("make test")
+    installs = [i for i, line in enumerate(commands) if "apt-get install" in line]
+    assert installs and min(installs) > make_test
+    assert commands.index("make test-real-data") > max(installs)

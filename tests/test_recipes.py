@@ -447,3 +447,30 @@ def test_exported_model__keeps_the_source_preprocessor_config(tiny_imagenet, mod
     run_in_process(recipe_args(source, tiny_imagenet, output, "--max_train_steps", "1"))
     copied = json.loads((output / "model" / "preprocessor_config.json").read_text())
     assert copied == json.loads((source / "preprocessor_config.json").read_text())
+
+
+def test_finished_run__refused_unless_resumed_or_overwritten_and_never_mixed(tiny_imagenet, models, tmp_path):
+    """A second run into a finished run's --output_dir is refused; --overwrite_output_dir deletes the old run first."""
+    from sd_plugin.utils.previous_run import PreviousRunError
+
+    output = tmp_path / "run"
+    flags = ["--per_device_train_batch_size", "8", "--checkpointing_steps", "1", "--learning_rate", "1e-2"]
+    run_in_process(recipe_args(models["hf_resnet"], tiny_imagenet, output, *flags, "--max_train_steps", "3"))
+    assert sorted(p.name for p in output.glob("step_*")) == ["step_1", "step_2", "step_3"]
+    before = (output / "all_results.json").read_text()
+    with pytest.raises(PreviousRunError, match=r"--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        run_in_process(recipe_args(models["hf_resnet"], tiny_imagenet, output, *flags, "--max_train_steps", "1"))
+    assert (output / "all_results.json").read_text() == before  # nothing of the finished run touched
+    run_in_process(
+        recipe_args(models["hf_resnet"], tiny_imagenet, output, *flags, "--max_train_steps", "1", "--overwrite_output_dir")
+    )
+    assert sorted(p.name for p in output.glob("step_*")) == ["step_1"]  # the old run's step_2, step_3 deleted
+    assert history(output)["completed_steps"] == 1
+    # resuming the (new) run is what a finished folder still allows
+    resumed = run_in_process(
+        recipe_args(
+            models["hf_resnet"], tiny_imagenet, output, *flags, "--max_train_steps", "2",
+            "--resume_from_checkpoint", "latest",
+        )  # fmt: skip
+    )
+    assert resumed["completed_steps"] == 2

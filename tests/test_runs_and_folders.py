@@ -150,3 +150,34 @@ def test_export__overwrite_replaces_only_an_earlier_export_and_the_folder_is_rea
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+
+
+def test_trainer__finished_run_refused_unless_resumed_or_overwritten(tmp_path):
+    """``train()`` into an output_dir holding a previous run: refused; ``overwrite_output_dir`` deletes it first."""
+    from sd_plugin.utils.previous_run import PreviousRunError
+
+    namespace: dict = {}
+    exec(TRAIN, namespace)
+    output = tmp_path / "run"
+
+    def trainer(max_steps, **fields):
+        args = namespace["args"](str(output))
+        args.max_steps = max_steps
+        for name, value in fields.items():
+            setattr(args, name, value)
+        return SaliencyDecorTrainer(
+            model=tiny_models.build("hf_resnet", tmp_path), args=args, train_dataset=namespace["data"]()
+        )
+
+    finished = trainer(6)
+    finished.train()
+    finished.save_model()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    weights = (output / "model.safetensors").read_bytes()
+    with pytest.raises(PreviousRunError, match=r"resume_from_checkpoint=True.*overwrite_output_dir=True"):
+        trainer(2).train()
+    assert (output / "model.safetensors").read_bytes() == weights  # nothing of the finished run touched
+    trainer(2, overwrite_output_dir=True).train()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's deleted
+    assert not (output / "model.safetensors").exists()
+    assert trainer(4).train(resume_from_checkpoint=True).global_step == 4  # resuming is still allowed

@@ -108,7 +108,6 @@ def test_evaluate_builtin_digits__at_the_size_the_model_takes(tmp_path):
     ViTForImageClassification(config).save_pretrained(folder)
     model = load_classifier(folder)
     assert load_eval_dataset("digits", None, model, folder)[0]["pixel_values"].shape == (1, 32, 32)
-    assert load_eval_dataset("fashion-mnist", None, model, folder)[0]["pixel_values"].shape == (1, 32, 32)
     flags = ["--dataset", "digits", "--max-images", "8", "--step", "50", "--no-road", "--no-progress"]
     assert cli(["evaluate", "--model", str(folder), "--output-dir", str(tmp_path / "eval"), *flags]) == 0
 
@@ -142,3 +141,20 @@ def test_evaluate_builtin_cluttered_digits__the_demos_ground_truth_adds_localiza
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     (scores,) = results["models"].values()
     assert 0.0 <= scores["relevance_mass"] <= 1.0 and len(scores["per_image"]["pointing_game"]) == 8
+
+
+@pytest.mark.fashion_mnist
+def test_evaluate_builtin_fashion_mnist__at_the_size_the_model_takes(tmp_path):
+    """``--dataset fashion-mnist`` is built at the folder's recorded size, as ``digits`` is."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from sd_plugin.storage.data import load_eval_dataset
+
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, num_channels=1, num_labels=10,
+    )  # fmt: skip
+    folder = tmp_path / "vit"
+    ViTForImageClassification(config).save_pretrained(folder)
+    model = load_classifier(folder)
+    assert load_eval_dataset("fashion-mnist", None, model, folder)[0]["pixel_values"].shape == (1, 32, 32)

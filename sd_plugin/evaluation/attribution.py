@@ -13,7 +13,10 @@
 Every map is the channel mean of the absolute attribution, ``(B, H, W)``. Any other explanation
 can be scored too: pass a function ``f(model, images, labels) -> maps`` (Captum-shaped:
 ``(B, C, H, W)`` attributions are reduced the same way, ``(B, H, W)`` maps are used as they are,
-higher = more important) or precomputed maps (``PrecomputedMaps``) wherever an ``attribution``
+higher = more important). ``model`` is what Captum takes as a forward function: calling it on
+``images`` gives the logits tensor (a transformers model arrives wrapped in
+``model_fn.LogitsModel``, its original as ``.model``), so ``lambda m, x, y:
+Occlusion(m).attribute(x, target=y, sliding_window_shapes=(3, 8, 8))`` works for every family or precomputed maps (``PrecomputedMaps``) wherever an ``attribution``
 is taken. ``blurred(attribution, sigma)`` is the blur control of any of them.
 
 Example:
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.masking import pixel_saliency
-from .model_fn import LogitsFn, logits_fn
+from .model_fn import LogitsFn, as_logits_model, logits_fn
 
 __all__ = [
     "ATTRIBUTIONS",
@@ -58,7 +61,8 @@ class PrecomputedMaps:
     """Saliency maps computed elsewhere, in dataset order: ``(N, H, W)`` or ``(N, C, H, W)``.
 
     The evaluation reads them batch by batch in the order the images come, so pass an
-    unshuffled loader over the same images (and ``max_images`` no larger than ``N``).
+    unshuffled loader over the same images (and ``max_images`` no larger than ``N``);
+    ``evaluate_model(max_images=...)`` cuts maps of its whole dataset to the subset it draws.
 
     Example:
         >>> maps = PrecomputedMaps(torch.rand(10, 4, 4))
@@ -239,7 +243,7 @@ def saliency_maps(
         return attribution.take(offset, images.shape[0], images.device)
     if not isinstance(attribution, str):
         with torch.enable_grad():
-            values = attribution(model, images.detach(), labels)
+            values = attribution(as_logits_model(model), images.detach(), labels)
         values = values.detach()
         if values.dim() == 4:
             return pixel_saliency(values)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..core.adapter import extract_logits, unwrap_model
 from ..core.families import family_of
 
-__all__ = ["LogitsFn", "evaluation_mode", "logits_fn", "prepare_for_evaluation"]
+__all__ = ["LogitsFn", "LogitsModel", "as_logits_model", "evaluation_mode", "logits_fn", "prepare_for_evaluation"]
 
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -29,6 +29,38 @@ def logits_fn(model: nn.Module | LogitsFn) -> LogitsFn:
         return model
     family = family_of(unwrap_model(model))
     return lambda x: extract_logits(family.call(model, x))
+
+
+class LogitsModel(nn.Module):
+    """``model`` as Captum expects a forward function: ``forward(pixel_values) -> logits`` (a tensor).
+
+    A transformers classifier takes ``pixel_values=`` and returns an output object; Captum's methods
+    (``Occlusion``, ``Saliency``, ...) call their model positionally and need a tensor. The wrapped
+    model stays reachable as ``.model`` (for a layer to give ``LayerGradCam``, say).
+
+    Example:
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> vit = ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=8, num_labels=3))
+        >>> tuple(LogitsModel(vit)(torch.zeros(2, 3, 8, 8)).shape)
+        (2, 3)
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._family = family_of(unwrap_model(model))
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return extract_logits(self._family.call(self.model, pixel_values))
+
+
+def as_logits_model(model: nn.Module | LogitsFn) -> nn.Module | LogitsFn:
+    """What an attribution function receives: ``model`` itself when calling it gives logits (timm, plain
+    torch, a function), a transformers model (PEFT-wrapped or not) wrapped in ``LogitsModel``."""
+    if not isinstance(model, nn.Module) or family_of(unwrap_model(model)).name != "transformers":
+        return model
+    return LogitsModel(model)
 
 
 def prepare_for_evaluation(

@@ -31,6 +31,7 @@ from .masking_curve import (
     ORDERS,
     faithfulness_curves,
     faithfulness_gap,
+    random_subset,
     unpack_masks,
 )
 from .model_fn import evaluation_mode, prepare_for_evaluation
@@ -194,6 +195,21 @@ def precompute_maps(
     return PrecomputedMaps(torch.cat(maps), name=attribution_name(attribution))
 
 
+def _maps_of_subset(attribution: Attribution, indices: list[int]) -> Attribution:
+    """Precomputed maps of a whole dataset, cut to the images of its subset ``indices``."""
+    if isinstance(attribution, blurred):
+        return blurred(_maps_of_subset(attribution.attribution, indices), attribution.sigma)
+    if not isinstance(attribution, PrecomputedMaps):
+        return attribution
+    if attribution.maps.shape[0] <= max(indices):
+        raise ValueError(
+            f"attribution: {attribution.maps.shape[0]} precomputed maps for a dataset of more images; with max_images "
+            "the evaluation draws a class-spread subset, so pass one map per image of the whole dataset (or pass the "
+            "subset's images and their maps, and no max_images)."
+        )
+    return PrecomputedMaps(attribution.maps[list(indices)], attribution.name)
+
+
 def evaluate_model(
     model: nn.Module,
     dataset: Dataset,
@@ -224,11 +240,17 @@ def evaluate_model(
     dataset yields ``masks`` (``LocalizationDataset``), relevance mass / rank accuracy and the
     pointing game are added. ``per_image`` holds each image's score of the per-image metrics in
     dataset order, so two models scored on the same images can be compared image by image.
+    ``max_images`` scores a seeded subset spread over the dataset (``masking_curve.random_subset``:
+    the images ``evaluate --max-images`` scores, the same for every model), not its first images.
     With ``reuse_maps`` (and a deterministic attribution: the gradients, Integrated Gradients, a
     function) each image's map is computed once for its label and once for its predicted class
     (RISE's target), and every metric reads those (the blurred control blurs them); ``False``
     recomputes the maps per metric, with the same results.
     """
+    if max_images is not None and max_images < len(dataset):
+        # the seeded, class-spread subset `evaluate --max-images` scores (one function for both)
+        dataset = random_subset(dataset, max_images)
+        attribution = _maps_of_subset(attribution, dataset.indices)
     loader = DataLoader(dataset, batch_size=batch_size)
     common = dict(max_images=max_images, seed=seed, progress=progress)
     attribution_label = attribution_name(attribution)

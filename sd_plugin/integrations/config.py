@@ -44,6 +44,15 @@ class SaliencyDecorConfig(TrainingArguments, SaliencyDecorArguments, MaskingTest
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an output_dir that holds a previous run (its checkpoints, model, trainer state): "
+            "delete that run's files first. Without it such a folder is refused unless training resumes "
+            "(train(resume_from_checkpoint=...))."
+        },
+    )
+
     def __post_init__(self) -> None:
         self.validate()
         TrainingArguments.__post_init__(self)
@@ -68,9 +77,14 @@ class SaliencyDecorConfig(TrainingArguments, SaliencyDecorArguments, MaskingTest
         return SaliencyDecorArguments.from_object(self)
 
 
+# Fields of SaliencyDecorConfig that say how a run treats its folder, not what it trains.
+RUN_FIELDS = ("overwrite_output_dir",)
+
 # Every field the Trainer records in saliency_decor.json: the method's and the evaluation's.
 METHOD_FIELDS = SaliencyDecorArguments.field_names() + tuple(
     name
     for name in SaliencyDecorConfig.__dataclass_fields__
-    if name not in TrainingArguments.__dataclass_fields__ and name not in SaliencyDecorArguments.field_names()
+    if name not in TrainingArguments.__dataclass_fields__
+    and name not in SaliencyDecorArguments.field_names()
+    and name not in RUN_FIELDS
 )

@@ -33,6 +33,7 @@ from ..core.training_step import SaliencyDecorStep
 from ..evaluation.masking_curve import masking_metrics_during_training
 from ..utils.batches import unpack_batch
 from ..utils.meter import MetricMeter
+from ..utils.previous_run import guard_previous_run
 from ..utils.run_lock import output_dir_lock
 from .recipe_arguments import RecipeArguments, scalar_values
 from .recipe_checkpoints import (
@@ -44,7 +45,11 @@ from .recipe_checkpoints import (
 )
 from .recipe_model import apply_lora, enable_gradient_checkpointing
 
-__all__ = ["evaluate", "train"]
+__all__ = ["RECIPE_RUN_FILES", "evaluate", "refuse_or_clear_previous_run", "train"]
+
+# What a recipe run leaves in --output_dir (checkpoints, the final model and results): a new run into
+# a folder holding any of them is refused unless it resumes or passes --overwrite_output_dir.
+RECIPE_RUN_FILES = ("step_*", "epoch_*", "model", "all_results.json")
 
 
 def _truncate(dataset: Dataset | None, limit: int | None) -> Dataset | None:
@@ -184,11 +189,34 @@ def train(
     """
     # one run per --output_dir: a second one would overwrite this one's checkpoints and model
     with output_dir_lock(args.output_dir, enabled=accelerator.is_main_process):
+        refuse_or_clear_previous_run(args, accelerator)
         run = _setup(args, method_args, accelerator, model, (train_dataset, eval_dataset))
         if args.resume_from_checkpoint:
             _resume(run, args.resume_from_checkpoint)
         _train_epochs(run)
         return _finish(run, command)
+
+
+def refuse_or_clear_previous_run(args: RecipeArguments, accelerator: Any) -> None:
+    """A new run (no ``--resume_from_checkpoint``) into a folder holding a previous one is refused, or cleared.
+
+    With ``--overwrite_output_dir`` the main process deletes the previous run's checkpoints, model and
+    results first, so two runs' ``step_N`` folders never sit side by side (``latest`` could pick the old one).
+    """
+    if args.resume_from_checkpoint:
+        return
+    removed = guard_previous_run(
+        args.output_dir,
+        RECIPE_RUN_FILES,
+        overwrite=args.overwrite_output_dir,
+        resume_hint="--resume_from_checkpoint latest",
+        overwrite_hint="--overwrite_output_dir",
+        remove=accelerator.is_main_process,
+    )
+    if args.overwrite_output_dir:
+        accelerator.wait_for_everyone()
+    if removed:
+        accelerator.print(f"--overwrite_output_dir: deleted the previous run's {removed} in {args.output_dir}")
 
 
 def _setup(

@@ -37,6 +37,13 @@ class RecipeArguments(MaskingTestArguments):
         default=None, metadata={"help": "Validation split (default: valid/validation/test)."}
     )
     output_dir: str = field(default="outputs/recipe", metadata={"help": "Checkpoints, results and the model."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an --output_dir that holds a previous run: delete its step_*/epoch_* checkpoints, "
+            "model/ and all_results.json first (without it such a folder is refused unless --resume_from_checkpoint)."
+        },
+    )
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})

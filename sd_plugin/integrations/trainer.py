@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -49,9 +50,25 @@ from ..storage.peft_folders import save_adapter_base
 from ..utils.batches import unpack_batch
 from ..utils.errors import SaliencyDecorWarning
 from ..utils.meter import MetricMeter
+from ..utils.previous_run import guard_previous_run
 from .config import METHOD_FIELDS, SaliencyDecorConfig
 
-__all__ = ["SaliencyDecorTrainer"]
+__all__ = ["SaliencyDecorTrainer", "TRAINER_RUN_FILES"]
+
+logger = logging.getLogger(__name__)
+
+# What a Trainer run leaves in output_dir: a new run into a folder holding any of these is refused
+# unless it resumes or sets overwrite_output_dir (which deletes them first).
+TRAINER_RUN_FILES = (
+    "checkpoint-*",
+    "trainer_state.json",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    checkpoint.METADATA_FILE,
+    checkpoint.WHITENING_FILE,
+    *checkpoint.WEIGHT_FILES,
+)
 
 
 def _as_config(args: TrainingArguments | None) -> SaliencyDecorConfig:
@@ -204,12 +221,29 @@ class SaliencyDecorTrainer(Trainer):
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = self._last_complete_checkpoint()
+        if not resume_from_checkpoint:
+            self._refuse_or_clear_previous_run()
         self.sd_step.finite_watch.reset()
         result = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
         self.sd_step.raise_if_nonfinite(step=self.state.global_step, across_processes=True)  # after the last log
         return result
+
+    def _refuse_or_clear_previous_run(self) -> None:
+        """A new run into an output_dir holding a previous run: refused, or that run's files deleted first."""
+        removed = guard_previous_run(
+            self.args.output_dir,
+            TRAINER_RUN_FILES,
+            overwrite=self.args.overwrite_output_dir,
+            resume_hint="trainer.train(resume_from_checkpoint=True)",
+            overwrite_hint="SaliencyDecorConfig(overwrite_output_dir=True)",
+            remove=self.args.should_save,  # the main process deletes; the others only check
+        )
+        if self.args.overwrite_output_dir:
+            self.accelerator.wait_for_everyone()
+        if removed:
+            logger.warning("overwrite_output_dir=True: deleted the previous run's %s in %s", removed, self.args.output_dir)
 
     def _last_complete_checkpoint(self) -> str:
         from transformers.trainer_utils import sort_checkpoints
