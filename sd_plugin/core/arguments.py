@@ -358,6 +358,13 @@ class SaliencyDecorArguments:
         return self.input_gradient_weight > 0 or self.explanation_mask_weight > 0
 
     @property
+    def needs_double_backward(self) -> bool:
+        """The objective back-propagates through an input gradient (double-backprop penalty or RRR)."""
+        return self.explanation_mask_weight > 0 or (
+            self.input_gradient_weight > 0 and self.input_gradient_mode == "double_backprop"
+        )
+
+    @property
     def uses_masking(self) -> bool:
         """The method has the masked pass and the KL consistency term (``sgt``, ``saliencydecor``)."""
         return self.method in ("sgt", "saliencydecor")

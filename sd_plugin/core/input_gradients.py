@@ -19,6 +19,10 @@ evidence (see RESULTS.md for how they score here):
   ``mean_i sum_{outside the object} (d sum_k log p_k / d x)^2``, the input gradient of the summed
   log-probabilities penalised outside each image's annotated object mask.
 
+The two double-backpropagation terms build their model forward inside
+``twice_differentiable_attention`` (attention by the math backend: the fused kernels have no
+second derivative), so they train transformers ViT / DeiT / Swin and timm ViTs as CNNs.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -36,7 +40,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +53,7 @@ __all__ = [
     "explanation_penalty",
     "finite_difference_gradient_penalty",
     "input_gradient_penalty",
+    "twice_differentiable_attention",
 ]
 
 LogitsFn = Callable[[Tensor], Tensor]
@@ -112,6 +118,35 @@ def adversarial_perturbation(
             direction = grad.sign() if norm == "linf" else grad / _per_sample_norm(grad)
             delta = _project(delta + step_size * direction, epsilon, norm)
     return delta.detach()
+
+
+@contextlib.contextmanager
+def twice_differentiable_attention(enabled: bool = True) -> Iterator[None]:
+    """Run the body's scaled-dot-product attention by PyTorch's math backend, which is twice differentiable.
+
+    The fused kernels the dispatcher picks otherwise (flash, memory-efficient, the CPU flash kernel)
+    have no derivative of their backward, so a term that back-propagates through an input gradient
+    (``input_gradient_penalty``, ``explanation_penalty``) fails on every attention model (transformers
+    ViT / DeiT / Swin with ``attn_implementation="sdpa"``, timm ViTs). The forward that builds such a
+    term's graph runs inside this; the package picks it, the user sets nothing. Models without
+    attention are unaffected.
+
+    Example:
+        >>> q = torch.randn(1, 2, 4, 8, requires_grad=True)
+        >>> with twice_differentiable_attention():
+        ...     out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        ...     (grad,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+        >>> grad.pow(2).sum().backward()  # the second derivative exists
+        >>> q.grad.shape
+        torch.Size([1, 2, 4, 8])
+    """
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def input_gradient_penalty(summed_loss: Tensor, inputs: Tensor) -> Tensor:

@@ -65,6 +65,7 @@ from .input_gradients import (
     explanation_penalty,
     finite_difference_gradient_penalty,
     input_gradient_penalty,
+    twice_differentiable_attention,
 )
 from .masking import mask_least_salient, pixel_saliency
 from .running_stats import frozen_running_stats
@@ -370,7 +371,8 @@ class SaliencyDecorStep:
             inputs = inputs.detach().requires_grad_(True)  # the terms differentiate the input gradient
         tap = self.adapter.tap
         tap.clear()
-        logits = self.adapter.logits(model, inputs)
+        with twice_differentiable_attention(self.args.needs_double_backward):
+            logits = self.adapter.logits(model, inputs)
         features, whitened = tap.features, tap.whitened  # whitened: only when the whitening feeds the head
         tap.clear()
         per_sample_ce = F.cross_entropy(logits.float(), labels, reduction="none")
