@@ -526,3 +526,37 @@ def test_attribution_function__gets_what_captum_takes_for_every_family(family, t
     expected = pixel_saliency(occlusion(logits, images, labels))
     assert torch.allclose(maps, expected, atol=1e-6)
     assert maps.abs().sum() > 0
+
+
+def test_figures__say_which_explanation_what_important_means_and_the_auc_unit(tmp_path, monkeypatch):
+    """Titles come from the explanation used; the box plot defines "important"; the AUC has its unit."""
+    pytest.importorskip("matplotlib")
+    from sd_plugin.evaluation import figures
+    from sd_plugin.evaluation.masking_curve import MaskingCurve
+
+    drawn = {}
+
+    def keep_texts(fig, plt, path):
+        texts = [fig._suptitle.get_text()] if fig._suptitle is not None else []
+        for ax in fig.axes:
+            texts.append(ax.get_title())
+            texts += [label.get_text() for label in ax.get_xticklabels()]
+            if ax.get_legend() is not None:
+                legend = ax.get_legend()
+                texts += [legend.get_title().get_text(), *(text.get_text() for text in legend.get_texts())]
+        drawn[Path(path).name] = " | ".join(texts)
+        plt.close(fig)
+        return Path(path)
+
+    from pathlib import Path
+
+    monkeypatch.setattr(figures, "_save", keep_texts)
+    maps = {"model": torch.rand(2, 4, 4)}
+    curve = MaskingCurve(percentages=[0.0, 100.0], accuracy=[100.0, 0.0], order="saliency", fill="mean", num_images=2)
+    figures.saliency_grid(torch.rand(2, 3, 4, 4), maps, tmp_path / "saliency.png", explanation="integrated_gradients")
+    figures.masking_curves_figure({"model": [curve]}, tmp_path / "curves.png", explanation="integrated_gradients")
+    figures.gradient_boxplot(maps, tmp_path / "box.png", explanation="integrated_gradients")
+    assert "Integrated Gradients" in drawn["saliency.png"] and "dL/dx" not in drawn["saliency.png"]
+    assert "Integrated Gradients" in drawn["curves.png"] and "AUC 5000 %·%" in drawn["curves.png"]
+    assert "max 10000" in drawn["curves.png"]
+    assert "top 25% pixels by its own map" in drawn["box.png"] and "Integrated Gradients" in drawn["box.png"]

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = metrics
         print(f"evaluated {name}: accuracy {metrics['accuracy']:.2f}%, masking AUC {metrics['masking_auc']:.0f}")
     output_dir.mkdir(parents=True, exist_ok=True)
-    figures = _figures(output_dir, examples, saliency, curves, class_names)
+    figures = _figures(output_dir, examples, saliency, curves, class_names, explanation=args.attribution)
     (output_dir / "results.json").write_text(
         json.dumps(
             {
@@ -246,7 +246,9 @@ def captions_for(labels, class_names: list[str] | None) -> list[str]:
     return [class_names[int(y)] if class_names and int(y) < len(class_names) else f"label {int(y)}" for y in labels]
 
 
-def _figures(output_dir: Path, examples, saliency, curves, class_names: list[str] | None = None) -> list[str]:
+def _figures(
+    output_dir: Path, examples, saliency, curves, class_names: list[str] | None = None, explanation: str = "gradient"
+) -> list[str]:
     try:
         from .figures import gradient_boxplot, masking_curves_figure, saliency_grid
     except ImportError:  # pragma: no cover
@@ -255,9 +257,9 @@ def _figures(output_dir: Path, examples, saliency, curves, class_names: list[str
         images, labels = examples
         captions = captions_for(labels, class_names)
         return [
-            str(saliency_grid(images, saliency, output_dir / "saliency.png", labels=captions)),
-            str(masking_curves_figure(curves, output_dir / "masking_curves.png")),
-            str(gradient_boxplot(saliency, output_dir / "gradient_boxplot.png")),
+            str(saliency_grid(images, saliency, output_dir / "saliency.png", labels=captions, explanation=explanation)),
+            str(masking_curves_figure(curves, output_dir / "masking_curves.png", explanation=explanation)),
+            str(gradient_boxplot(saliency, output_dir / "gradient_boxplot.png", explanation=explanation)),
         ]
     except ImportError as error:
         print(f"(figures skipped: {error})")
