@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import tiny_models
@@ -261,7 +262,13 @@ def test_cli__two_saved_models_write_table_json_and_figures(tmp_path, capsys):
     assert "localization dataset" in usage and "relevance mass" in usage and "per_image" in usage
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"a/model", "b/model"}
+    assert results["split"] == "test"  # the split loaded, not the flag's None
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key in results:  # the README documents the file
+        assert f"`{key}`" in readme, key
     for metrics in results["models"].values():
+        # every key is described in the file itself: a metric (with its direction) or a field
+        assert set(metrics) <= set(results["metrics"]) | set(results["fields"]), set(metrics) - set(results["metrics"])
         assert metrics["num_images"] == 40
         assert 0 <= metrics["masking_auc"] <= 10000
         assert metrics["curves"]["saliency"]["percentages"] == [0, 20, 40, 60, 80, 100]
@@ -560,3 +567,36 @@ def test_figures__say_which_explanation_what_important_means_and_the_auc_unit(tm
     assert "Integrated Gradients" in drawn["curves.png"] and "AUC 5000 %·%" in drawn["curves.png"]
     assert "max 10000" in drawn["curves.png"]
     assert "top 25% pixels by its own map" in drawn["box.png"] and "Integrated Gradients" in drawn["box.png"]
+
+
+def test_progress__removal_curves_and_deletion_advance_within_a_single_batch(monkeypatch):
+    """With one batch, the bars still advance per curve / per deletion level, up to their totals."""
+    import tqdm.auto
+
+    from sd_plugin.evaluation.masking_curve import faithfulness_curves
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, iterable=None, total=None, **kwargs):
+            self.iterable, self.total, self.count, self.desc = iterable, total, 0, kwargs.get("desc")
+            bars.append(self)
+
+        def __iter__(self):
+            for item in self.iterable:
+                self.count += 1
+                yield item
+
+        def update(self, count=1):
+            self.count += count
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    data = DataLoader(TensorDataset(torch.randn(6, 1, 4, 4), torch.tensor([0, 1] * 3)), batch_size=64)
+    curves = faithfulness_curves(model, data, percentages=[0, 50, 100], blur_sigma=1.0, progress=True)
+    assert bars[-1].total == bars[-1].count == len(curves) > 1
+    deletion_insertion(model, data, steps=4, progress=True)
+    assert bars[-1].total == bars[-1].count == 5

@@ -365,3 +365,20 @@ def test_train__last_batch_of_one_sample_trains_with_one_warning(tmp_path, white
     whitening = model.saliency_decor_whitening
     assert whitening.training and torch.isfinite(whitening.running_cov).all()
     assert trainer.state.global_step == 6
+
+
+def test_report_to_tensorboard__after_the_tracking_extra_logs_the_loss_components(tmp_path):
+    """``pip install 'sd-plugin[tracking]'`` makes ``report_to=["tensorboard"]`` work; the extra losses reach it."""
+    pytest.importorskip("tensorboard", reason="pip install 'sd-plugin[tracking]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny_models.train(
+        tiny_models.build("timm_resnet", tmp_path), tmp_path / "run", steps=2, report_to=["tensorboard"],
+        logging_steps=1,
+    )  # fmt: skip
+    events = [path.parent for path in (tmp_path / "run").rglob("events.out.tfevents.*")]
+    assert events, list((tmp_path / "run").rglob("*"))
+    accumulator = EventAccumulator(str(events[0]))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/loss_ce", "train/loss_kl", "train/loss_decor"} <= tags, tags

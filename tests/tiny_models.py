@@ -192,7 +192,7 @@ def train(model: nn.Module, output_dir: Path, steps: int = 1, samples: int = 16,
     data = [
         {"pixel_values": torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g), "labels": i % 3} for i in range(samples)
     ]
-    args = SaliencyDecorConfig(
+    settings = dict(
         output_dir=str(output_dir),
         max_steps=steps,
         per_device_train_batch_size=16,
@@ -201,8 +201,8 @@ def train(model: nn.Module, output_dir: Path, steps: int = 1, samples: int = 16,
         use_cpu=True,
         save_strategy="no",
         disable_tqdm=True,
-        **config,
     )
+    args = SaliencyDecorConfig(**{**settings, **config})
     trainer = SaliencyDecorTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     return trainer

@@ -24,7 +24,7 @@ from ..storage.data import check_labels_fit, image_transform, load_eval_dataset,
 from ..storage.loading import load_classifier, weights_fingerprint
 from .attribution import ATTRIBUTIONS, saliency_maps
 from .masking_curve import CURVE_FILLS, MaskingCurve, percentages_every, random_subset
-from .metrics import METRICS, TABLE_METRICS, metric_directions
+from .metrics import METRICS, RESULT_FIELDS, TABLE_METRICS, metric_directions
 from .randomization import parameter_randomization
 from .report import evaluate_model, first_images
 
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = _load_dataset(args.dataset, args.split, model, directory)
         if len(dataset) == 0:
             raise SystemExit(f"dataset {args.dataset!r} (split {args.split}) is empty.")
+        split = getattr(dataset, "split", None) or args.split  # the split loaded, as the loader chose it
         if args.skip_unreadable_images and hasattr(dataset, "without_unreadable"):
             dataset = dataset.without_unreadable()
         if args.max_images is not None:  # the same seeded, class-spread images for every model
@@ -204,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "dataset": args.dataset,
-                "split": args.split,
+                "split": split,
                 "command": "python -m sd_plugin evaluate " + shlex.join(argv),
                 "metrics": metric_directions(),
+                "fields": RESULT_FIELDS,
                 "models": results,
                 "figures": figures,
             },

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..core.masking import fill_values, num_masked_pixels
 from ..utils.batches import unpack_batch
 from .attribution import Attribution, check_attribution, saliency_maps
-from .masking_curve import maybe_progress, pixel_ranks
+from .masking_curve import batch_count, pixel_ranks, progress_bar
 from .model_fn import LogitsFn, evaluation_mode, prepare_for_evaluation
 
 __all__ = ["DeletionInsertion", "deletion_insertion", "rise_auc"]
@@ -103,7 +103,10 @@ def deletion_insertion(
         fractions = [i / steps for i in range(steps + 1)]
         per_image: list[Tensor] = []  # (points, 2, B) target probabilities per batch
         seen = 0
-        for batch in maybe_progress(dataloader, progress, "deletion/insertion"):
+        batches = batch_count(dataloader, max_images)
+        total = None if batches is None else batches * len(fractions)  # one unit per level (chunks of levels)
+        bar = progress_bar(total, progress, "deletion/insertion", "level")
+        for batch in dataloader:
             images, labels = unpack_batch(batch)
             if max_images is not None:
                 if seen >= max_images:
@@ -128,8 +131,10 @@ def deletion_insertion(
                 probabilities = probabilities.view(len(chunk), 2, batch_size, -1)
                 picked = probabilities.gather(-1, labels.view(1, 1, -1, 1).expand(len(chunk), 2, -1, 1))[..., 0]
                 picked_batch[start : start + len(chunk)] = picked.double()
+                bar.update(len(chunk))
             per_image.append(picked_batch)
             seen += batch_size
+        bar.close()
         if seen == 0:
             raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
         probabilities = torch.cat(per_image, 2)  # (points, 2, N)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +47,9 @@ __all__ = [
     "faithfulness_curves",
     "masking_curves",
     "masking_metrics_during_training",
+    "batch_count",
     "maybe_progress",
+    "progress_bar",
     "random_subset",
     "spread_subset",
     "DEFAULT_PERCENTAGES",
@@ -323,7 +326,11 @@ def faithfulness_curves(
         generators = {key: torch.Generator(device=device).manual_seed(seed) for key in keys}
         correct: dict[CurveKey, list[Tensor]] = {key: [] for key in keys}
         seen = 0
-        for batch in maybe_progress(dataloader, progress, f"removal curves ({', '.join(orders)})"):
+        batches = batch_count(dataloader, max_images)
+        bar = progress_bar(
+            None if batches is None else batches * len(keys), progress, f"removal curves ({len(keys)} per batch)", "curve"
+        )
+        for batch in dataloader:
             images, labels = unpack_batch(batch)
             if max_images is not None:
                 if max_images - seen <= 0:
@@ -354,7 +361,9 @@ def faithfulness_curves(
                         clean_logits,
                     )
                 )
+                bar.update()
             seen += images.shape[0]
+        bar.close()
     if seen == 0:
         raise ValueError("the dataloader yielded no images; pass a non-empty evaluation set.")
     name = attribution_name(attribution)
@@ -555,6 +564,46 @@ def maybe_progress(iterable: Iterable, enabled: bool, description: str) -> Itera
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=description, leave=False)
+
+
+class _NoProgress:
+    def update(self, count: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int | None, enabled: bool, description: str, unit: str = "it") -> Any:
+    """A tqdm bar of ``total`` work units advanced by ``update()`` (a no-op object when not ``enabled``).
+
+    A stage whose batch holds many units (every curve of a batch, every deletion level) advances
+    per unit, so a small evaluation set (one batch) still shows it moving.
+    """
+    if not enabled:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit, leave=False)
+
+
+def batch_count(dataloader: Iterable, max_images: int | None = None) -> int | None:
+    """How many batches an evaluation reads from ``dataloader`` (``None`` when it cannot tell).
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=4)
+        >>> batch_count(loader), batch_count(loader, max_images=5)
+        (3, 2)
+    """
+    try:
+        count = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    batch_size = getattr(dataloader, "batch_size", None)
+    if max_images is not None and batch_size:
+        count = min(count, -(-max_images // batch_size))
+    return count
 
 
 def unpack_masks(batch: object) -> Tensor | None:

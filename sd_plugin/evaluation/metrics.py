@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["METRICS", "Metric", "TABLE_METRICS", "metric_directions"]
+__all__ = ["METRICS", "Metric", "RESULT_FIELDS", "TABLE_METRICS", "metric_directions"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ _ROWS = (
     Metric("masking_auc", "MoRF", "masking AUC, most salient first, mean fill (0-10000)", False, "{:.0f}"),
     Metric("masking_auc_least", "LeRF", "masking AUC, least salient first, mean fill", True, "{:.0f}"),
     Metric("masking_auc_random", "rand", "masking AUC, random order, mean fill (reference)", None, "{:.0f}"),
+    Metric("masking_auc_normalized", "MoRF/max", "masking AUC, most salient first, mean fill, over its maximum", False),
+    Metric(
+        "masking_auc_relative", "MoRF/clean", "masking AUC, most salient first, mean fill, over clean accuracy", False
+    ),
     Metric("faithfulness_gap", "gap", "faithfulness gap (AUC_random - AUC_MoRF) / AUC_random, mean fill", True),
     Metric("lerf_morf_gap", "LeRF-MoRF", "(AUC_LeRF - AUC_MoRF) / AUC_random, mean fill", True),
     Metric("road_masking_auc", "ROAD MoRF", "masking AUC, most salient first, ROAD imputation", False, "{:.0f}"),
@@ -39,6 +43,7 @@ _ROWS = (
     Metric("road_masking_auc_random", "ROAD rand", "masking AUC, random order, ROAD imputation", None, "{:.0f}"),
     Metric("road_faithfulness_gap", "ROAD gap", "faithfulness gap under ROAD imputation", True),
     Metric("road_lerf_morf_gap", "ROAD LeRF-MoRF", "(AUC_LeRF - AUC_MoRF) / AUC_random, ROAD imputation", True),
+    Metric("blurred_faithfulness_gap", "blur gap", "faithfulness gap of the blurred maps (blur control), mean fill", True),
     Metric("blurred_lerf_morf_gap", "blur LeRF-MoRF", "LeRF-MoRF of the blurred maps (blur control), mean fill", True),
     Metric("blurred_road_lerf_morf_gap", "blur ROAD L-M", "ROAD LeRF-MoRF of the blurred maps (blur control)", True),
     Metric("deletion_auc", "del", "RISE deletion AUC", False),
@@ -72,6 +77,21 @@ TABLE_METRICS = (
     "pointing_game",
     "live_features",
 )
+
+
+# The other keys of a model's entry in ``results.json`` (not metrics), and what each holds.
+RESULT_FIELDS = {
+    "attribution": "the explanation every map-based number is for (evaluate --attribution)",
+    "blur_sigma": "the blur control's Gaussian sigma, in pixels",
+    "num_images": "images scored",
+    "num_features": "width of the penultimate features",
+    "curves": "every removal curve ('map|blurred/fill/order', plus 'saliency', 'least_salient', 'random', 'rise'): "
+    "levels, accuracy, order, fill, per-image AUCs",
+    "per_image": "each image's score of the per-image metrics, in the order of the scored images",
+    "source": "the evaluated folder or Hub id",
+    "weights_sha256": "fingerprint of the evaluated weights (a folder)",
+    "randomization": "the parameter-randomization check (evaluate --randomization)",
+}
 
 
 def metric_directions() -> dict[str, dict]:

@@ -31,6 +31,7 @@ from .masking_curve import (
     ORDERS,
     faithfulness_curves,
     faithfulness_gap,
+    maybe_progress,
     random_subset,
     unpack_masks,
 )
@@ -125,12 +126,13 @@ def localization_metrics(
     attribution: Attribution = "gradient",
     blur_sigma: float | None = 2.0,
     max_images: int | None = None,
+    progress: bool = False,
 ) -> dict[str, list[float]] | None:
     """Per-image relevance mass / rank and pointing game (and their blur control); None without masks."""
     _, device, generator = prepare_for_evaluation(model, None, 0)
     scores: dict[str, list[float]] = {}
     seen = 0
-    for batch in loader:
+    for batch in maybe_progress(loader, progress, "localization (masks)"):
         masks = unpack_masks(batch)
         if masks is None:
             return None
@@ -167,6 +169,7 @@ def precompute_maps(
     batch_size: int,
     attribution: Attribution = "gradient",
     at_prediction: bool = False,
+    progress: bool = False,
 ) -> PrecomputedMaps:
     """The first ``count`` images' maps, in dataset order, held on the host for every metric to read.
 
@@ -182,7 +185,8 @@ def precompute_maps(
     """
     forward, device, generator = prepare_for_evaluation(model, None, 0)
     maps, seen = [], 0
-    for batch in DataLoader(dataset, batch_size=batch_size):
+    target = "predictions" if at_prediction else "labels"
+    for batch in maybe_progress(DataLoader(dataset, batch_size=batch_size), progress, f"maps of the {target}"):
         if seen >= count:
             break
         images, labels = unpack_batch(batch)
@@ -260,8 +264,10 @@ def evaluate_model(
         height, width = first_images(dataset, 1)[0].shape[-2:]
         explain_prediction = attribution  # RISE explains the predicted class, every other metric the label
         if reuse_maps and _reusable(attribution) and 2 * count * height * width * 4 <= MAX_REUSED_MAP_BYTES:
-            explain_prediction = precompute_maps(model, dataset, evaluated, batch_size, attribution, at_prediction=True)
-            attribution = precompute_maps(model, dataset, count, batch_size, attribution)
+            explain_prediction = precompute_maps(
+                model, dataset, evaluated, batch_size, attribution, at_prediction=True, progress=progress
+            )
+            attribution = precompute_maps(model, dataset, count, batch_size, attribution, progress=progress)
         fills = (fill, "road") if road and fill != "road" else (fill,)
         curves = faithfulness_curves(model, loader, ORDERS, percentages, fills, attribution, blur_sigma, **common)
         rise = deletion_insertion(model, loader, steps=deletion_steps, attribution=explain_prediction, **common)
@@ -269,7 +275,7 @@ def evaluate_model(
         device = next(model.parameters()).device
         maps = saliency_maps(model, images.to(device), labels.to(device), attribution)  # precomputed: a slice
         features = collect_features(model, loader, feature_layer, max_images)
-        located = localization_metrics(model, loader, attribution, blur_sigma, max_images)
+        located = localization_metrics(model, loader, attribution, blur_sigma, max_images, progress)
         blurred_rise = None
         if blur_sigma is not None:
             blurred_rise = deletion_insertion(

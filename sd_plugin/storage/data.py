@@ -267,7 +267,9 @@ def load_eval_dataset(
                 resized = F.interpolate(builtin.images, size=(size, size), mode="bilinear", align_corners=False)
                 builtin = TensorImageDataset(resized, builtin.labels)
         check_labels_fit(model, 10, None, name_or_path)
-        return with_channels(builtin, _model_channels(model))
+        converted = with_channels(builtin, _model_channels(model))
+        converted.split = "test" if test_split else "train"  # the split loaded, recorded by evaluate
+        return converted
     import datasets
 
     path = Path(name_or_path)
@@ -285,6 +287,7 @@ def load_eval_dataset(
                 f"and the Hub did not provide it ({type(error).__name__}). Offline, pass a save_to_disk or "
                 "image folder."
             ) from error
+    chosen = split
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         chosen = split or next((s for s in ("test", "validation", "valid", "val") if s in names), names[0])
@@ -292,6 +295,7 @@ def load_eval_dataset(
             raise ValueError(f"split={chosen!r} is not in the dataset; its splits are {names}.")
         loaded = loaded[chosen]
     evaluation_set = HFImageDataset(loaded, image_transform(model, model_directory))
+    evaluation_set.split = chosen or str(getattr(loaded, "split", None) or "") or None
     names = evaluation_set.class_names()
     count = len(names) if names else int(max(loaded[evaluation_set.label_column])) + 1
     check_labels_fit(model, count, names, name_or_path)
