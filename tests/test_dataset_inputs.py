@@ -127,3 +127,58 @@ def test_settings_that_would_silently_do_nothing__refused(tmp_path):
     trainer = SaliencyDecorTrainer(model=model, args=config(tmp_path, method="sgt"), train_dataset=data)
     with pytest.raises(ValueError, match="head has 1 output: a classifier needs at least 2 classes"):
         trainer.train()
+
+
+def _imagefolder_trainer(tmp_path, root, model, **overrides):
+    """transformers' guide: ``load_dataset("imagefolder")`` transformed on the fly, into the Trainer."""
+    import datasets
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    raw = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+
+    def transform(batch):
+        batch["pixel_values"] = [
+            pil_to_tensor(image.convert("RGB").resize((16, 16))).float() / 255 for image in batch["image"]
+        ]
+        return batch
+
+    train = raw.with_transform(transform)
+    return SaliencyDecorTrainer(model=model, args=config(tmp_path, **overrides), train_dataset=train)
+
+
+def test_trainer__unreadable_image_named_before_the_first_step(tmp_path):
+    root = image_folder(tmp_path / "train", per_class=4)
+    good = (root / "ant" / "0.jpg").read_bytes()
+    (root / "bee" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    trainer = _imagefolder_trainer(tmp_path, root, tiny_models.build("hf_resnet", tmp_path))
+    with pytest.raises(UnreadableImageError, match=r"train_dataset: 1 of 13 images do not decode: .*truncated\.jpg"):
+        trainer.train()
+    assert trainer.state.global_step == 0  # refused before any step
+    # the check can be turned off (a very large set): then the file fails later, as before
+    quiet = _imagefolder_trainer(tmp_path, root, tiny_models.build("hf_resnet", tmp_path), check_datasets=False)
+    with pytest.raises(OSError) as later:  # PIL's own error, from the data loader
+        quiet.train()
+    assert "train_dataset:" not in str(later.value)
+
+
+def test_trainer__empty_class_folder_and_labels_past_the_model_found_before_the_first_step(tmp_path):
+    root = image_folder(tmp_path / "train", per_class=4)
+    (root / "dog").mkdir()  # an empty class folder: `datasets` drops it, the model has 4 outputs
+    from sd_plugin.storage.data_checks import check_training_data
+
+    model = tiny_models.build("timm_resnet", tmp_path)  # 3 outputs
+    import datasets
+
+    raw = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    assert raw.features["label"].names == ["ant", "bee", "cow"]
+    check_training_data(raw, model, "train_dataset")  # 3 classes, 3 outputs: nothing to say
+    four = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))] * 4, "label": [0, 1, 2, 3]})
+    with pytest.raises(ValueError, match=r"train_dataset has labels up to 3 but the model has 3 outputs"):
+        check_training_data(four, model, "train_dataset")
+    # a 4-output model trained on the 3 classes datasets kept: warned, naming the class without examples
+    import timm
+
+    wide = timm.create_model("resnet10t", pretrained=False, num_classes=4)
+    trainer = _imagefolder_trainer(tmp_path, root, wide)
+    with pytest.warns(SaliencyDecorWarning, match=r"model class 3 has no example \(its classes: \['ant', 'bee', 'cow'\]\)"):
+        trainer.train()

@@ -474,3 +474,36 @@ def test_finished_run__refused_unless_resumed_or_overwritten_and_never_mixed(tin
         )  # fmt: skip
     )
     assert resumed["completed_steps"] == 2
+
+
+def test_accelerate_launch_cpu_with_several_processes__says_it_started_one(tmp_path):
+    """``accelerate launch --cpu --num_processes 2`` without MPI starts one process: refused, naming torchrun."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    command = [*launcher, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["recipes/tiny_imagenet.py", "--output_dir", str(tmp_path / "run"), "--model", "./absent"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "started a single process" in result.stderr and "torchrun --nproc_per_node N" in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_small_batch_warning__counts_the_global_batch_when_whitening_is_synchronised():
+    from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, adapt
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+    arguments = SaliencyDecorArguments(method="saliencydecor", group_size=8, feature_layer="2")
+    example = torch.zeros(1, 3, 2, 2)
+    pooled = SaliencyDecorStep(adapt(model(), feature_layer="2", example_inputs=example), arguments, num_processes=2)
+    assert pooled.sync_whitening
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SaliencyDecorWarning)
+        assert pooled._batch_can_decorrelate(8)  # 2 processes x 8 = 16 = 2 x group_size: no warning
+    alone = SaliencyDecorStep(adapt(model(), feature_layer="2", example_inputs=example), arguments, num_processes=1)
+    with pytest.warns(SaliencyDecorWarning, match="a training batch of 8 samples is smaller than 2 x group_size"):
+        alone._batch_can_decorrelate(8)
+    with pytest.warns(SaliencyDecorWarning, match=r"batch of 6 samples \(2 processes x 3\)"):
+        pooled._batch_can_decorrelate(3)

@@ -150,6 +150,7 @@ class SaliencyDecorStep:
         self.adapter = adapter
         self.args = args
         self.sync_whitening = args.sync_whitening_for(num_processes)
+        self.num_processes = num_processes
         if args.whitening_compile and self.sync_whitening:
             args.sync_whitening = True
             args.validate()  # the same error as an explicit sync_whitening=True
@@ -544,10 +545,13 @@ class SaliencyDecorStep:
             )
             return False
         group_size = self.whitening.group_size if self.whitening is not None else 0
-        if batch < 2 * group_size:
+        # with synchronised whitening the statistics pool every process's batch: count the global batch
+        pooled = batch * self.num_processes if self.sync_whitening else batch
+        if pooled < 2 * group_size:
+            where = f" ({self.num_processes} processes x {batch})" if pooled != batch else ""
             self._warn_once(
                 "small",
-                f"a training batch of {batch} samples is smaller than 2 x group_size ({2 * group_size}): each "
+                f"a training batch of {pooled} samples{where} is smaller than 2 x group_size ({2 * group_size}): each "
                 f"group's {group_size}x{group_size} covariance comes from fewer samples than it has entries, so the "
                 "whitening and the decorrelation term are noisy. Raise the batch size or lower group_size.",
                 stacklevel=5,

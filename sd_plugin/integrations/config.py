@@ -53,6 +53,16 @@ class SaliencyDecorConfig(TrainingArguments, SaliencyDecorArguments, MaskingTest
         },
     )
 
+    check_datasets: bool = field(
+        default=True,
+        metadata={
+            "help": "Before the first step, decode every image of the training and evaluation sets once (🤗 image "
+            "datasets, image folders) and compare their labels with the model's outputs: unreadable files are "
+            "named, labels past the model's outputs refused, classes without a training example warned of. "
+            "False skips it (the cost of one pass over the files)."
+        },
+    )
+
     def __post_init__(self) -> None:
         self.validate()
         TrainingArguments.__post_init__(self)
@@ -78,7 +88,7 @@ class SaliencyDecorConfig(TrainingArguments, SaliencyDecorArguments, MaskingTest
 
 
 # Fields of SaliencyDecorConfig that say how a run treats its folder, not what it trains.
-RUN_FIELDS = ("overwrite_output_dir",)
+RUN_FIELDS = ("overwrite_output_dir", "check_datasets")
 
 # Every field the Trainer records in saliency_decor.json: the method's and the evaluation's.
 METHOD_FIELDS = SaliencyDecorArguments.field_names() + tuple(

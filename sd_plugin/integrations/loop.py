@@ -31,6 +31,7 @@ from ..core.arguments import MaskingTestArguments, SaliencyDecorArguments
 from ..core.training_log import TrainingLog
 from ..core.training_step import SaliencyDecorStep
 from ..evaluation.masking_curve import masking_metrics_during_training
+from ..storage.data_checks import check_training_data
 from ..utils.batches import unpack_batch
 from ..utils.meter import MetricMeter
 from ..utils.previous_run import guard_previous_run
@@ -240,6 +241,11 @@ def _setup(
     eval_dataset = _truncate(datasets[1], args.max_eval_samples)
     if len(train_dataset) == 0:
         raise ValueError("the training set is empty.")
+    # unreadable files named before the first step (--skip_unreadable_images dropped them already)
+    images = not args.skip_unreadable_images
+    check_training_data(train_dataset, model, "the training set", check_images=images)
+    if eval_dataset is not None:
+        check_training_data(eval_dataset, model, "the validation set", check_images=images, expect_every_class=False)
     example = train_dataset[0]["pixel_values"].unsqueeze(0)
     adapter = adapt(model, feature_layer=method_args.feature_layer, example_inputs=example)
     # The random mask fill draws from its own generator, reseeded from (seed, step, process) by

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from ..core.arguments import MaskingTestArguments
 from ..utils.errors import SaliencyDecorWarning
+from ..utils.launch_check import check_cpu_launch
 
 __all__ = ["RecipeArguments", "make_accelerator", "scalar_values"]
 
@@ -140,10 +141,14 @@ class RecipeArguments(MaskingTestArguments):
 
 
 def make_accelerator(args: RecipeArguments) -> Any:
-    """The ``Accelerator`` of a recipe: accumulation, precision, trackers, a seedable sampler."""
+    """The ``Accelerator`` of a recipe: accumulation, precision, trackers, a seedable sampler.
+
+    ``accelerate launch --cpu`` asked for several processes but given one is refused (``check_cpu_launch``).
+    """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    check_cpu_launch()
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

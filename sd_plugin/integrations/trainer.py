@@ -46,9 +46,11 @@ from ..core.training_log import TrainingLog
 from ..core.training_step import SaliencyDecorStep
 from ..evaluation.masking_curve import masking_metrics_during_training
 from ..storage import checkpoint
+from ..storage.data_checks import check_training_data
 from ..storage.peft_folders import save_adapter_base
 from ..utils.batches import unpack_batch
 from ..utils.errors import SaliencyDecorWarning
+from ..utils.launch_check import check_cpu_launch
 from ..utils.meter import MetricMeter
 from ..utils.previous_run import guard_previous_run
 from .config import METHOD_FIELDS, SaliencyDecorConfig
@@ -108,6 +110,7 @@ class SaliencyDecorTrainer(Trainer):
         optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
     ):
+        check_cpu_launch()  # `accelerate launch --cpu --num_processes N` without MPI starts one process
         if model is None:
             raise ValueError("SaliencyDecorTrainer needs model= (model_init is not supported).")
         args = _as_config(args)
@@ -223,12 +226,26 @@ class SaliencyDecorTrainer(Trainer):
             resume_from_checkpoint = self._last_complete_checkpoint()
         if not resume_from_checkpoint:
             self._refuse_or_clear_previous_run()
+        if self.args.check_datasets:
+            self._check_datasets()
         self.sd_step.finite_watch.reset()
         result = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
         self.sd_step.raise_if_nonfinite(step=self.state.global_step, across_processes=True)  # after the last log
         return result
+
+    def _check_datasets(self) -> None:
+        """Unreadable images and labels that do not fit the model, found before the first step (once)."""
+        if getattr(self, "_datasets_checked", False):
+            return
+        check_training_data(self.train_dataset, self.model, "train_dataset")
+        evaluation = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
+        for name, dataset in evaluation.items():
+            if dataset is not None:
+                label = f"eval_dataset[{name!r}]" if name else "eval_dataset"
+                check_training_data(dataset, self.model, label, expect_every_class=False)
+        self._datasets_checked = True
 
     def _refuse_or_clear_previous_run(self) -> None:
         """A new run into an output_dir holding a previous run: refused, or that run's files deleted first."""

@@ -240,7 +240,7 @@ class HFImageDataset(Dataset):
         import datasets
 
         raw = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))
-        bad = [i for i, row in enumerate(raw) if not _readable(row[self.image_column])]
+        bad = [i for i, row in enumerate(raw) if not readable_image(row[self.image_column])]
         if not bad:
             return self
         _warn_skipped([raw[i][self.image_column].get("path") or f"example {i}" for i in bad], len(self))
@@ -406,7 +406,7 @@ class UnreadableImageError(OSError):
     """An image file that does not decode (truncated, empty, not an image); the message names it."""
 
 
-def _readable(image: Any) -> bool:
+def readable_image(image: Any) -> bool:
     """True when a path, or a ``datasets`` ``{"path", "bytes"}`` record, decodes as an image."""
     import io
 
@@ -457,7 +457,7 @@ class ImagePathDataset(Dataset):
 
     def without_unreadable(self) -> ImagePathDataset:
         """This dataset without the files that do not decode (one warning counts them)."""
-        bad = [path for path, _ in self.samples if not _readable(path)]
+        bad = [path for path, _ in self.samples if not readable_image(path)]
         if not bad:
             return self
         _warn_skipped(bad, len(self.samples))
