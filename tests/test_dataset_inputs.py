@@ -49,7 +49,7 @@ def test_with_transform_dataset__trains_without_remove_unused_columns_false(tmp_
         return batch
 
     train = raw.with_transform(transform)
-    args = config(tmp_path)
+    args = config(tmp_path, image_mean=[0.0] * 3, image_std=[1.0] * 3)  # the transform's (no) normalisation
     assert args.remove_unused_columns  # the TrainingArguments default
     trainer = SaliencyDecorTrainer(model=tiny_models.build("hf_resnet", tmp_path), args=args, train_dataset=train)
     assert trainer.train().global_step == 1
@@ -143,6 +143,7 @@ def _imagefolder_trainer(tmp_path, root, model, **overrides):
         return batch
 
     train = raw.with_transform(transform)
+    overrides = {"image_mean": [0.0] * 3, "image_std": [1.0] * 3, **overrides}  # the transform's normalisation
     return SaliencyDecorTrainer(model=model, args=config(tmp_path, **overrides), train_dataset=train)
 
 

@@ -1,6 +1,7 @@
 """PEFT adapter folders the package writes rebuild the trained model: resized heads, bases built in code, BatchNorm."""
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -86,3 +87,22 @@ def test_adapter_folder_without_a_base__refused_with_the_fix(tmp_path):
     model.save_pretrained(tmp_path / "plain_peft")  # PEFT alone: no base name, no base_model/
     with pytest.raises(ValueError, match="names no base_model_name_or_path.*SaliencyDecorTrainer.save_model"):
         load_classifier(tmp_path / "plain_peft")
+
+
+def test_readme_peft_reload__the_base_as_trained_gives_the_trained_logits(tmp_path, monkeypatch):
+    """The README's PEFT reload (``base_model/``) gives the trained logits; a fresh pretrained base does not."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("<!-- peft-reload -->")[1].split("<!-- /peft-reload -->")[0].split("```python")[1].split("```")[0]
+    model = tiny_models.build("peft_timm_resnet", tmp_path)
+    trainer = tiny_models.train_and_save(model, tmp_path / "lora-out", steps=3, method="sgt")
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained(images)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    with torch.no_grad():
+        assert (namespace["model"](images) - expected).abs().max() < 1e-5
+        fresh = PeftModel.from_pretrained(tiny_models.build("timm_resnet", tmp_path / "fresh"), "lora-out").eval()
+        assert (fresh(images) - expected).abs().max() > 1e-3  # the BatchNorm statistics training changed

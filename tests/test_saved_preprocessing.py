@@ -158,3 +158,76 @@ def test_evaluate_builtin_fashion_mnist__at_the_size_the_model_takes(tmp_path):
     ViTForImageClassification(config).save_pretrained(folder)
     model = load_classifier(folder)
     assert load_eval_dataset("fashion-mnist", None, model, folder)[0]["pixel_values"].shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("family", ["timm_resnet", "hf_vit"])
+def test_training_normalisation__recorded_for_evaluate_export_and_reloads(family, tmp_path):
+    """A transform normalising with its own mean / std (set as image_mean / image_std) is what every reader uses."""
+    import datasets
+    import torch
+    from torchvision.transforms.v2 import functional
+
+    from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
+    from sd_plugin.storage.checkpoint import read_metadata
+
+    mean, std = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
+
+    def train_transform(image):
+        pixels = functional.pil_to_tensor(image.convert("RGB")).float() / 255
+        return functional.normalize(pixels, mean, std)
+
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()) for _ in range(16)]
+    raw = datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(16)]})
+    train = raw.with_transform(lambda batch: {**batch, "pixel_values": [train_transform(i) for i in batch["image"]]})
+    args = SaliencyDecorConfig(
+        output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=16, group_size=8, report_to="none",
+        use_cpu=True, save_strategy="no", disable_tqdm=True, image_mean=mean, image_std=std,
+    )  # fmt: skip
+    trainer = SaliencyDecorTrainer(model=tiny_models.build(family, tmp_path), args=args, train_dataset=train)
+    trainer.train()
+    trainer.save_model()
+    folder = tmp_path / "run"
+    assert read_metadata(folder)["preprocessing"]["mean"] == mean
+    # evaluate (and load_classifier) preprocess a test image exactly as training did
+    expected = train_transform(images[0])
+    evaluate_transform = image_transform(load_classifier(folder), folder)
+    assert torch.allclose(evaluate_transform(images[0]), expected, atol=1e-5)
+    # the exported folder: what its card's code reads
+    exported = export(folder, tmp_path / "exported")
+    if family == "timm_resnet":
+        import timm
+
+        config = json.loads((exported / "config.json").read_text())["pretrained_cfg"]
+        assert config["mean"] == mean and config["std"] == std and config["crop_pct"] == 1.0
+        reloaded = timm.create_model(f"local-dir:{exported}", pretrained=True)
+        card_transform = timm.data.create_transform(**timm.data.resolve_data_config(model=reloaded))  # the card's
+        assert torch.allclose(card_transform(images[0]), expected, atol=1e-5)
+    else:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(exported)
+        assert torch.allclose(processor(images[0], return_tensors="pt")["pixel_values"][0], expected, atol=1e-5)
+
+
+def test_training_normalisation__unknown_for_a_raw_image_dataset_is_warned_of(tmp_path):
+    import datasets
+    import torch
+
+    from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer, SaliencyDecorWarning
+
+    raw = datasets.Dataset.from_dict({"image": [Image.new("RGB", (16, 16))] * 16, "label": [i % 3 for i in range(16)]})
+    train = raw.with_transform(lambda batch: {**batch, "pixel_values": [torch.zeros(3, 16, 16)] * len(batch["image"])})
+    args = SaliencyDecorConfig(
+        output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=16, group_size=8, report_to="none",
+        use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = SaliencyDecorTrainer(model=tiny_models.build("timm_resnet", tmp_path), args=args, train_dataset=train)
+    with pytest.warns(SaliencyDecorWarning, match="Set SaliencyDecorConfig\\(image_mean=..., image_std=..."):
+        trainer.train()
+    with pytest.raises(ValueError, match="image_mean and image_std go together"):
+        SaliencyDecorTrainer(
+            model=tiny_models.build("timm_resnet", tmp_path / "b"),
+            args=SaliencyDecorConfig(output_dir=str(tmp_path / "c"), image_mean=[0.5] * 3, report_to="none"),
+            train_dataset=train,
+        )

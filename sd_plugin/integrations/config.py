@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from transformers import TrainingArguments
 
@@ -63,6 +63,25 @@ class SaliencyDecorConfig(TrainingArguments, SaliencyDecorArguments, MaskingTest
         },
     )
 
+    image_mean: Optional[list[float]] = field(  # noqa: UP045 - HfArgumentParser needs Optional
+        default=None,
+        metadata={
+            "help": "Per-channel mean of your training transform's Normalize (with image_std): recorded in every "
+            "saved folder (timm's pretrained_cfg, the preprocessor config) so evaluate, the card and reloads "
+            "preprocess as training did. Default: the processing_class's, else unknown (warned of)."
+        },
+    )
+    image_std: Optional[list[float]] = field(  # noqa: UP045
+        default=None, metadata={"help": "Per-channel std of your training transform's Normalize (with image_mean)."}
+    )
+    image_crop_pct: Optional[float] = field(  # noqa: UP045
+        default=None,
+        metadata={
+            "help": "Resize-then-centre-crop ratio of your transform (timm's crop_pct); with image_mean/image_std "
+            "the default is 1.0 (resized straight to the input size)."
+        },
+    )
+
     def __post_init__(self) -> None:
         self.validate()
         TrainingArguments.__post_init__(self)
@@ -88,7 +107,7 @@ class SaliencyDecorConfig(TrainingArguments, SaliencyDecorArguments, MaskingTest
 
 
 # Fields of SaliencyDecorConfig that say how a run treats its folder, not what it trains.
-RUN_FIELDS = ("overwrite_output_dir", "check_datasets")
+RUN_FIELDS = ("overwrite_output_dir", "check_datasets", "image_mean", "image_std", "image_crop_pct")
 
 # Every field the Trainer records in saliency_decor.json: the method's and the evaluation's.
 METHOD_FIELDS = SaliencyDecorArguments.field_names() + tuple(

@@ -48,6 +48,7 @@ from ..evaluation.masking_curve import masking_metrics_during_training
 from ..storage import checkpoint
 from ..storage.data_checks import check_training_data
 from ..storage.peft_folders import save_adapter_base
+from ..storage.preprocessing_record import TrainingPreprocessing, apply_to_timm_model, write_processor_normalization
 from ..utils.batches import unpack_batch
 from ..utils.errors import SaliencyDecorWarning
 from ..utils.launch_check import check_cpu_launch
@@ -118,6 +119,13 @@ class SaliencyDecorTrainer(Trainer):
             model, feature_layer=args.feature_layer, example_inputs=_example_inputs(train_dataset)
         )
         self.sd_step = SaliencyDecorStep(self.sd_adapter, args.method_arguments(), num_processes=args.world_size)
+        # the normalisation training used, recorded in every saved folder (None: unknown, warned of at train())
+        self.training_preprocessing = TrainingPreprocessing.resolve(
+            args.image_mean, args.image_std, args.image_crop_pct, processing_class
+        )
+        if self.training_preprocessing is not None and self.sd_adapter.family.name == "timm":
+            apply_to_timm_model(getattr(self.sd_adapter.base_model, "timm_model", self.sd_adapter.base_model),
+                                self.training_preprocessing)  # fmt: skip
         super().__init__(
             model=model,
             args=args,
@@ -228,6 +236,7 @@ class SaliencyDecorTrainer(Trainer):
             self._refuse_or_clear_previous_run()
         if self.args.check_datasets:
             self._check_datasets()
+        self._warn_if_preprocessing_unknown()
         self.sd_step.finite_watch.reset()
         result = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
@@ -246,6 +255,27 @@ class SaliencyDecorTrainer(Trainer):
                 label = f"eval_dataset[{name!r}]" if name else "eval_dataset"
                 check_training_data(dataset, self.model, label, expect_every_class=False)
         self._datasets_checked = True
+
+    def _warn_if_preprocessing_unknown(self) -> None:
+        """One warning when the training set is raw images whose transform the Trainer cannot see, and nothing says it."""
+        if self.training_preprocessing is not None or getattr(self, "_warned_preprocessing", False):
+            return
+        try:
+            import datasets
+        except ImportError:  # pragma: no cover - a dependency
+            return
+        if not isinstance(self.train_dataset, datasets.Dataset):
+            return
+        self._warned_preprocessing = True
+        warnings.warn(
+            "train_dataset is a 🤗 dataset whose transform SaliencyDecorTrainer cannot read, and neither "
+            "image_mean/image_std nor a processing_class says how it normalises: saved folders record the model's "
+            "default preprocessing, which evaluate, the model card and reloads will use. Set "
+            "SaliencyDecorConfig(image_mean=..., image_std=..., image_crop_pct=...) to your transform's values, or "
+            "pass processing_class=<the image processor your transform applies>.",
+            SaliencyDecorWarning,
+            stacklevel=3,
+        )
 
     def _refuse_or_clear_previous_run(self) -> None:
         """A new run into an output_dir holding a previous run: refused, or that run's files deleted first."""
@@ -316,6 +346,8 @@ class SaliencyDecorTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         checkpoint.save_training_state(output_dir, split.training_only)
         metadata = {**self.saliency_decor_metadata(), "whitening_folded_into_head": split.head_folded}
+        if self.training_preprocessing is not None:
+            metadata["preprocessing"] = self.training_preprocessing.to_dict()
         if self._is_peft_model():  # the base the adapter needs (peft_folders: resized head, BatchNorm...)
             metadata["peft_base"] = save_adapter_base(model, output_dir)
         checkpoint.write_metadata(output_dir, metadata)
@@ -330,6 +362,8 @@ class SaliencyDecorTrainer(Trainer):
         family = self.sd_adapter.family  # the config its library reloads the weights with (timm, PaperCNN)
         if not self._is_peft_model() or not family.reloads_by_itself:
             family.write_config(self.sd_adapter.base_model, output_dir, input_size=metadata["input_size"])
+        if self.training_preprocessing is not None and family.has_image_processor:
+            write_processor_normalization(output_dir, self.training_preprocessing, metadata["input_size"])
 
     def _warn_if_unfolded(self, split: checkpoint.SplitState) -> None:
         whitening = self.sd_adapter.whitening
