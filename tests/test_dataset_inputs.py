@@ -181,5 +181,7 @@ def test_trainer__empty_class_folder_and_labels_past_the_model_found_before_the_
 
     wide = timm.create_model("resnet10t", pretrained=False, num_classes=4)
     trainer = _imagefolder_trainer(tmp_path, root, wide)
-    with pytest.warns(SaliencyDecorWarning, match=r"model class 3 has no example \(its classes: \['ant', 'bee', 'cow'\]\)"):
+    with pytest.warns(
+        SaliencyDecorWarning, match=r"model class 3 has no example \(its classes: \['ant', 'bee', 'cow'\]\)"
+    ):
         trainer.train()

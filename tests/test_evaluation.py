@@ -518,7 +518,9 @@ def test_attribution_function__gets_what_captum_takes_for_every_family(family, t
     from sd_plugin.core.masking import pixel_saliency
 
     model = tiny_models.build(family, tmp_path).eval()
-    images = torch.randn(3, 3, tiny_models.IMAGE_SIZE, tiny_models.IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(
+        3, 3, tiny_models.IMAGE_SIZE, tiny_models.IMAGE_SIZE, generator=torch.Generator().manual_seed(0)
+    )
     labels = torch.tensor([0, 1, 2])
 
     def occlusion(forward, x, y):

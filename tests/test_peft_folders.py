@@ -92,7 +92,9 @@ def test_adapter_folder_without_a_base__refused_with_the_fix(tmp_path):
 def test_readme_peft_reload__the_base_as_trained_gives_the_trained_logits(tmp_path, monkeypatch):
     """The README's PEFT reload (``base_model/``) gives the trained logits; a fresh pretrained base does not."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = readme.split("<!-- peft-reload -->")[1].split("<!-- /peft-reload -->")[0].split("```python")[1].split("```")[0]
+    code = (
+        readme.split("<!-- peft-reload -->")[1].split("<!-- /peft-reload -->")[0].split("```python")[1].split("```")[0]
+    )
     model = tiny_models.build("peft_timm_resnet", tmp_path)
     trainer = tiny_models.train_and_save(model, tmp_path / "lora-out", steps=3, method="sgt")
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))

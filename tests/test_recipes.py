@@ -462,15 +462,23 @@ def test_finished_run__refused_unless_resumed_or_overwritten_and_never_mixed(tin
         run_in_process(recipe_args(models["hf_resnet"], tiny_imagenet, output, *flags, "--max_train_steps", "1"))
     assert (output / "all_results.json").read_text() == before  # nothing of the finished run touched
     run_in_process(
-        recipe_args(models["hf_resnet"], tiny_imagenet, output, *flags, "--max_train_steps", "1", "--overwrite_output_dir")
+        recipe_args(
+            models["hf_resnet"], tiny_imagenet, output, *flags, "--max_train_steps", "1", "--overwrite_output_dir"
+        )
     )
     assert sorted(p.name for p in output.glob("step_*")) == ["step_1"]  # the old run's step_2, step_3 deleted
     assert history(output)["completed_steps"] == 1
     # resuming the (new) run is what a finished folder still allows
     resumed = run_in_process(
         recipe_args(
-            models["hf_resnet"], tiny_imagenet, output, *flags, "--max_train_steps", "2",
-            "--resume_from_checkpoint", "latest",
+            models["hf_resnet"],
+            tiny_imagenet,
+            output,
+            *flags,
+            "--max_train_steps",
+            "2",
+            "--resume_from_checkpoint",
+            "latest",
         )  # fmt: skip
     )
     assert resumed["completed_steps"] == 2

@@ -16,8 +16,9 @@ can be scored too: pass a function ``f(model, images, labels) -> maps`` (Captum-
 higher = more important). ``model`` is what Captum takes as a forward function: calling it on
 ``images`` gives the logits tensor (a transformers model arrives wrapped in
 ``model_fn.LogitsModel``, its original as ``.model``), so ``lambda m, x, y:
-Occlusion(m).attribute(x, target=y, sliding_window_shapes=(3, 8, 8))`` works for every family or precomputed maps (``PrecomputedMaps``) wherever an ``attribution``
-is taken. ``blurred(attribution, sigma)`` is the blur control of any of them.
+Occlusion(m).attribute(x, target=y, sliding_window_shapes=(3, 8, 8))`` works for every family),
+or precomputed maps (``PrecomputedMaps``), wherever an ``attribution`` is taken.
+``blurred(attribution, sigma)`` is the blur control of any of them.
 
 Example:
     >>> import torch

@@ -147,7 +147,7 @@ def gradient_boxplot(
     share = f"{important_fraction:.0%}"
     title = title or (
         f"{explanation_title(explanation)}: each image's top {share} pixels by its own map\n"
-        f"(\"important\") vs. the other {1 - important_fraction:.0%} (\"other\")"
+        f'("important") vs. the other {1 - important_fraction:.0%} ("other")'
     )
     plt = _pyplot()
     data, positions, tick_labels = [], [], []

@@ -328,7 +328,10 @@ def faithfulness_curves(
         seen = 0
         batches = batch_count(dataloader, max_images)
         bar = progress_bar(
-            None if batches is None else batches * len(keys), progress, f"removal curves ({len(keys)} per batch)", "curve"
+            None if batches is None else batches * len(keys),
+            progress,
+            f"removal curves ({len(keys)} per batch)",
+            "curve",
         )
         for batch in dataloader:
             images, labels = unpack_batch(batch)

@@ -43,7 +43,9 @@ _ROWS = (
     Metric("road_masking_auc_random", "ROAD rand", "masking AUC, random order, ROAD imputation", None, "{:.0f}"),
     Metric("road_faithfulness_gap", "ROAD gap", "faithfulness gap under ROAD imputation", True),
     Metric("road_lerf_morf_gap", "ROAD LeRF-MoRF", "(AUC_LeRF - AUC_MoRF) / AUC_random, ROAD imputation", True),
-    Metric("blurred_faithfulness_gap", "blur gap", "faithfulness gap of the blurred maps (blur control), mean fill", True),
+    Metric(
+        "blurred_faithfulness_gap", "blur gap", "faithfulness gap of the blurred maps (blur control), mean fill", True
+    ),
     Metric("blurred_lerf_morf_gap", "blur LeRF-MoRF", "LeRF-MoRF of the blurred maps (blur control), mean fill", True),
     Metric("blurred_road_lerf_morf_gap", "blur ROAD L-M", "ROAD LeRF-MoRF of the blurred maps (blur control)", True),
     Metric("deletion_auc", "del", "RISE deletion AUC", False),

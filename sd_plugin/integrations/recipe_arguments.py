@@ -134,7 +134,8 @@ class RecipeArguments(MaskingTestArguments):
             if modules and not any(importlib.util.find_spec(m) for m in modules):
                 warnings.warn(
                     f"--with_tracking --report_to {tracker}: {modules[0]} is not installed, so nothing is logged "
-                    f"to it; `pip install {modules[0]}`" + (" (or 'sd-plugin[tracking]')." if tracker == "tensorboard" else "."),
+                    f"to it; `pip install {modules[0]}`"
+                    + (" (or 'sd-plugin[tracking]')." if tracker == "tensorboard" else "."),
                     SaliencyDecorWarning,
                     stacklevel=3,
                 )

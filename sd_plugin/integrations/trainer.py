@@ -257,7 +257,8 @@ class SaliencyDecorTrainer(Trainer):
         self._datasets_checked = True
 
     def _warn_if_preprocessing_unknown(self) -> None:
-        """One warning when the training set is raw images whose transform the Trainer cannot see, and nothing says it."""
+        """One warning when the training set is raw images whose transform the Trainer cannot read, and nothing
+        else says how it normalises."""
         if self.training_preprocessing is not None or getattr(self, "_warned_preprocessing", False):
             return
         try:
@@ -290,7 +291,9 @@ class SaliencyDecorTrainer(Trainer):
         if self.args.overwrite_output_dir:
             self.accelerator.wait_for_everyone()
         if removed:
-            logger.warning("overwrite_output_dir=True: deleted the previous run's %s in %s", removed, self.args.output_dir)
+            logger.warning(
+                "overwrite_output_dir=True: deleted the previous run's %s in %s", removed, self.args.output_dir
+            )
 
     def _last_complete_checkpoint(self) -> str:
         from transformers.trainer_utils import sort_checkpoints

@@ -158,7 +158,8 @@ def check_training_data(
         if missing:
             _, model_names = model_class_names(model)
             labels = [
-                f"{i} ({model_names[i]!r})" if model_names and i < len(model_names) else str(i) for i in missing[:_SHOWN]
+                f"{i} ({model_names[i]!r})" if model_names and i < len(model_names) else str(i)
+                for i in missing[:_SHOWN]
             ]
             dataset_classes = f" (its classes: {names[:_SHOWN]}{'...' if len(names) > _SHOWN else ''})" if names else ""
             warnings.warn(

@@ -54,9 +54,7 @@ class TrainingPreprocessing:
             mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
             if len(mean) != len(std) or min(std) <= 0:
                 raise ValueError(f"image_mean={list(mean)} / image_std={list(std)}: one value per channel, std > 0.")
-            if processor_mean is not None and (
-                _differs(mean, processor_mean) or _differs(std, processor_std or ())
-            ):
+            if processor_mean is not None and (_differs(mean, processor_mean) or _differs(std, processor_std or ())):
                 raise ValueError(
                     f"image_mean/image_std {list(mean)}/{list(std)} differ from processing_class's "
                     f"{list(processor_mean)}/{list(processor_std or [])}: the saved processor would preprocess "
