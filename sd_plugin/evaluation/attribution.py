@@ -8,9 +8,18 @@
   ``pip install 'sd-plugin[eval]'``);
 - ``"smoothgrad"``: the mean ``logit_gradient`` over noisy copies, the noise scaled by each
   image's own value range (as Captum's ``NoiseTunnel(Saliency)``, which scales by one number);
+- ``"input_x_gradient"``: Captum's ``InputXGradient`` at the true label (``x * d logit_y / d x``),
+  summed over channels: *signed*, positive where a pixel adds evidence for the class;
+- ``"gradcam"``: Grad-CAM of the last spatial feature map (``gradcam``: found per model; ViT tokens
+  reshaped to the patch grid), ReLU'd and upsampled to the input size;
+- ``"native"``: the model's own explanation, ``model.explain(pixel_values, target) -> maps`` (B-cos
+  models' contribution maps), summed over channels when it gives ``(B, C, H, W)``;
 - ``"random"``: uniform noise (the reference order).
 
-Every map is the channel mean of the absolute attribution, ``(B, H, W)``. Any other explanation
+Every map is ``(B, H, W)``: the channel mean of the absolute attribution for the gradients,
+Integrated Gradients and SmoothGrad, the signed channel sum for Input×Gradient and the native
+explanation, non-negative for Grad-CAM. Ground-truth scores that count evidence (the grid pointing
+game, the energy pointing game) read the positive part. Any other explanation
 can be scored too: pass a function ``f(model, images, labels) -> maps`` (Captum-shaped:
 ``(B, C, H, W)`` attributions are reduced the same way, ``(B, H, W)`` maps are used as they are,
 higher = more important). ``model`` is what Captum takes as a forward function: calling it on
@@ -38,7 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.adapter import unwrap_model
 from ..core.masking import pixel_saliency
+from .gradcam import grad_cam
 from .model_fn import LogitsFn, as_logits_model, logits_fn
 
 __all__ = [
@@ -51,10 +62,21 @@ __all__ = [
     "blurred",
     "check_attribution",
     "input_gradients",
+    "input_x_gradient",
+    "native_explanation",
     "saliency_maps",
 ]
 
-ATTRIBUTIONS = ("gradient", "logit_gradient", "integrated_gradients", "smoothgrad", "random")
+ATTRIBUTIONS = (
+    "gradient",
+    "logit_gradient",
+    "input_x_gradient",
+    "integrated_gradients",
+    "smoothgrad",
+    "gradcam",
+    "native",
+    "random",
+)
 AttributionFn = Callable[..., Tensor]  # f(model, images, labels) -> (B, H, W) or (B, C, H, W)
 
 
@@ -170,7 +192,7 @@ def _captum():
         import captum.attr as attr
     except ImportError as error:  # pragma: no cover - depends on the install
         raise ImportError(
-            "attribution='integrated_gradients'/'smoothgrad' needs Captum: pip install 'sd-plugin[eval]'"
+            "attribution='integrated_gradients'/'input_x_gradient' needs Captum: pip install 'sd-plugin[eval]'"
         ) from error
     return attr
 
@@ -201,6 +223,30 @@ def smoothgrad(
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         total += logit_gradients(forward, images + noise * std * value_range, labels).abs().to(total.dtype)
     return total / samples
+
+
+def input_x_gradient(forward: LogitsFn, images: Tensor, labels: Tensor) -> Tensor:
+    """``(B, H, W)``: Captum's ``InputXGradient`` at ``labels``, summed over channels (signed)."""
+    attr = _captum()
+    with torch.enable_grad():
+        values = attr.InputXGradient(forward).attribute(images.detach().clone(), target=labels)
+    return values.detach().sum(1)
+
+
+def native_explanation(model: nn.Module | LogitsFn, images: Tensor, labels: Tensor) -> Tensor:
+    """``(B, H, W)``: the model's own explanation, ``model.explain(pixel_values, target)`` (channel sum of 4-D)."""
+    base = unwrap_model(model) if isinstance(model, nn.Module) else model
+    explain = getattr(base, "explain", None)
+    if not callable(explain):
+        raise ValueError(
+            f"attribution='native': {type(base).__name__} defines no explanation of its own (a method "
+            "explain(pixel_values, target) -> (B, H, W) or (B, C, H, W) maps, as B-cos models have). Use another "
+            f"attribution: {tuple(a for a in ATTRIBUTIONS if a != 'native')}."
+        )
+    with torch.enable_grad():
+        maps = explain(images.detach(), labels)
+    maps = maps.detach()
+    return maps.sum(1) if maps.dim() == 4 else maps
 
 
 def saliency_maps(
@@ -264,6 +310,14 @@ def saliency_maps(
         return pixel_saliency(logit_gradients(forward, images, labels))
     if attribution == "smoothgrad":
         return pixel_saliency(smoothgrad(forward, images, labels, smoothgrad_samples, smoothgrad_std, generator))
+    if attribution == "input_x_gradient":
+        return input_x_gradient(forward, images, labels)
+    if attribution == "gradcam":
+        if not isinstance(model, nn.Module):
+            raise ValueError("attribution='gradcam' needs the model (an nn.Module), not a logits function.")
+        return grad_cam(model, images, labels)
+    if attribution == "native":
+        return native_explanation(model, images, labels)
     attr = _captum()
     x = images.detach()
     with torch.enable_grad():

@@ -21,6 +21,9 @@ _EXPLANATION_TITLES = {
     "logit_gradient": "Logit-gradient saliency |dlogit_y/dx|",
     "integrated_gradients": "Integrated Gradients |IG| (zero baseline)",
     "smoothgrad": "SmoothGrad (mean |dlogit_y/dx| over noisy copies)",
+    "input_x_gradient": "Input×Gradient x·dlogit_y/dx (signed, channel sum)",
+    "gradcam": "Grad-CAM (last spatial feature map)",
+    "native": "The model's own explanation",
     "random": "Random map (the reference order)",
 }
 

@@ -9,14 +9,18 @@ batched on the device; an image with an empty mask scores NaN, as in Quantus.
 
 - relevance mass accuracy: the share of the map's total inside the mask;
 - relevance rank accuracy: with ``K`` mask pixels, the share of the map's top ``K`` inside it;
-- pointing game: 1 if the map's maximum lies inside the mask (any of tied maxima), else 0.
+- pointing game: 1 if the map's maximum lies inside the mask (any of tied maxima), else 0;
+- energy pointing game (Wang et al. 2020, as Rao et al. 2023 use it): the share of the map's
+  *positive* part inside the mask — for signed maps (Input×Gradient, a model's own contributions)
+  the evidence *for* the class; equal to relevance mass for non-negative maps. A map with no
+  positive value scores 0.
 
 Example:
     >>> import torch
     >>> maps = torch.tensor([[[0.0, 3.0], [1.0, 0.0]]])
     >>> mask = torch.tensor([[[False, True], [False, False]]])
     >>> localization_scores(maps, mask)
-    {'relevance_mass': [0.75], 'relevance_rank': [1.0], 'pointing_game': [1.0]}
+    {'relevance_mass': [0.75], 'relevance_rank': [1.0], 'pointing_game': [1.0], 'energy_pointing_game': [0.75]}
 """
 
 from __future__ import annotations
@@ -24,9 +28,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["LOCALIZATION_METRICS", "localization_scores", "pointing_game", "relevance_mass", "relevance_rank"]
+__all__ = [
+    "LOCALIZATION_METRICS",
+    "energy_pointing_game",
+    "localization_scores",
+    "pointing_game",
+    "relevance_mass",
+    "relevance_rank",
+]
 
-LOCALIZATION_METRICS = ("relevance_mass", "relevance_rank", "pointing_game")
+LOCALIZATION_METRICS = ("relevance_mass", "relevance_rank", "pointing_game", "energy_pointing_game")
 
 
 def _flat(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,10 +73,26 @@ def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
     return _nan_where_empty((peaks & inside).any(1).double(), inside)
 
 
+def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
+    """Share of each map's positive part inside its mask (0 without a positive value): ``(B,)``.
+
+    Example:
+        >>> maps = torch.tensor([[[2.0, -5.0], [1.0, 1.0]]])
+        >>> energy_pointing_game(maps, torch.tensor([[[True, True], [False, False]]])).tolist()
+        [0.5]
+    """
+    values, inside = _flat(maps, masks)
+    positive = values.clamp_min(0)
+    total = positive.sum(1)
+    share = torch.where(total > 0, (positive * inside).sum(1) / total.clamp_min(1e-300), torch.zeros_like(total))
+    return _nan_where_empty(share, inside)
+
+
 def localization_scores(maps: Tensor, masks: Tensor) -> dict[str, list[float]]:
     """Per-image scores of the three metrics: ``{name: [score per image]}``."""
     return {
         "relevance_mass": relevance_mass(maps, masks).tolist(),
         "relevance_rank": relevance_rank(maps, masks).tolist(),
         "pointing_game": pointing_game(maps, masks).tolist(),
+        "energy_pointing_game": energy_pointing_game(maps, masks).tolist(),
     }

@@ -153,7 +153,7 @@ def localization_metrics(
 
 # Attributions whose maps are a function of the model and the image alone: computed once, reused by
 # every metric. "random" and "smoothgrad" draw from the evaluation's generator, so each metric draws its own.
-_REUSABLE = ("gradient", "logit_gradient", "integrated_gradients")
+_REUSABLE = ("gradient", "logit_gradient", "input_x_gradient", "integrated_gradients", "gradcam", "native")
 MAX_REUSED_MAP_BYTES = 1 << 30  # both sets of maps above this: recomputed per metric, not held in memory
 
 
