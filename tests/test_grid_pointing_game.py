@@ -129,3 +129,37 @@ def test_gradcam__vit_tokens_on_the_patch_grid_equal_a_hand_computation(family, 
     reference = F.interpolate(cam, size=(16, 16), mode="bilinear")[:, 0]
     assert grad[:, 1:].abs().sum() > 0  # the patch tokens reach the class token after this layer
     assert torch.allclose(maps, reference, atol=1e-5)
+
+
+def test_evaluate_cli__grid_pointing_game_same_grids_for_every_model(tmp_path, capsys):
+    """``evaluate --grid-pointing-game`` scores each model on the same grids, per cell, beside chance."""
+    import json
+
+    import timm
+
+    from sd_plugin.__main__ import main as cli
+
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+        folder = tmp_path / f"m{seed}"
+        from sd_plugin.core.families import write_timm_config
+        from safetensors.torch import save_file
+
+        folder.mkdir()
+        save_file(model.state_dict(), folder / "model.safetensors")
+        write_timm_config(model, folder, input_size=[3, 16, 16])
+        folders.append(folder)
+    flags = ["--dataset", "digits", "--max-images", "20", "--step", "50", "--no-road", "--no-progress"]
+    flags += ["--attribution", "gradcam", "--grid-pointing-game", "6", "--grid-disconnected"]
+    out = tmp_path / "eval"
+    assert cli(["evaluate", "--model", str(folders[0]), "--compare", str(folders[1]), "--output-dir", str(out), *flags]) == 0
+    assert "GridPG" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    first, second = (results["models"][name] for name in results["models"])
+    assert first["grid_pointing_game_cells"]["chance"] == 0.25
+    assert len(first["grid_pointing_game_cells"]["scores"]) == 6
+    assert first["grid_pointing_game_cells"]["attribution"] == "gradcam"
+    assert "grid_pointing_game_disconnected_correct" in second
+    assert set(first) <= set(results["metrics"]) | set(results["fields"])

@@ -23,6 +23,7 @@ import torch
 from ..storage.data import check_labels_fit, image_transform, load_eval_dataset, model_class_names
 from ..storage.loading import load_classifier, weights_fingerprint
 from .attribution import ATTRIBUTIONS, saliency_maps
+from .grid_pointing_game import dataset_labels, grid_pointing_game, make_grids
 from .masking_curve import CURVE_FILLS, MaskingCurve, percentages_every, random_subset
 from .metrics import METRICS, RESULT_FIELDS, TABLE_METRICS, metric_directions
 from .randomization import parameter_randomization
@@ -56,6 +57,11 @@ _LEGEND = (
     (
         ("relevance_mass", "relevance_rank", "pointing_game"),
         "mass/rank/point: relevance mass, relevance rank and pointing game on the ground-truth objects;",
+    ),
+    (
+        ("grid_pointing_game", "grid_pointing_game_disconnected"),
+        "GridPG: grid pointing game, the share of the explanation's positive part in its class's cell of a grid of "
+        "images of distinct classes (chance 1/n²); ok: cells whose image alone is classified correctly;",
     ),
 )
 
@@ -137,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[a for a in ATTRIBUTIONS if a != "random"],
         help="saliency method that ranks the pixels",
     )
+    parser.add_argument(
+        "--grid-pointing-game",
+        type=int,
+        default=0,
+        metavar="GRIDS",
+        help="also score the grid pointing game on GRIDS fixed n x n grids of the dataset's images of distinct "
+        "classes (the same grids for every model; 0: off). Needs a model that takes n times its input size",
+    )
+    parser.add_argument("--grid-n", type=int, default=2, help="cells per side of the grid pointing game's grids")
+    parser.add_argument(
+        "--grid-disconnected", action="store_true", help="also the disconnected grid pointing game (Rao et al.)"
+    )
     parser.add_argument("--randomization", action="store_true", help="also run the parameter-randomisation check")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random order and fill")
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     saliency: dict[str, torch.Tensor] = {}
     curves: dict[str, list[MaskingCurve]] = {}
     examples, class_names = None, None
+    grids = None
     for path in [args.model, *args.compare]:
         name = _display_name(path, set(results))
         model = load_classifier(path).to(args.device)
@@ -169,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         split = getattr(dataset, "split", None) or args.split  # the split loaded, as the loader chose it
         if args.skip_unreadable_images and hasattr(dataset, "without_unreadable"):
             dataset = dataset.without_unreadable()
+        if args.grid_pointing_game:  # drawn once from the whole split: the same grids for every model
+            grids = grids or make_grids(dataset_labels(dataset), args.grid_pointing_game, n=args.grid_n, seed=args.seed)
+            grid_dataset = dataset
         if args.max_images is not None:  # the same seeded, class-spread images for every model
             dataset = random_subset(dataset, args.max_images)
         metrics = evaluate_model(
@@ -184,6 +206,14 @@ def main(argv: list[str] | None = None) -> int:
             road=not args.no_road,
             blur_sigma=args.blur_sigma or None,
         )
+        if args.grid_pointing_game:
+            for disconnected in (False, True) if args.grid_disconnected else (False,):
+                game = grid_pointing_game(
+                    model, grid_dataset, grids, attribution=args.attribution, disconnected=disconnected
+                ).to_dict()
+                key = "grid_pointing_game_disconnected" if disconnected else "grid_pointing_game"
+                metrics[key], metrics[f"{key}_correct"] = game["mean"], game["mean_correct"]
+                metrics[f"{key}_cells"] = game
         metrics["source"] = path
         if directory is not None:
             metrics["weights_sha256"] = weights_fingerprint(directory)

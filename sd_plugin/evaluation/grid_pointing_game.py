@@ -37,7 +37,15 @@ from ..utils.batches import unpack_batch
 from .attribution import Attribution, attribution_name, saliency_maps
 from .model_fn import evaluation_mode, prepare_for_evaluation
 
-__all__ = ["GridPointingGame", "Grids", "cell_shares", "compose_grid", "grid_pointing_game", "make_grids"]
+__all__ = [
+    "GridPointingGame",
+    "Grids",
+    "cell_shares",
+    "compose_grid",
+    "dataset_labels",
+    "grid_pointing_game",
+    "make_grids",
+]
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,34 @@ def make_grids(labels: Sequence[int] | Tensor, count: int, n: int = 2, seed: int
             pool = members[c]
             indices[g, k] = pool[torch.randint(pool.numel(), (1,), generator=generator)]
     return Grids(indices, labels[indices], n, seed)
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Every label of ``dataset`` in order, read without decoding images where the dataset keeps them apart.
+
+    Example:
+        >>> from torch.utils.data import Subset, TensorDataset
+        >>> dataset_labels(Subset(TensorDataset(torch.zeros(4, 1), torch.tensor([3, 1, 2, 0])), [1, 3]))
+        [1, 0]
+    """
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        inner = dataset_labels(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, Tensor) and labels.dim() == 1 and len(labels) == len(dataset):
+        return [int(v) for v in labels]
+    samples = getattr(dataset, "samples", None)  # image-path datasets: (path, label) pairs
+    if isinstance(samples, list) and len(samples) == len(dataset):
+        return [int(label) for _, label in samples]
+    inner, column = getattr(dataset, "dataset", None), getattr(dataset, "label_column", None)
+    if inner is not None and column is not None:  # HFImageDataset: the label column alone
+        return [int(v) for v in inner.with_format(None)[column]]
+    tensors = getattr(dataset, "tensors", None)  # TensorDataset
+    if tensors is not None and len(tensors) >= 2:
+        return [int(v) for v in tensors[1]]
+    return [int(unpack_batch(_batched(dataset[i]))[1][0]) for i in range(len(dataset))]
 
 
 def compose_grid(cells: Tensor, n: int) -> Tensor:

@@ -60,6 +60,12 @@ _ROWS = (
     Metric("blurred_relevance_rank", "blur rank", "relevance rank accuracy of the blurred maps (blur control)", True),
     Metric("blurred_pointing_game", "blur point", "pointing game of the blurred maps (blur control)", True),
     Metric("blurred_energy_pointing_game", "blur energy", "energy pointing game of the blurred maps", True),
+    Metric("grid_pointing_game", "GridPG", "grid pointing game, all cells (chance 1/n²)", True),
+    Metric("grid_pointing_game_correct", "GridPG ok", "grid pointing game, cells whose image alone is correct", True),
+    Metric("grid_pointing_game_disconnected", "DiGridPG", "disconnected grid pointing game, all cells", True),
+    Metric(
+        "grid_pointing_game_disconnected_correct", "DiGridPG ok", "disconnected grid pointing game, correct cells", True
+    ),
     Metric("sparseness", "gini", "saliency sparseness (Gini)", True),
     Metric("effective_rank", "erank", "feature effective rank", None, "{:.1f}"),
     Metric("live_features", "live", "fraction of penultimate features alive", True, "{:.0%}"),
@@ -79,6 +85,8 @@ TABLE_METRICS = (
     "blurred_relevance_mass",
     "relevance_rank",
     "pointing_game",
+    "grid_pointing_game",
+    "grid_pointing_game_correct",
     "live_features",
 )
 
@@ -95,6 +103,8 @@ RESULT_FIELDS = {
     "source": "the evaluated folder or Hub id",
     "weights_sha256": "fingerprint of the evaluated weights (a folder)",
     "randomization": "the parameter-randomization check (evaluate --randomization)",
+    "grid_pointing_game_cells": "the grid pointing game per (grid, cell): scores, correct cells, n, chance, grids",
+    "grid_pointing_game_disconnected_cells": "the same for the disconnected variant",
 }
 
 
