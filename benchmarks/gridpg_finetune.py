@@ -110,7 +110,7 @@ def write_report(output: Path, results: dict) -> None:
         f"Machine: {meta['machine']}. {meta['image_size']} px cells, {meta['epochs']} epochs, seeds "
         f"{meta['seeds']}; {meta['grids']} fixed {meta['n']}×{meta['n']} grids of the `{meta['split']}` split "
         f"(chance {1 / meta['n'] ** 2:.2f}). GridPG = share of the explanation's positive part in the target's "
-        "own cell; \"correct\" = the cells whose image alone the model classifies correctly. Mean ± std over seeds.",
+        'own cell; "correct" = the cells whose image alone the model classifies correctly. Mean ± std over seeds.',
         "",
         "| run | accuracy % | " + " | ".join(f"{e}: all | {e}: correct" for e in explanations) + " |",
         "|---|---|" + "---|---|" * len(explanations),

@@ -154,7 +154,10 @@ def test_evaluate_cli__grid_pointing_game_same_grids_for_every_model(tmp_path, c
     flags = ["--dataset", "digits", "--max-images", "20", "--step", "50", "--no-road", "--no-progress"]
     flags += ["--attribution", "gradcam", "--grid-pointing-game", "6", "--grid-disconnected"]
     out = tmp_path / "eval"
-    assert cli(["evaluate", "--model", str(folders[0]), "--compare", str(folders[1]), "--output-dir", str(out), *flags]) == 0
+    assert (
+        cli(["evaluate", "--model", str(folders[0]), "--compare", str(folders[1]), "--output-dir", str(out), *flags])
+        == 0
+    )
     assert "GridPG" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     first, second = (results["models"][name] for name in results["models"])

@@ -461,3 +461,12 @@ def test_card__license_and_local_datasets(tmp_path):
     assert "## Limitations" in card.text and "random* masks scores as" in card.text
     unstated = ModelCard.load(export(model, tmp_path / "unstated") / "README.md")
     assert unstated.data.license == "other" and "License: not stated" in unstated.text
+
+
+def test_card_evaluation_table__names_the_explanation_its_numbers_are_for():
+    from sd_plugin.hub.card import _evaluation_table
+
+    table = _evaluation_table(
+        {"accuracy": 90.0, "grid_pointing_game": 0.5, "num_images": 5, "attribution": "gradcam"}, {}
+    )
+    assert "of the explanation `gradcam`" in table and "grid pointing game" in table

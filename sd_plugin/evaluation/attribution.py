@@ -55,6 +55,7 @@ from .model_fn import LogitsFn, as_logits_model, logits_fn
 __all__ = [
     "ATTRIBUTIONS",
     "Attribution",
+    "Explainer",
     "AttributionFn",
     "PrecomputedMaps",
     "attribution_name",
@@ -247,6 +248,36 @@ def native_explanation(model: nn.Module | LogitsFn, images: Tensor, labels: Tens
         maps = explain(images.detach(), labels)
     maps = maps.detach()
     return maps.sum(1) if maps.dim() == 4 else maps
+
+
+class Explainer:
+    """One explanation of one model, called as Captum's methods are: ``attribute(inputs, target) -> (B, H, W)``.
+
+    ``method`` is any ``attribution`` this module takes (a name of ``ATTRIBUTIONS``, a function,
+    ``blurred(...)``); ``options`` go to ``saliency_maps`` (``ig_steps``, ``smoothgrad_samples``...).
+    The model is put in eval mode for the call and given its own modes back.
+
+    Example:
+        >>> import timm
+        >>> explainer = Explainer(timm.create_model("resnet10t", num_classes=3), "gradcam")
+        >>> explainer.attribute(torch.randn(2, 3, 64, 64), target=1).shape, explainer.name
+        (torch.Size([2, 64, 64]), 'gradcam')
+    """
+
+    def __init__(self, model: nn.Module, method: Attribution = "gradient", **options: object) -> None:
+        check_attribution(method)
+        self.model, self.method, self.options = model, method, options
+
+    @property
+    def name(self) -> str:
+        return attribution_name(self.method)
+
+    def attribute(self, inputs: Tensor, target: int | Tensor) -> Tensor:
+        from .model_fn import evaluation_mode
+
+        labels = torch.as_tensor(target, device=inputs.device).long().expand(inputs.shape[0]).clone()
+        with evaluation_mode(self.model):
+            return saliency_maps(self.model, inputs, labels, self.method, **self.options)
 
 
 def saliency_maps(

@@ -50,9 +50,12 @@ def _evaluation_table(evaluation: dict[str, Any] | None, comparisons: dict[str, 
         cells = [_format(r[key]) if key in r else "–" for r in rows.values()]
         lines.append(f"| {METRIC_LABELS[key][1]} | " + " | ".join(cells) + " |")
     source = evaluation.get("num_images")
-    if source:
+    explanation = evaluation.get("attribution")
+    if source or explanation:
         lines.append("")
-        lines.append(f"Measured on {source} images with `python -m sd_plugin evaluate` (command below).")
+        measured = f"Measured on {source} images" if source else "Measured"
+        of = f" of the explanation `{explanation}` (every map-based number is for it)" if explanation else ""
+        lines.append(f"{measured}{of} with `python -m sd_plugin evaluate` (command below).")
     return "\n".join(lines)
 
 
