@@ -144,8 +144,9 @@ def test_evaluate_cli__grid_pointing_game_same_grids_for_every_model(tmp_path, c
         torch.manual_seed(seed)
         model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
         folder = tmp_path / f"m{seed}"
-        from sd_plugin.core.families import write_timm_config
         from safetensors.torch import save_file
+
+        from sd_plugin.core.families import write_timm_config
 
         folder.mkdir()
         save_file(model.state_dict(), folder / "model.safetensors")

@@ -1,9 +1,9 @@
 """Faithfulness and representation metrics for any image classifier."""
 
 from .attribution import Explainer, input_gradients, saliency_maps
+from .grid_pointing_game import grid_pointing_game, make_grids
 from .masking_curve import DEFAULT_PERCENTAGES, MaskingCurve, faithfulness_gap, masking_auc, masking_curve
 from .model_fn import LogitsModel, logits_fn
-from .grid_pointing_game import grid_pointing_game, make_grids
 from .report import evaluate_model
 
 __all__ = [
