@@ -67,6 +67,28 @@ def test_step_cost__input_gradient_terms_get_their_batch_and_never_wait_for_the_
         assert step_cost.host_syncs(trainer, batch) == 0, label
 
 
+def test_step_cost__every_variant_steps_a_vision_transformer(tmp_path):
+    """The benchmark's default variants all run on a ViT (the input-gradient terms failed on its attention)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def tiny_vit():
+        config = ViTConfig(
+            image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=16, num_labels=3,
+        )  # fmt: skip
+        return ViTForImageClassification(config)
+
+    case = {"name": "tiny ViT", "build": tiny_vit, "shape": (3, 16, 16), "classes": 3, "batch": 8, "group_size": 4}
+    torch.manual_seed(0)
+    reference = {k: v.clone() for k, v in tiny_vit().state_dict().items()}
+    batch = {"pixel_values": torch.randn(8, 3, 16, 16), "labels": torch.randint(0, 3, (8,))}
+    for label, overrides in step_cost.VARIANTS:
+        if overrides.get("whitening_compile"):
+            continue  # compiling is the compiled-whitening test's (and slow)
+        trainer = step_cost.build_trainer(case, overrides, reference, torch.device("cpu"), str(tmp_path))
+        step_cost.make_step(trainer, step_cost.batch_for(trainer, batch))()
+
+
 @needs_torch_compile  # the step-cost table has a compiled-whitening row
 def test_step_cost__default_step_never_waits_for_the_device_and_memory_within_target(tmp_path):
     """Issue 20: no host sync in the default step; DESIGN.md §6: peak memory <= 1.15x a plain Trainer step."""
