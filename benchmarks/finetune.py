@@ -49,6 +49,7 @@ from reproduce import (  # noqa: E402
 )
 
 from sd_plugin import SaliencyDecorTrainer  # noqa: E402
+from sd_plugin.evaluation.grid_pointing_game import grid_pointing_game, make_grids  # noqa: E402
 from sd_plugin.evaluation.masking_curve import percentages_every, random_subset  # noqa: E402
 from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
 from sd_plugin.storage.data import IMAGE_EXTENSIONS, folder_classes  # noqa: E402
@@ -241,13 +242,20 @@ def train_one(config: dict, seed: int, model_name: str, classes, train, hyper: d
     return model.eval(), seconds
 
 
-def evaluate(model, evaluation, metric_images: int, batch_size: int, step: float = 5.0) -> dict:
+def evaluate(
+    model, evaluation, metric_images: int, batch_size: int, step: float = 5.0, grids=None, explanations=()
+) -> dict:
     # a fixed seeded random subset spread over the whole split: the same images for every model
     subset = random_subset(evaluation, metric_images)
     metrics = evaluate_model(model, subset, batch_size=batch_size, percentages=percentages_every(step))
     metrics.pop("curves", None)
     metrics["accuracy_subset"] = metrics["accuracy"]
     metrics["accuracy"] = accuracy(model, DataLoader(evaluation, batch_size=batch_size))
+    for name in explanations if grids is not None else ():  # the same grids for every model
+        game = grid_pointing_game(model, evaluation, grids, attribution=name).to_dict()
+        metrics[f"grid_pointing_game/{name}"] = game["mean"]
+        metrics[f"grid_pointing_game_correct/{name}"] = game["mean_correct"]
+        metrics.setdefault("per_image", {})[f"grid_pointing_game/{name}"] = sum(game["scores"], [])
     return metrics
 
 
@@ -430,6 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reuse", nargs="+", default=[], metavar="DIR", help="earlier output folders of this setup")
     parser.add_argument(
+        "--grid-pointing-game",
+        type=int,
+        default=0,
+        metavar="GRIDS",
+        help="also score GRIDS fixed 2x2 grids of the evaluation split (the same for every model) under each "
+        "--grid-explanations (benchmarks/gridpg_finetune.py has the full table with paired tests)",
+    )
+    parser.add_argument("--grid-explanations", nargs="+", default=["gradient", "input_x_gradient", "gradcam"])
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rebuild results.json's tables and RESULTS.md from its finished runs (--methods, --variants, --seeds)",
@@ -451,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = getattr(probe, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
     train, evaluation, classes, eval_split = load_splits(Path(args.data), args.image_size, mean, std)
+    grids = make_grids(evaluation.labels.tolist(), args.grid_pointing_game) if args.grid_pointing_game else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     machine = (
         torch.cuda.get_device_name()
@@ -513,7 +531,13 @@ def main(argv: list[str] | None = None) -> int:
                         save_to = Path(args.models_dir) / f"{label.replace('=', '-')}-seed{seed}"
                     model, seconds = train_one(config, seed, args.model, classes, train, hyper, workdir, save_to)
                     metrics = evaluate(
-                        model.to(device), evaluation, args.metric_images, args.eval_batch_size, args.step
+                        model.to(device),
+                        evaluation,
+                        args.metric_images,
+                        args.eval_batch_size,
+                        args.step,
+                        grids,
+                        args.grid_explanations,
                     )
                     finished[key] = {**metrics, "seed": seed, "train_seconds": seconds}
                     print(

