@@ -87,6 +87,7 @@ def test_step_cost__every_variant_steps_a_vision_transformer(tmp_path):
             continue  # compiling is the compiled-whitening test's (and slow)
         trainer = step_cost.build_trainer(case, overrides, reference, torch.device("cpu"), str(tmp_path))
         step_cost.make_step(trainer, step_cost.batch_for(trainer, batch))()
+        assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), label
 
 
 @needs_torch_compile  # the step-cost table has a compiled-whitening row
