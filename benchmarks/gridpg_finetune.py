@@ -39,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune import DEFAULT_MODEL, load_model, load_splits, train_one  # noqa: E402
 
+from sd_plugin.evaluation.attribution import saliency_maps  # noqa: E402
 from sd_plugin.evaluation.grid_pointing_game import grid_pointing_game, make_grids  # noqa: E402
-from sd_plugin.evaluation.report import accuracy  # noqa: E402
+from sd_plugin.evaluation.localization import localization_scores  # noqa: E402
+from sd_plugin.evaluation.report import accuracy, finite_mean  # noqa: E402
 
 EXPLANATIONS = ("gradient", "input_x_gradient", "gradcam")
 DEFAULT_RUNS = ("baseline", "sgt", "saliencydecor", "control", "adv:0.01", "adv:0.063")
@@ -57,6 +59,17 @@ def run_config(run: str, group_size: int) -> dict:
     raise SystemExit(f"unknown run {run!r}: use baseline, sgt, decor, saliencydecor, control or adv:EPS.")
 
 
+def mask_scores(model, evaluation, name: str, batch_size: int) -> dict:
+    """Relevance mass and the energy pointing game of explanation ``name`` on a mask set's whole split."""
+    scores: dict[str, list[float]] = {}
+    model.eval()
+    for batch in DataLoader(evaluation, batch_size=batch_size):
+        maps = saliency_maps(model, batch["pixel_values"], batch["labels"], name)
+        for key, values in localization_scores(maps, batch["masks"]).items():
+            scores.setdefault(key, []).extend(values)
+    return {key: scores[key] for key in ("relevance_mass", "energy_pointing_game")}
+
+
 def score(model, evaluation, grids, explanations, disconnected: bool, batch_size: int) -> dict:
     entry = {"accuracy": accuracy(model, DataLoader(evaluation, batch_size=batch_size)), "gridpg": {}}
     for name in explanations:
@@ -64,6 +77,8 @@ def score(model, evaluation, grids, explanations, disconnected: bool, batch_size
         if disconnected:
             result = grid_pointing_game(model, evaluation, grids, attribution=name, disconnected=True)
             entry["gridpg"][f"{name} (disconnected)"] = result.to_dict()
+        if getattr(evaluation, "masks", None) is not None:  # a localization set: the objects' masks
+            entry.setdefault("masks", {})[name] = mask_scores(model, evaluation, name, batch_size)
     return entry
 
 
@@ -121,6 +136,22 @@ def write_report(output: Path, results: dict) -> None:
             cells.append(_mean_std([s["gridpg"][e]["mean"] for s in seeds.values() if e in s["gridpg"]]))
             cells.append(_mean_std([s["gridpg"][e]["mean_correct"] for s in seeds.values() if e in s["gridpg"]]))
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    if any("masks" in s for r in runs.values() for s in r.values()):
+        lines += [
+            "",
+            "On the objects' masks (the whole split): relevance mass | energy pointing game (positive part on the "
+            "object; images whose map has no mass left out of relevance mass), mean ± std over seeds:",
+            "",
+            "| run | " + " | ".join(f"{e}: mass | {e}: energy" for e in meta["explanations"]) + " |",
+            "|---|" + "---|---|" * len(meta["explanations"]),
+        ]
+        for run, seeds in runs.items():
+            cells = []
+            for e in meta["explanations"]:
+                for key in ("relevance_mass", "energy_pointing_game"):
+                    values = [finite_mean(s["masks"][e][key]) for s in seeds.values() if "masks" in s]
+                    cells.append(_mean_std(values))
+            lines.append(f"| {run} | " + " | ".join(cells) + " |")
     baseline = runs.get("baseline", {})
     if baseline:
         best = max(
