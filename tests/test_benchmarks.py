@@ -344,7 +344,8 @@ def test_road_compile_probe__its_out_of_place_cycle_equals_the_package_vcycle():
         torch.testing.assert_close(probe, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_gpu_session__every_command_parses_and_the_timeouts_fit_one_device_call(monkeypatch):
+@pytest.mark.parametrize(("script_name", "minimum"), [("gpu_session.sh", 4), ("gpu_gridpg.sh", 1)])
+def test_gpu_session__every_command_parses_and_the_timeouts_fit_one_device_call(monkeypatch, script_name, minimum):
     """A device call is scarce: a renamed flag must fail here, not after minutes on the GPU."""
     import argparse
     import importlib
@@ -361,11 +362,14 @@ def test_gpu_session__every_command_parses_and_the_timeouts_fit_one_device_call(
         raise Parsed
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    script = (BENCHMARKS / "gpu_session.sh").read_text().replace("\\\n", " ")
+    script = (BENCHMARKS / script_name).read_text().replace("\\\n", " ")
     commands = re.findall(r"^timeout (\d+) python benchmarks/(\w+)\.py (.*)$", script, flags=re.MULTILINE)
-    assert len(commands) >= 4
+    assert len(commands) >= minimum
     assert sum(int(seconds) for seconds, _, _ in commands) <= 590  # one call runs at most 600 s
     for _, name, rest in commands:
-        argv = shlex.split(rest.replace('"$out', '"/tmp/out').split(">")[0])
+        rest = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", rest)  # ${NAME:-default}: its default
+        for variable, value in (("$out", "/tmp/out"), ("$data", "data/x"), ("$size", "96")):
+            rest = rest.replace(variable, value)
+        argv = shlex.split(rest.split(">")[0])
         with pytest.raises(Parsed):
             importlib.import_module(name).main(argv)
