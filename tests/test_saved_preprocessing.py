@@ -91,14 +91,9 @@ def test_export_cli__preprocessing_from_flag_supplies_the_processor(tmp_path, ca
     assert (tmp_path / "exported" / "preprocessor_config.json").is_file()
 
 
-def test_evaluate_builtin_digits__at_the_size_the_model_takes(tmp_path):
-    """``--dataset digits`` is built at the folder's recorded size (or the config's), not a fixed 16 px."""
-    import torch
+def _grey_vit_folder(tmp_path):
+    """A saved 32 px, one-channel, ten-class transformers ViT (the built-in sets' shape)."""
     from transformers import ViTConfig, ViTForImageClassification
-
-    from sd_plugin.__main__ import main as cli
-    from sd_plugin.storage.checkpoint import write_metadata
-    from sd_plugin.storage.data import load_eval_dataset
 
     config = ViTConfig(
         image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -106,6 +101,18 @@ def test_evaluate_builtin_digits__at_the_size_the_model_takes(tmp_path):
     )  # fmt: skip
     folder = tmp_path / "vit"
     ViTForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_builtin_digits__at_the_size_the_model_takes(tmp_path):
+    """``--dataset digits`` is built at the folder's recorded size (or the config's), not a fixed 16 px."""
+    import torch
+
+    from sd_plugin.__main__ import main as cli
+    from sd_plugin.storage.checkpoint import write_metadata
+    from sd_plugin.storage.data import load_eval_dataset
+
+    folder = _grey_vit_folder(tmp_path)
     model = load_classifier(folder)
     assert load_eval_dataset("digits", None, model, folder)[0]["pixel_values"].shape == (1, 32, 32)
     flags = ["--dataset", "digits", "--max-images", "8", "--step", "50", "--no-road", "--no-progress"]
@@ -146,16 +153,9 @@ def test_evaluate_builtin_cluttered_digits__the_demos_ground_truth_adds_localiza
 @pytest.mark.fashion_mnist
 def test_evaluate_builtin_fashion_mnist__at_the_size_the_model_takes(tmp_path):
     """``--dataset fashion-mnist`` is built at the folder's recorded size, as ``digits`` is."""
-    from transformers import ViTConfig, ViTForImageClassification
-
     from sd_plugin.storage.data import load_eval_dataset
 
-    config = ViTConfig(
-        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=16, num_channels=1, num_labels=10,
-    )  # fmt: skip
-    folder = tmp_path / "vit"
-    ViTForImageClassification(config).save_pretrained(folder)
+    folder = _grey_vit_folder(tmp_path)
     model = load_classifier(folder)
     assert load_eval_dataset("fashion-mnist", None, model, folder)[0]["pixel_values"].shape == (1, 32, 32)
 
