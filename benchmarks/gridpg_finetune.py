@@ -16,7 +16,7 @@ Runs: ``baseline``, ``sgt``, ``saliencydecor``, ``control`` (SGT with random mas
 explanation-agnostic control) and ``adv:EPS`` (ℓ∞ adversarial training, k = 1, radius EPS in
 normalised input units: with mean = std = 0.5, 8/255 of the pixel range is 0.063).
 ``results.json`` keeps every run's per-cell scores (finished runs are not retrained);
-``RESULTS.md`` has the table and the paired tests.
+``RESULTS.md`` has the table and the paired tests (``--report-only`` rewrites it from ``results.json``).
 """
 
 from __future__ import annotations
@@ -90,11 +90,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
-def paired_cells(first: list[dict], second: list[dict], only_correct: bool) -> tuple[float, float, int]:
-    """Mean per-cell difference (second − first) over paired seeds, its sign-flip p-value, and the cell count.
+def paired_cells(first: list[dict], second: list[dict], only_correct: bool) -> tuple[float, float, int, list[float]]:
+    """Mean per-cell difference (second − first) over paired seeds, its sign-flip p-value, the cell count and
+    the per-seed mean differences.
 
     Cells are paired by (seed, grid, cell); with ``only_correct`` a cell counts where both models
-    classify its image alone correctly.
+    classify its image alone correctly. The pooled test treats cells as independent; the per-seed
+    means show whether every seed agrees.
     """
     differences = []
     for a, b in zip(first, second, strict=True):
@@ -102,15 +104,20 @@ def paired_cells(first: list[dict], second: list[dict], only_correct: bool) -> t
         keep = torch.ones_like(sa, dtype=torch.bool)
         if only_correct:
             keep = torch.tensor(a["correct"]) & torch.tensor(b["correct"])
-        differences.append((sb - sa)[keep])
-    diff = torch.cat(differences).double()
+        differences.append((sb - sa)[keep].double())
+    per_seed = [float(d.mean()) if d.numel() else float("nan") for d in differences]
+    diff = torch.cat(differences)
     if diff.numel() == 0:
-        return float("nan"), float("nan"), 0
+        return float("nan"), float("nan"), 0, per_seed
     observed = diff.mean().abs()
     generator = torch.Generator().manual_seed(0)
     signs = torch.randint(0, 2, (10000, diff.numel()), generator=generator).double() * 2 - 1
     p = float(((signs * diff).mean(1).abs() >= observed - 1e-15).double().mean())
-    return float(diff.mean()), p, diff.numel()
+    return float(diff.mean()), p, diff.numel(), per_seed
+
+
+def _seeds(values: list[float]) -> str:
+    return ", ".join(f"{v:+.3f}" for v in values)
 
 
 def write_report(output: Path, results: dict) -> None:
@@ -165,8 +172,8 @@ def write_report(output: Path, results: dict) -> None:
             "Paired per-cell differences against the baseline (same seeds, grids and cells; cells correct for "
             "both models; sign-flip test, 10,000 draws):",
             "",
-            "| run | explanation | Δ GridPG vs baseline, same explanation | p | Δ vs the baseline's best "
-            f"({best}) | p | cells |",
+            "| run | explanation | Δ GridPG vs baseline, same explanation (per seed) | p | Δ vs the baseline's best "
+            f"({best}) (per seed) | p | cells |",
             "|---|---|---|---|---|---|---|",
         ]
         for run, seeds in runs.items():
@@ -181,7 +188,8 @@ def write_report(output: Path, results: dict) -> None:
                     [baseline[s]["gridpg"][best] for s in common], [seeds[s]["gridpg"][e] for s in common], True
                 )
                 lines.append(
-                    f"| {run} | {e} | {same[0]:+.3f} | {same[1]:.4f} | {bar[0]:+.3f} | {bar[1]:.4f} | {same[2]} |"
+                    f"| {run} | {e} | {same[0]:+.3f} ({_seeds(same[3])}) | {same[1]:.4f} | {bar[0]:+.3f} "
+                    f"({_seeds(bar[3])}) | {bar[1]:.4f} | {same[2]} |"
                 )
     (output / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
@@ -204,9 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disconnected", action="store_true", help="also the disconnected variant (Rao et al.)")
     parser.add_argument("--eval-batch-size", type=int, default=100)
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args(argv)
 
     output = Path(args.output_dir)
+    if args.report_only:
+        write_report(output, json.loads((output / "results.json").read_text()))
+        return 0
     output.mkdir(parents=True, exist_ok=True)
     results_file = output / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"runs": {}}
