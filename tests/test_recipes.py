@@ -515,3 +515,21 @@ def test_small_batch_warning__counts_the_global_batch_when_whitening_is_synchron
         alone._batch_can_decorrelate(8)
     with pytest.warns(SaliencyDecorWarning, match=r"batch of 6 samples \(2 processes x 3\)"):
         pooled._batch_can_decorrelate(3)
+
+
+def test_unreadable_image__named_before_the_first_step(tiny_imagenet, models, tmp_path):
+    """A truncated JPEG in the training folder stops the recipe before any step, naming the file and the flags."""
+    import shutil
+
+    from sd_plugin.storage.data import UnreadableImageError
+
+    data = tmp_path / "tiny-imagenet-200"
+    shutil.copytree(tiny_imagenet, data)
+    victim = data / "train" / WNIDS[1] / "images" / f"{WNIDS[1]}_3.JPEG"
+    victim.write_bytes(victim.read_bytes()[:200])
+    flags = ["--max_train_steps", "2", "--per_device_train_batch_size", "8"]
+    with pytest.raises(
+        UnreadableImageError, match=rf"1 of \d+ images do not decode: .*{victim.name}.*--skip_unreadable"
+    ):
+        run_in_process(recipe_args(models["hf_resnet"], data, tmp_path / "run", *flags))
+    assert not list((tmp_path / "run").glob("step_*")) and not (tmp_path / "run" / "model").exists()

@@ -242,7 +242,7 @@ def _setup(
     if len(train_dataset) == 0:
         raise ValueError("the training set is empty.")
     # unreadable files named before the first step (--skip_unreadable_images dropped them already)
-    images = not args.skip_unreadable_images
+    images = args.check_images and not args.skip_unreadable_images
     check_training_data(train_dataset, model, "the training set", check_images=images)
     if eval_dataset is not None:
         check_training_data(eval_dataset, model, "the validation set", check_images=images, expect_every_class=False)

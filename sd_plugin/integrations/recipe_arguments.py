@@ -88,6 +88,13 @@ class RecipeArguments(MaskingTestArguments):
         default=False,
         metadata={"help": "Drop image files that do not decode (each decoded once up front; one warning counts them)."},
     )
+    check_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every training and validation image once before the first step, naming unreadable "
+            "files (--no_check_images skips it: the cost of one pass over the files)."
+        },
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Push the exported model at the end."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "user/name on the Hub."})  # noqa: UP045
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository private."})

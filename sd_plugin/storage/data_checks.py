@@ -110,8 +110,11 @@ def label_counts(dataset: Any) -> tuple[torch.Tensor | None, list[str] | None]:
             return None, None
         labels = list(raw[column])
         names = list(getattr(raw.features.get(column), "names", None) or []) or None
-    values = torch.as_tensor(labels, dtype=torch.long)
-    if values.numel() == 0 or int(values.min()) < 0:
+    try:
+        values = torch.as_tensor(labels, dtype=torch.long)
+    except (TypeError, ValueError):  # not one integer per example (multi-label, strings): not checked here
+        return None, names
+    if values.dim() != 1 or values.numel() == 0 or int(values.min()) < 0:
         return None, names
     return torch.bincount(values, minlength=len(names or [])), names
 
