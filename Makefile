@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m sd_plugin demo --output-dir outputs/demo
+	$(PY) -m sd_plugin demo --output-dir outputs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -39,6 +39,7 @@ from .integrations.config import SaliencyDecorConfig
 from .integrations.trainer import SaliencyDecorTrainer
 from .storage.cluttered_digits import cluttered_digits_splits
 from .storage.data import TensorImageDataset
+from .utils.previous_run import guard_previous_run
 
 __all__ = ["DEMO_RUNS", "DemoRun", "build_demo_model", "format_table", "reading", "run_demo", "main"]
 
@@ -63,6 +64,8 @@ DEMO_RUNS = (
 )
 DEFAULT_RUNS = ("baseline", "sgt", "saliencydecor", CONTROL)  # adversarial: not recommended (RESULTS.md §S)
 TRAIN_COPIES = 3  # canvases per training digit
+# What a demo leaves in its folder: a new demo there is refused unless --overwrite (which deletes them first).
+DEMO_RUN_FILES = ("results.json", "*/seed*", "saliency.png", "masking_curves.png", "gradient_boxplot.png")
 COLUMNS = (  # (key, header, format)
     ("accuracy", "accuracy % ↑", "{:.1f}"),
     ("faithfulness_gap", "mean-fill gap ↑ (robustness to masking)", "{:.3f}"),
@@ -155,9 +158,19 @@ def run_demo(
     batch_size: int = 128,
     metric_images: int = 150,
     step: float = 10.0,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Train and score each run for each seed; one summary row per run (mean and std over seeds)."""
     output_dir = Path(output_dir)
+    replaced = guard_previous_run(
+        output_dir,
+        DEMO_RUN_FILES,
+        overwrite=overwrite,
+        resume_hint="(a demo does not resume)",
+        overwrite_hint="--overwrite (`make demo` passes it)",
+    )
+    if replaced:
+        print(f"replacing the previous demo in {output_dir}/ ({', '.join(replaced)})")
     output_dir.mkdir(parents=True, exist_ok=True)
     train, test = cluttered_digits_splits(train_copies=TRAIN_COPIES, seed=0)
     examples, example_labels = test.images[:6], test.labels[:6]
@@ -271,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [run.name for run in DEMO_RUNS]
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), choices=names, metavar="RUN", help=str(names))
     parser.add_argument("--metric-images", type=int, default=150, help="test images the saliency metrics score")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a previous demo in --output-dir (refused without it)"
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs {args.epochs}: train at least 1 epoch.")
@@ -278,7 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--metric-images {args.metric_images}: score at least 1 image.")
     runs = tuple(run for run in DEMO_RUNS if run.name in args.runs)
     start = time.perf_counter()
-    rows = run_demo(args.output_dir, runs, args.epochs, tuple(args.seeds), metric_images=args.metric_images)
+    rows = run_demo(
+        args.output_dir,
+        runs,
+        args.epochs,
+        tuple(args.seeds),
+        metric_images=args.metric_images,
+        overwrite=args.overwrite,
+    )
     print()
     print(
         f"Cluttered digits (20x20: a 12 px scikit-learn digit among 4 fragments of others), small transformers ResNet, "

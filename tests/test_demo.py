@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from sd_plugin.__main__ import main as cli
 from sd_plugin.demo import CONTROL, DEFAULT_RUNS, format_table, reading
 from sd_plugin.storage.data import load_digits_splits
@@ -38,6 +40,12 @@ def test_demo_cli__table_has_the_control_row_and_the_ground_truth_columns(tmp_pa
     for name in ("saliency.png", "masking_curves.png", "gradient_boxplot.png"):
         assert (out / name).stat().st_size > 10_000
     assert "| run |" in format_table(results["rows"])
+    # a second demo into the same folder is refused before training; --overwrite replaces it
+    from sd_plugin.utils.previous_run import PreviousRunError
+
+    with pytest.raises(PreviousRunError, match="--overwrite"):
+        cli(["demo", "--output-dir", str(out), "--epochs", "1", "--seeds", "0", "--runs", "baseline"])
+    assert json.loads((out / "results.json").read_text()) == results  # untouched
 
 
 def _row(name, mass, mass_std, road=0.5, accuracy=90.0):

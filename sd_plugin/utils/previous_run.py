@@ -54,10 +54,11 @@ def guard_previous_run(
 
     Returns the names removed (or that the caller's main process removes: ``remove=False`` only checks).
     """
+    directory = Path(directory)
     found = previous_run_files(directory, patterns)
     if not found:
         return []
-    names = [path.name for path in found]
+    names = [str(path.relative_to(directory)) for path in found]
     if not overwrite:
         shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
         raise PreviousRunError(
