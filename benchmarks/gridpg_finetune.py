@@ -39,10 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune import DEFAULT_MODEL, load_model, load_splits, train_one  # noqa: E402
 
-from sd_plugin.evaluation.attribution import saliency_maps  # noqa: E402
 from sd_plugin.evaluation.grid_pointing_game import grid_pointing_game, make_grids  # noqa: E402
-from sd_plugin.evaluation.localization import localization_scores  # noqa: E402
-from sd_plugin.evaluation.report import accuracy, finite_mean  # noqa: E402
+from sd_plugin.evaluation.report import accuracy, finite_mean, localization_metrics  # noqa: E402
 
 EXPLANATIONS = ("gradient", "input_x_gradient", "gradcam")
 DEFAULT_RUNS = ("baseline", "sgt", "saliencydecor", "control", "adv:0.01", "adv:0.063")
@@ -61,12 +59,7 @@ def run_config(run: str, group_size: int) -> dict:
 
 def mask_scores(model, evaluation, name: str, batch_size: int) -> dict:
     """Relevance mass and the energy pointing game of explanation ``name`` on a mask set's whole split."""
-    scores: dict[str, list[float]] = {}
-    model.eval()
-    for batch in DataLoader(evaluation, batch_size=batch_size):
-        maps = saliency_maps(model, batch["pixel_values"], batch["labels"], name)
-        for key, values in localization_scores(maps, batch["masks"]).items():
-            scores.setdefault(key, []).extend(values)
+    scores = localization_metrics(model, DataLoader(evaluation, batch_size=batch_size), name, blur_sigma=None)
     return {key: scores[key] for key in ("relevance_mass", "energy_pointing_game")}
 
 

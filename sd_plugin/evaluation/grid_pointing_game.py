@@ -31,11 +31,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..storage.data_checks import stored_labels
 from ..utils.batches import unpack_batch
 from .attribution import Attribution, attribution_name, saliency_maps
 from .model_fn import evaluation_mode, prepare_for_evaluation
+from .report import first_images
 
 __all__ = [
     "GridPointingGame",
@@ -85,32 +87,13 @@ def make_grids(labels: Sequence[int] | Tensor, count: int, n: int = 2, seed: int
     return Grids(indices, labels[indices], n, seed)
 
 
-def dataset_labels(dataset: Dataset) -> list[int]:
-    """Every label of ``dataset`` in order, read without decoding images where the dataset keeps them apart.
-
-    Example:
-        >>> from torch.utils.data import Subset, TensorDataset
-        >>> dataset_labels(Subset(TensorDataset(torch.zeros(4, 1), torch.tensor([3, 1, 2, 0])), [1, 3]))
-        [1, 0]
-    """
-    from torch.utils.data import Subset
-
-    if isinstance(dataset, Subset):
-        inner = dataset_labels(dataset.dataset)
-        return [inner[i] for i in dataset.indices]
-    labels = getattr(dataset, "labels", None)
-    if isinstance(labels, Tensor) and labels.dim() == 1 and len(labels) == len(dataset):
-        return [int(v) for v in labels]
-    samples = getattr(dataset, "samples", None)  # image-path datasets: (path, label) pairs
-    if isinstance(samples, list) and len(samples) == len(dataset):
-        return [int(label) for _, label in samples]
-    inner, column = getattr(dataset, "dataset", None), getattr(dataset, "label_column", None)
-    if inner is not None and column is not None:  # HFImageDataset: the label column alone
-        return [int(v) for v in inner.with_format(None)[column]]
-    tensors = getattr(dataset, "tensors", None)  # TensorDataset
-    if tensors is not None and len(tensors) >= 2:
-        return [int(v) for v in tensors[1]]
-    return [int(unpack_batch(_batched(dataset[i]))[1][0]) for i in range(len(dataset))]
+def dataset_labels(dataset: Dataset, batch_size: int = 256) -> list[int]:
+    """Every label of ``dataset`` in order: read apart from the images where the dataset keeps them
+    (``storage.data_checks.stored_labels``), else by one pass of a loader."""
+    labels = stored_labels(dataset)
+    if labels is None:
+        labels = torch.cat([unpack_batch(batch)[1] for batch in DataLoader(dataset, batch_size=batch_size)]).tolist()
+    return [int(label) for label in labels]
 
 
 def compose_grid(cells: Tensor, n: int) -> Tensor:
@@ -168,18 +151,6 @@ class GridPointingGame:
         }
 
 
-def _cells(dataset: Dataset, indices: list[int]) -> Tensor:
-    return torch.stack([unpack_batch(_batched(dataset[i]))[0][0] for i in indices])
-
-
-def _batched(item: Any) -> Any:
-    """One dataset item as a batch of one (what ``unpack_batch`` reads)."""
-    if isinstance(item, dict):
-        return {k: (v.unsqueeze(0) if isinstance(v, Tensor) else torch.tensor([v])) for k, v in item.items()}
-    images, label = item[0], item[1]
-    return images.unsqueeze(0), torch.as_tensor([label])
-
-
 @torch.no_grad()
 def grid_pointing_game(
     model: nn.Module,
@@ -204,7 +175,8 @@ def grid_pointing_game(
         forward, device, generator = prepare_for_evaluation(model, device, seed)
         for start in range(0, grids.indices.shape[0], grids_per_batch):
             block = range(start, min(start + grids_per_batch, grids.indices.shape[0]))
-            images = torch.stack([_cells(dataset, grids.indices[g].tolist()) for g in block]).to(device)
+            cells_of = [Subset(dataset, grids.indices[g].tolist()) for g in block]
+            images = torch.stack([first_images(c, cells)[0] for c in cells_of]).to(device)
             labels = grids.labels[list(block)].to(device)  # (g, n²)
             flat_images, flat_labels = images.flatten(0, 1), labels.flatten()
             probabilities = forward(flat_images).float().softmax(-1)

@@ -33,7 +33,7 @@ from torch import nn
 from ..utils.errors import SaliencyDecorWarning
 from .data import SKIP_HINT, HFImageDataset, ImagePathDataset, UnreadableImageError, model_class_names, readable_image
 
-__all__ = ["check_training_data", "label_counts", "unreadable_images"]
+__all__ = ["check_training_data", "label_counts", "stored_labels", "unreadable_images"]
 
 _SHOWN = 5
 
@@ -77,6 +77,35 @@ def _column(dataset: Any, candidates: tuple[str, ...]) -> str | None:
     return next((c for c in candidates if c in dataset.column_names), None)
 
 
+def stored_labels(dataset: Any) -> list[Any] | None:
+    """Every label of ``dataset`` in order, read without decoding an image; None where they are not kept apart.
+
+    Image-path datasets (their ``samples``), 🤗 datasets (the label column), tensor datasets (a 1-D
+    ``labels`` tensor, ``TensorDataset``) and ``Subset``s of any of these.
+
+    Example:
+        >>> from torch.utils.data import Subset, TensorDataset
+        >>> stored_labels(Subset(TensorDataset(torch.zeros(4, 1), torch.tensor([3, 1, 2, 0])), [1, 3]))
+        [1, 0]
+    """
+    samples = _samples(dataset)
+    if samples is not None:
+        return [label for _, label in samples]
+    raw = _hf_dataset(dataset)
+    if raw is not None:
+        column = _column(raw, HFImageDataset.LABEL_COLUMNS)
+        return list(raw[column]) if column is not None else None
+    base, indices = _unwrap(dataset)
+    labels = getattr(base, "labels", None)
+    tensors = getattr(base, "tensors", None)  # TensorDataset
+    if not (isinstance(labels, torch.Tensor) and labels.dim() == 1):
+        labels = tensors[1] if tensors is not None and len(tensors) >= 2 else None
+    if labels is None or len(labels) != len(base):
+        return None
+    values = labels.tolist()
+    return values if indices is None else [values[i] for i in indices]
+
+
 def unreadable_images(dataset: Any) -> tuple[list[str], int]:
     """``(files that do not decode, images checked)``; ``([], 0)`` for a dataset without image files."""
     samples = _samples(dataset)
@@ -97,19 +126,17 @@ def unreadable_images(dataset: Any) -> tuple[list[str], int]:
 
 def label_counts(dataset: Any) -> tuple[torch.Tensor | None, list[str] | None]:
     """``(examples per label, the dataset's class names)``; ``(None, None)`` when its labels cannot be read cheaply."""
-    samples = _samples(dataset)
-    if samples is not None:
-        labels = [label for _, label in samples]
+    if _samples(dataset) is not None:
         names = list(_unwrap(dataset)[0].classes)
     else:
         raw = _hf_dataset(dataset)
-        if raw is None:
+        if raw is None:  # in-memory tensors: nothing a folder could have got wrong
             return None, None
         column = _column(raw, HFImageDataset.LABEL_COLUMNS)
-        if column is None:
-            return None, None
-        labels = list(raw[column])
-        names = list(getattr(raw.features.get(column), "names", None) or []) or None
+        names = list(getattr(raw.features.get(column), "names", None) or []) or None if column else None
+    labels = stored_labels(dataset)
+    if labels is None:
+        return None, names
     try:
         values = torch.as_tensor(labels, dtype=torch.long)
     except (TypeError, ValueError):  # not one integer per example (multi-label, strings): not checked here
