@@ -106,7 +106,8 @@ class SaliencyDecorConfig(TrainingArguments, SaliencyDecorArguments, MaskingTest
         return SaliencyDecorArguments.from_object(self)
 
 
-# Fields of SaliencyDecorConfig that say how a run treats its folder, not what it trains.
+# Fields of SaliencyDecorConfig that are not method settings: how a run treats its folder and data, and the
+# training normalisation (recorded as saliency_decor.json's "preprocessing" instead).
 RUN_FIELDS = ("overwrite_output_dir", "check_datasets", "image_mean", "image_std", "image_crop_pct")
 
 # Every field the Trainer records in saliency_decor.json: the method's and the evaluation's.
