@@ -12,8 +12,9 @@
   summed over channels: *signed*, positive where a pixel adds evidence for the class;
 - ``"gradcam"``: Grad-CAM of the last spatial feature map (``gradcam``: found per model; ViT tokens
   reshaped to the patch grid), ReLU'd and upsampled to the input size;
-- ``"native"``: the model's own explanation, ``model.explain(pixel_values, target) -> maps`` (B-cos
-  models' contribution maps), summed over channels when it gives ``(B, C, H, W)``;
+- ``"native"``: the model's own explanation, ``model.explain(pixel_values, target) -> maps``, summed
+  over channels when it gives ``(B, C, H, W)``; for a model converted by ``core.bcos.bcosify``, its
+  contribution map ``W(x) ⊙ [x, 1 - x]`` (``core.bcos.contributions``: sums to the logit);
 - ``"random"``: uniform noise (the reference order).
 
 Every map is ``(B, H, W)``: the channel mean of the absolute attribution for the gradients,
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.adapter import unwrap_model
+from ..core.bcos import contributions, is_bcos
 from ..core.masking import pixel_saliency
 from .gradcam import grad_cam
 from .model_fn import LogitsFn, as_logits_model, logits_fn
@@ -238,6 +240,8 @@ def native_explanation(model: nn.Module | LogitsFn, images: Tensor, labels: Tens
     """``(B, H, W)``: the model's own explanation, ``model.explain(pixel_values, target)`` (channel sum of 4-D)."""
     base = unwrap_model(model) if isinstance(model, nn.Module) else model
     explain = getattr(base, "explain", None)
+    if not callable(explain) and isinstance(base, nn.Module) and is_bcos(base):
+        return contributions(base, images, labels)  # a B-cosified model: W(x) ⊙ [x, 1 - x]
     if not callable(explain):
         raise ValueError(
             f"attribution='native': {type(base).__name__} defines no explanation of its own (a method "
