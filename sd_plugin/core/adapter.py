@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .bcos import BcosInputEncoding
 from .families import ModelFamily, family_named, family_of
 from .feature_tap import WHITENING_MODULE_NAME, FeatureTap
 from .whitening import GroupZCA
@@ -109,6 +110,8 @@ def _find_head(base: nn.Module) -> tuple[nn.Module, str] | None:
 
 def _first_conv_in_channels(model: nn.Module) -> int | None:
     for module in model.modules():
+        if isinstance(module, BcosInputEncoding):  # a B-cos model reads the image's channels, then [x, 1 - x]
+            return module.mean.shape[1]
         if isinstance(module, nn.Conv2d):
             return module.in_channels
     return None

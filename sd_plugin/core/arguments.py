@@ -59,6 +59,15 @@ recipes' run identity read the fields from this class.
   gradient direction, step ``input_gradient_step``; first-order gradients only).
 - ``explanation_mask_weight``: weight of RRR's penalty on the input gradient outside each image's
   object mask (0: off); the batches must carry ``masks`` (1 on the object).
+- ``energy_weight``: weight of the Energy loss (Rao et al., ICCV 2023): ``1 -`` the positive share of
+  the target's explanation inside each image's mask, on ``energy_layer`` ``"input"`` (Input×Gradient)
+  or ``"features"`` (Grad-CAM of the last feature map); images whose mask is all ones count as not
+  annotated. ``guidance_masks`` ``"shuffled"`` / ``"centred"`` are its controls.
+
+> B-cos (``sd_plugin.core.bcos``)
+
+- ``bcos_b``: B-cosify the model and train it at this B (``None``: off); ``bcos_warmup_steps`` raise
+  B linearly from 1; ``classification_loss`` ``"binary_cross_entropy"`` is the papers' loss.
 
 > Execution (``EXECUTION_FIELDS``: how a step runs, not what it computes)
 
@@ -92,8 +101,11 @@ from typing import Any, Optional
 
 from ..utils.choices import (
     ADVERSARIAL_NORMS,
+    CLASSIFICATION_LOSSES,
     CONSISTENCY_GRADS,
     DECOR_TARGETS,
+    ENERGY_LAYERS,
+    GUIDANCE_MASKS,
     INPUT_GRADIENT_MODES,
     MASK_FILLS,
     MASK_SELECTIONS,
@@ -254,6 +266,47 @@ class SaliencyDecorArguments:
             "object mask (batches carry 'masks', 1 on the object), >= 0; 0 switches it off."
         },
     )
+    energy_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the Energy loss (1 - the explanation's positive share inside each image's object mask; "
+            "batches carry 'masks', all-ones = not annotated), >= 0; 0 switches it off."
+        },
+    )
+    energy_layer: str = field(
+        default="input",
+        metadata={
+            "help": "Where the Energy loss reads the explanation: 'input' (Input x Gradient) or 'features' "
+            "(Grad-CAM of the last feature map).",
+            "choices": list(ENERGY_LAYERS),
+        },
+    )
+    guidance_masks: str = field(
+        default="given",
+        metadata={
+            "help": "The masks the Energy loss uses: 'given', or the controls 'shuffled' (across the batch's "
+            "images) and 'centred' (a centred disc of the batch's mean mask area).",
+            "choices": list(GUIDANCE_MASKS),
+        },
+    )
+    bcos_b: Optional[float] = field(  # noqa: UP045
+        default=None,
+        metadata={
+            "help": "B-cosify the model (sd_plugin.core.bcos.bcosify) and train it at this B (>= 1; the papers use "
+            "2); None: a plain model."
+        },
+    )
+    bcos_warmup_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps over which B rises linearly from 1 to bcos_b (0: at once)."}
+    )
+    classification_loss: str = field(
+        default="cross_entropy",
+        metadata={
+            "help": "'cross_entropy', or 'binary_cross_entropy' (one-vs-rest with the logit bias -log(C - 1), "
+            "the B-cos papers' loss).",
+            "choices": list(CLASSIFICATION_LOSSES),
+        },
+    )
     whitening_compile: bool = field(
         default=False,
         metadata={
@@ -326,8 +379,20 @@ class SaliencyDecorArguments:
     def _validate_input_gradient_terms(self) -> None:
         check_choice("adversarial_norm", self.adversarial_norm, ADVERSARIAL_NORMS)
         check_choice("input_gradient_mode", self.input_gradient_mode, INPUT_GRADIENT_MODES)
-        for name in ("adversarial_epsilon", "input_gradient_weight", "explanation_mask_weight"):
+        for name in ("adversarial_epsilon", "input_gradient_weight", "explanation_mask_weight", "energy_weight"):
             check_weight(name, getattr(self, name))
+        check_choice("energy_layer", self.energy_layer, ENERGY_LAYERS)
+        check_choice("guidance_masks", self.guidance_masks, GUIDANCE_MASKS)
+        check_choice("classification_loss", self.classification_loss, CLASSIFICATION_LOSSES)
+        if self.bcos_b is not None and not self.bcos_b >= 1:
+            raise ValueError(f"bcos_b={self.bcos_b} must be >= 1 (1: the original linear maps; the papers use 2).")
+        if not isinstance(self.bcos_warmup_steps, int) or self.bcos_warmup_steps < 0:
+            raise ValueError(f"bcos_warmup_steps={self.bcos_warmup_steps!r} must be a whole number >= 0.")
+        if self.bcos_b is not None and self.method in ("decor", "saliencydecor"):
+            raise ValueError(
+                f"bcos_b={self.bcos_b} with method={self.method!r}: a B-cos head reads the feature map, which the "
+                "decorrelation term does not take. Use method='baseline' or 'sgt' with bcos_b."
+            )
         if not isinstance(self.adversarial_steps, int) or self.adversarial_steps < 1:
             raise ValueError(f"adversarial_steps={self.adversarial_steps!r} must be a whole number >= 1 (PGD steps).")
         if self.adversarial_step_size is not None and not self.adversarial_step_size > 0:
@@ -337,12 +402,15 @@ class SaliencyDecorArguments:
             )
         if not self.input_gradient_step > 0:
             raise ValueError(f"input_gradient_step={self.input_gradient_step} must be > 0, e.g. 0.01.")
-        second_order = self.explanation_mask_weight > 0 or (
-            self.input_gradient_weight > 0 and self.input_gradient_mode == "double_backprop"
+        second_order = (
+            self.explanation_mask_weight > 0
+            or self.energy_weight > 0
+            or (self.input_gradient_weight > 0 and self.input_gradient_mode == "double_backprop")
         )
         if self.whitening_compile and second_order:
             raise ValueError(
-                "whitening_compile=True does not support double back-propagation (explanation_mask_weight > 0, or "
+                "whitening_compile=True does not support double back-propagation (explanation_mask_weight or "
+                "energy_weight > 0, or "
                 "input_gradient_weight > 0 with input_gradient_mode='double_backprop'): compiled graphs are not "
                 "differentiated twice. Set whitening_compile=False, or input_gradient_mode='finite_difference'."
             )
@@ -355,14 +423,25 @@ class SaliencyDecorArguments:
     @property
     def needs_input_gradient_graph(self) -> bool:
         """The clean pass adds a term of the input gradient (gradient norm or RRR): its input needs a gradient."""
-        return self.input_gradient_weight > 0 or self.explanation_mask_weight > 0
+        return (
+            self.input_gradient_weight > 0
+            or self.explanation_mask_weight > 0
+            or (self.energy_weight > 0 and self.energy_layer == "input")
+        )
 
     @property
     def needs_double_backward(self) -> bool:
         """The objective back-propagates through an input gradient (double-backprop penalty or RRR)."""
-        return self.explanation_mask_weight > 0 or (
-            self.input_gradient_weight > 0 and self.input_gradient_mode == "double_backprop"
+        return (
+            self.explanation_mask_weight > 0
+            or self.energy_weight > 0
+            or (self.input_gradient_weight > 0 and self.input_gradient_mode == "double_backprop")
         )
+
+    @property
+    def needs_masks(self) -> bool:
+        """Batches must carry object ``masks`` (RRR or the Energy loss)."""
+        return self.explanation_mask_weight > 0 or self.energy_weight > 0
 
     @property
     def uses_masking(self) -> bool:

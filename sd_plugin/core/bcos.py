@@ -52,6 +52,7 @@ __all__ = [
     "UncentredBatchNorm2d",
     "bcos_b",
     "bcosify",
+    "bcosify_for_training",
     "contributions",
     "dynamic_weights_detached",
     "is_bcos",
@@ -268,7 +269,7 @@ def _head_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
 
 
 def _global_pool(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """``(name, module)`` of the global average pooling before the head (timm ``global_pool``, transformers ``pooler``)."""
+    """``(name, module)``: the global average pooling before the head (timm global_pool, transformers pooler)."""
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
         if leaf == "global_pool" and getattr(module, "pool_type", "avg") == "avg":
@@ -327,6 +328,27 @@ def bcosify(
     if head_before_pooling:
         _pool_after_head(model, head[0])
     _check_dynamic_linear(model)
+    return model
+
+
+def bcosify_for_training(
+    model: nn.Module,
+    b: float,
+    warmup_steps: int = 0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
+    """``bcosify`` for a training run (the Trainer's and the recipes' ``bcos_b``): starts at B = 1 when B
+    is warmed up, and leaves a model that is already B-cos as it is. PEFT-wrapped models are refused."""
+    if type(model).__name__.startswith("Peft"):
+        raise ValueError(
+            "bcos_b with a PEFT model: B-cosify the base model before wrapping it (the adapters would wrap the "
+            "B-cos layers), or train without bcos_b."
+        )
+    if is_bcos(model):
+        return model
+    timm_model = getattr(model, "timm_model", None)  # transformers' TimmWrapper
+    bcosify(timm_model if isinstance(timm_model, nn.Module) else model, 1.0 if warmup_steps else b, mean, std)
     return model
 
 

@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from ..utils.errors import SaliencyDecorWarning
 from ..utils.finite_watch import NonFiniteWatch
 from .adapter import ModelAdapter
 from .arguments import SETTING_FIELDS, SaliencyDecorArguments
+from .bcos import is_bcos, set_b
 from .collapse import live_feature_fraction
 from .consistency import consistency_loss
 from .decorrelation import (
@@ -60,6 +62,7 @@ from .decorrelation import (
     decorrelation_loss,
     whitened_decorrelation_loss,
 )
+from .guidance import energy_loss, gradcam_map, guidance_masks, input_x_gradient_map, recording_feature_map
 from .input_gradients import (
     adversarial_perturbation,
     explanation_penalty,
@@ -89,6 +92,7 @@ class SaliencyDecorOutput:
     live_features: Tensor | None = None
     loss_input_gradient: Tensor | None = None
     loss_explanation: Tensor | None = None
+    loss_energy: Tensor | None = None
 
     def components(self) -> dict[str, Tensor]:
         """The scalar components present for this method, by log name."""
@@ -101,6 +105,7 @@ class SaliencyDecorOutput:
             "live_features": self.live_features,
             "loss_input_gradient": self.loss_input_gradient,
             "loss_explanation": self.loss_explanation,
+            "loss_energy": self.loss_energy,
         }
         return {name: value for name, value in values.items() if value is not None}
 
@@ -116,6 +121,7 @@ class _CleanPass:
     live_features: Tensor | None
     loss_input_gradient: Tensor | None = None
     loss_explanation: Tensor | None = None
+    loss_energy: Tensor | None = None
 
 
 class SaliencyDecorStep:
@@ -167,6 +173,12 @@ class SaliencyDecorStep:
         )
         self.batches_seen = 0  # training batches this step object ran (numbers the non-finite record)
         self._object_masks: Tensor | None = None  # the batch's, while a step runs (explanation_mask_weight)
+        self._current_b: float | None = None
+        if args.bcos_b is not None and not is_bcos(adapter.base_model):
+            raise ValueError(
+                f"bcos_b={args.bcos_b}: the model is not a B-cos network. The Trainer and the recipes convert it; "
+                "elsewhere call sd_plugin.core.bcos.bcosify(model) before adapt(model)."
+            )
         self.whitening = None
         if self.uses_decorrelation:
             self.whitening = adapter.attach_whitening(
@@ -258,6 +270,7 @@ class SaliencyDecorStep:
         model = self.adapter.model if model is None else model
         backward = backward or (lambda loss: loss.backward())
         decorrelate = self._prepare_batch(pixel_values, labels, object_masks)
+        self._apply_bcos_schedule(step_index)
         self._object_masks = object_masks
         pixel_values = self._training_inputs(pixel_values, labels)
         masked_now = self.uses_masking and self._masked_pass_due(step_index)
@@ -299,6 +312,7 @@ class SaliencyDecorStep:
         """
         model = self.adapter.model if model is None else model
         decorrelate = self._prepare_batch(pixel_values, labels, object_masks)
+        self._apply_bcos_schedule(None)
         self._object_masks = object_masks
         pixel_values = self._training_inputs(pixel_values, labels)
         masked_now = self.uses_masking and self._masked_pass_due(None)
@@ -372,11 +386,11 @@ class SaliencyDecorStep:
             inputs = inputs.detach().requires_grad_(True)  # the terms differentiate the input gradient
         tap = self.adapter.tap
         tap.clear()
-        with twice_differentiable_attention(self.args.needs_double_backward):
+        with twice_differentiable_attention(self.args.needs_double_backward), self._feature_maps() as feature_maps:
             logits = self.adapter.logits(model, inputs)
         features, whitened = tap.features, tap.whitened  # whitened: only when the whitening feeds the head
         tap.clear()
-        per_sample_ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        per_sample_ce = classification_loss(logits, labels, self.args.classification_loss)
         loss_ce = per_sample_ce.mean()
         loss_decor = None
         objective = loss_ce
@@ -390,8 +404,42 @@ class SaliencyDecorStep:
         if self.args.explanation_mask_weight > 0:
             loss_explanation = explanation_penalty(logits, inputs, self._object_masks)
             objective = objective + self.args.explanation_mask_weight * loss_explanation
-        live = live_feature_fraction(features) if features is not None and features.shape[0] > 1 else None
-        return _CleanPass(logits, loss_ce, loss_decor, objective, live, loss_gradient, loss_explanation)
+        loss_energy = None
+        if self.args.energy_weight > 0:
+            loss_energy = self._energy_term(logits, inputs, labels, feature_maps)
+            objective = objective + self.args.energy_weight * loss_energy
+        live = None
+        if features is not None and features.dim() == 2 and features.shape[0] > 1:
+            live = live_feature_fraction(features)
+        return _CleanPass(logits, loss_ce, loss_decor, objective, live, loss_gradient, loss_explanation, loss_energy)
+
+    def _feature_maps(self) -> contextlib.AbstractContextManager[list[Tensor]]:
+        """Records the last feature map in the forward when the Energy loss reads it (else a no-op)."""
+        if self.args.energy_weight > 0 and self.args.energy_layer == "features":
+            return recording_feature_map(self.adapter.base_model)
+        return contextlib.nullcontext([])
+
+    def _energy_term(self, logits: Tensor, inputs: Tensor, labels: Tensor, feature_maps: list[Tensor]) -> Tensor:
+        """The Energy loss of the target's explanation (``energy_layer``) on the batch's ``guidance_masks``."""
+        masks = guidance_masks(self._object_masks, self.args.guidance_masks)
+        if self.args.energy_layer == "input":
+            maps = input_x_gradient_map(logits, inputs, labels)
+        else:
+            if not feature_maps:
+                raise RuntimeError("energy_layer='features': no feature map reached the global pooling in the forward.")
+            maps = gradcam_map(logits, feature_maps[-1], labels)
+        return energy_loss(maps, masks)
+
+    def _apply_bcos_schedule(self, step_index: int | None) -> None:
+        """Set the model's B for this step: ``bcos_b``, reached linearly from 1 over ``bcos_warmup_steps``."""
+        if self.args.bcos_b is None:
+            return
+        index = self.batches_seen - 1 if step_index is None else step_index
+        warmup = self.args.bcos_warmup_steps
+        b = self.args.bcos_b if warmup == 0 else 1 + (self.args.bcos_b - 1) * min(1.0, (index + 1) / warmup)
+        if b != self._current_b:
+            set_b(self.adapter.base_model, b)
+            self._current_b = b
 
     def _input_gradient_term(self, model: nn.Module, inputs: Tensor, per_sample_ce: Tensor, labels: Tensor) -> Tensor:
         """``mean ||dCE_i/dx_i||^2`` (``input_gradient_mode``); the finite difference's forward keeps running stats."""
@@ -515,6 +563,7 @@ class SaliencyDecorStep:
             live_features=clean.live_features,
             loss_input_gradient=None if clean.loss_input_gradient is None else clean.loss_input_gradient.detach(),
             loss_explanation=None if clean.loss_explanation is None else clean.loss_explanation.detach(),
+            loss_energy=None if clean.loss_energy is None else clean.loss_energy.detach(),
         )
 
     # -- checks and warnings --------------------------------------------------------------
@@ -522,11 +571,13 @@ class SaliencyDecorStep:
     def _prepare_batch(self, pixel_values: Tensor, labels: Tensor, object_masks: Tensor | None = None) -> bool:
         """Check the batch; True when it gets the decorrelation term."""
         self.adapter.check_batch(pixel_values, labels)
-        if self.args.explanation_mask_weight > 0 and object_masks is None:
+        if self.args.needs_masks and object_masks is None:
+            args = self.args
+            weights = f"explanation_mask_weight={args.explanation_mask_weight}, energy_weight={args.energy_weight}"
             raise ValueError(
-                f"explanation_mask_weight={self.args.explanation_mask_weight} penalises input gradients outside each "
-                "image's object, but the batch has no 'masks': give each example 'masks' (H x W, 1 on the object; "
-                "sd_plugin.storage.localization_data's datasets have them), or set explanation_mask_weight=0."
+                f"{weights}: these terms read each image's object, but the batch has no 'masks': give each example "
+                "'masks' (H x W, 1 on the object, all ones when not annotated; sd_plugin.storage.localization_data's "
+                "datasets have them), or set both weights to 0."
             )
         self.batches_seen += 1
         if self.input_size is None:
@@ -607,5 +658,17 @@ def _ddp_no_sync(model: nn.Module) -> NoSync | None:
     return model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
 
-_WATCHED = ("loss_ce", "loss_decor", "loss_kl", "loss_input_gradient", "loss_explanation")
+def classification_loss(logits: Tensor, labels: Tensor, kind: str = "cross_entropy") -> Tensor:
+    """``(B,)`` per-sample loss: cross-entropy, or one-vs-rest binary cross-entropy with the logit bias
+    ``-log(C - 1)`` (the B-cos papers': at zero logits every class has probability 1/C), summed over classes."""
+    logits = logits.float()
+    if kind == "cross_entropy":
+        return F.cross_entropy(logits, labels, reduction="none")
+    classes = logits.shape[-1]
+    bias = -math.log(classes - 1) if classes > 2 else 0.0
+    targets = F.one_hot(labels, classes).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits + bias, targets, reduction="none").sum(-1)
+
+
+_WATCHED = ("loss_ce", "loss_decor", "loss_kl", "loss_input_gradient", "loss_explanation", "loss_energy")
 _WHITENING_SETTINGS = ("group_size", "whitening_shrinkage", "whitening_momentum", "whitening_method")

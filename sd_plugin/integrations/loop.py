@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.adapter import adapt, unwrap_model
 from ..core.arguments import MaskingTestArguments, SaliencyDecorArguments
+from ..core.bcos import bcosify_for_training
 from ..core.training_log import TrainingLog
 from ..core.training_step import SaliencyDecorStep
 from ..evaluation.masking_curve import masking_metrics_during_training
@@ -247,6 +248,8 @@ def _setup(
     if eval_dataset is not None:
         check_training_data(eval_dataset, model, "the validation set", check_images=images, expect_every_class=False)
     example = train_dataset[0]["pixel_values"].unsqueeze(0)
+    if method_args.bcos_b is not None:  # in place, before the adapter finds the (B-cos) head
+        bcosify_for_training(model, method_args.bcos_b, method_args.bcos_warmup_steps)
     adapter = adapt(model, feature_layer=method_args.feature_layer, example_inputs=example)
     # The random mask fill draws from its own generator, reseeded from (seed, step, process) by
     # _train_epochs: resuming reproduces the masks whatever else consumed the global RNG.

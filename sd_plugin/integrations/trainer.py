@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
 from ..core.adapter import ModelAdapter, adapt
+from ..core.bcos import bcosify_for_training
 from ..core.training_log import TrainingLog
 from ..core.training_step import SaliencyDecorStep
 from ..evaluation.masking_curve import masking_metrics_during_training
@@ -115,14 +116,19 @@ class SaliencyDecorTrainer(Trainer):
         if model is None:
             raise ValueError("SaliencyDecorTrainer needs model= (model_init is not supported).")
         args = _as_config(args)
-        self.sd_adapter: ModelAdapter = adapt(
-            model, feature_layer=args.feature_layer, example_inputs=_example_inputs(train_dataset)
-        )
-        self.sd_step = SaliencyDecorStep(self.sd_adapter, args.method_arguments(), num_processes=args.world_size)
         # the normalisation training used, recorded in every saved folder (None: unknown, warned of at train())
         self.training_preprocessing = TrainingPreprocessing.resolve(
             args.image_mean, args.image_std, args.image_crop_pct, processing_class
         )
+        if args.bcos_b is not None:  # B-cosify in place, reading [x, 1 - x] in the training normalisation's pixels
+            known = self.training_preprocessing
+            bcosify_for_training(
+                model, args.bcos_b, args.bcos_warmup_steps, known.mean if known else None, known.std if known else None
+            )
+        self.sd_adapter: ModelAdapter = adapt(
+            model, feature_layer=args.feature_layer, example_inputs=_example_inputs(train_dataset)
+        )
+        self.sd_step = SaliencyDecorStep(self.sd_adapter, args.method_arguments(), num_processes=args.world_size)
         if self.training_preprocessing is not None and self.sd_adapter.family.name == "timm":
             apply_to_timm_model(getattr(self.sd_adapter.base_model, "timm_model", self.sd_adapter.base_model),
                                 self.training_preprocessing)  # fmt: skip

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 __all__ = [
     "ADVERSARIAL_NORMS",
+    "CLASSIFICATION_LOSSES",
     "CONSISTENCY_GRADS",
     "DECOR_TARGETS",
+    "ENERGY_LAYERS",
+    "GUIDANCE_MASKS",
     "INPUT_GRADIENT_MODES",
     "MASK_FILLS",
     "MASK_SELECTIONS",
@@ -53,6 +56,17 @@ ADVERSARIAL_NORMS = ("linf", "l2")
 # How the input-gradient norm penalty is computed: double back-propagation (exact), or a finite
 # difference along the gradient direction (first-order gradients only).
 INPUT_GRADIENT_MODES = ("double_backprop", "finite_difference")
+
+# What the classification term is (B-cos papers: binary cross-entropy with a logit bias)
+CLASSIFICATION_LOSSES = ("cross_entropy", "binary_cross_entropy")
+
+# Where the Energy loss reads the explanation (Rao et al., ICCV 2023): Input×Gradient at the input,
+# or Grad-CAM of the last feature map
+ENERGY_LAYERS = ("input", "features")
+
+# Which masks guide it: the batch's own, the batch's masks shuffled across its images (control), or
+# one centred disc of the batch's mean mask area for every image (the "look at the middle" control)
+GUIDANCE_MASKS = ("given", "shuffled", "centred")
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
