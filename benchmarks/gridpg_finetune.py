@@ -13,8 +13,11 @@ the grids are the same for every model, so differences are tested cell by cell.
         --output-dir benchmarks/results/gridpg-clothing-96-cpu
 
 Runs: ``baseline``, ``sgt``, ``saliencydecor``, ``control`` (SGT with random masks: the
-explanation-agnostic control) and ``adv:EPS`` (ℓ∞ adversarial training, k = 1, radius EPS in
-normalised input units: with mean = std = 0.5, 8/255 of the pixel range is 0.063).
+explanation-agnostic control), ``adv:EPS`` (ℓ∞ adversarial training, k = 1, radius EPS in
+normalised input units: with mean = std = 0.5, 8/255 of the pixel range is 0.063) and ``bcos:B``
+(B-cosified, ``sd_plugin.core.bcos``; B raised from 1 over the first half of training, ``:now`` at
+once; cross-entropy, ``:bce`` the papers' binary cross-entropy). The ``native`` explanation (a B-cos
+model's contribution map) is scored for the B-cos runs only.
 ``results.json`` keeps every run's per-cell scores (finished runs are not retrained);
 ``RESULTS.md`` has the table and the paired tests (``--report-only`` rewrites it from ``results.json``).
 """
@@ -39,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune import DEFAULT_MODEL, load_model, load_splits, train_one  # noqa: E402
 
+from sd_plugin.core.bcos import is_bcos  # noqa: E402
 from sd_plugin.evaluation.grid_pointing_game import grid_pointing_game, make_grids  # noqa: E402
 from sd_plugin.evaluation.report import accuracy, finite_mean, localization_metrics  # noqa: E402
 
@@ -46,15 +50,27 @@ EXPLANATIONS = ("gradient", "input_x_gradient", "gradcam")
 DEFAULT_RUNS = ("baseline", "sgt", "saliencydecor", "control", "adv:0.01", "adv:0.063")
 
 
-def run_config(run: str, group_size: int) -> dict:
-    """The Trainer's method fields of a run name (see the module docstring)."""
+def run_config(run: str, group_size: int, steps: int = 0) -> dict:
+    """The Trainer's method fields of a run name (see the module docstring); ``steps``: the run's optimizer steps."""
+    if run.startswith("bcos:"):  # bcos:B[:bce][:now]
+        b, *options = run.removeprefix("bcos:").split(":")
+        unknown = set(options) - {"bce", "now"}
+        if unknown:
+            raise SystemExit(f"run {run!r}: options are ':bce' (the papers' loss) and ':now' (no warm-up of B).")
+        return {
+            "method": "baseline",
+            "group_size": group_size,
+            "bcos_b": float(b),
+            "bcos_warmup_steps": 0 if "now" in options else steps // 2,
+            "classification_loss": "binary_cross_entropy" if "bce" in options else "cross_entropy",
+        }
     if run.startswith("adv:"):
         return {"method": "baseline", "adversarial_epsilon": float(run.removeprefix("adv:")), "group_size": group_size}
     if run == "control":
         return {"method": "sgt", "mask_selection": "random", "group_size": group_size}
     if run in ("baseline", "sgt", "decor", "saliencydecor"):
         return {"method": run, "group_size": group_size}
-    raise SystemExit(f"unknown run {run!r}: use baseline, sgt, decor, saliencydecor, control or adv:EPS.")
+    raise SystemExit(f"unknown run {run!r}: use baseline, sgt, decor, saliencydecor, control, adv:EPS or bcos:B.")
 
 
 def mask_scores(model, evaluation, name: str, batch_size: int) -> dict:
@@ -66,6 +82,8 @@ def mask_scores(model, evaluation, name: str, batch_size: int) -> dict:
 def score(model, evaluation, grids, explanations, disconnected: bool, batch_size: int) -> dict:
     entry = {"accuracy": accuracy(model, DataLoader(evaluation, batch_size=batch_size)), "gridpg": {}}
     for name in explanations:
+        if name == "native" and not is_bcos(model):
+            continue  # a model's own explanation: only B-cos models have one here
         entry["gridpg"][name] = grid_pointing_game(model, evaluation, grids, attribution=name).to_dict()
         if disconnected:
             result = grid_pointing_game(model, evaluation, grids, attribution=name, disconnected=True)
@@ -155,7 +173,7 @@ def write_report(output: Path, results: dict) -> None:
     baseline = runs.get("baseline", {})
     if baseline:
         best = max(
-            meta["explanations"],
+            [e for e in meta["explanations"] if all(e in s["gridpg"] for s in baseline.values())],
             key=lambda e: statistics.mean(s["gridpg"][e]["mean_correct"] for s in baseline.values()),
         )
         lines += [
@@ -174,15 +192,19 @@ def write_report(output: Path, results: dict) -> None:
                 continue
             common = sorted(set(seeds) & set(baseline))
             for e in meta["explanations"]:
-                same = paired_cells(
-                    [baseline[s]["gridpg"][e] for s in common], [seeds[s]["gridpg"][e] for s in common], True
-                )
+                if not all(e in seeds[s]["gridpg"] for s in common):
+                    continue  # e.g. native: B-cos runs only
                 bar = paired_cells(
                     [baseline[s]["gridpg"][best] for s in common], [seeds[s]["gridpg"][e] for s in common], True
                 )
+                same_text = "— (the baseline has no such explanation) | —"
+                if all(e in baseline[s]["gridpg"] for s in common):
+                    same = paired_cells(
+                        [baseline[s]["gridpg"][e] for s in common], [seeds[s]["gridpg"][e] for s in common], True
+                    )
+                    same_text = f"{same[0]:+.3f} ({_seeds(same[3])}) | {same[1]:.4f}"
                 lines.append(
-                    f"| {run} | {e} | {same[0]:+.3f} ({_seeds(same[3])}) | {same[1]:.4f} | {bar[0]:+.3f} "
-                    f"({_seeds(bar[3])}) | {bar[1]:.4f} | {same[2]} |"
+                    f"| {run} | {e} | {same_text} | {bar[0]:+.3f} ({_seeds(bar[3])}) | {bar[1]:.4f} | {bar[2]} |"
                 )
     (output / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
@@ -245,12 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for run in args.runs:
                 done = results["runs"].get(run, {}).get(str(seed))
-                if done is not None and all(e in done["gridpg"] for e in args.explanations):
+                wanted = [e for e in args.explanations if e != "native" or run.startswith("bcos:")]
+                if done is not None and all(e in done["gridpg"] for e in wanted):
                     continue
                 start = time.perf_counter()
-                model, seconds = train_one(
-                    run_config(run, args.group_size), seed, args.model, classes, train, hyper, f"{workdir}/{run}-{seed}"
-                )
+                steps = math.ceil(len(train) / args.batch_size) * args.epochs
+                config = run_config(run, args.group_size, steps)
+                model, seconds = train_one(config, seed, args.model, classes, train, hyper, f"{workdir}/{run}-{seed}")
                 entry = score(model, evaluation, grids, args.explanations, args.disconnected, args.eval_batch_size)
                 entry["train_seconds"] = seconds
                 results["runs"].setdefault(run, {})[str(seed)] = entry

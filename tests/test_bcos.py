@@ -72,15 +72,16 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     [
         lambda: timm.create_model("resnet10t", num_classes=3),
         lambda: timm.create_model("efficientnet_lite0", num_classes=3),  # depthwise convolutions, ReLU6
+        lambda: timm.create_model("tf_efficientnet_lite0", num_classes=3),  # Conv2dSame: TensorFlow's padding
         _hf_resnet,
     ],
-    ids=["timm-resnet10t", "timm-efficientnet-lite0", "transformers-resnet"],
+    ids=["timm-resnet10t", "timm-efficientnet-lite0", "timm-tf-efficientnet-lite0", "transformers-resnet"],
 )
 def test_bcosify__at_b_1_equals_the_original_less_biases_centring_and_relu6_clip(build):
     torch.manual_seed(0)
     original = _randomise_batchnorm(build())
     reference = _without_what_bcosify_removes(original)
-    x = torch.randn(2, 3, 48, 48) * 2  # values beyond 6 reach the ReLU6s
+    x = torch.randn(2, 3, 49, 49) * 2  # values beyond 6 reach the ReLU6s; odd size: asymmetric "SAME" padding
     with torch.no_grad():
         expected, before = _logits(reference, x), _logits(original, x)
         converted = bcosify(copy.deepcopy(original), mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25)).eval()

@@ -85,10 +85,14 @@ class BcosConv2d(nn.Conv2d):
             raise ValueError(f"BcosConv2d: padding_mode={self.padding_mode!r}; only 'zeros' keeps the map bias-free.")
         self.b = float(b)
         self.detach_dynamic = False
+        self.same_padding = False  # TensorFlow's "SAME" (timm's Conv2dSame): zeros padded per input size
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, b: float = 1.0, weight: Tensor | None = None) -> BcosConv2d:
-        """The B-cos layer with ``conv``'s geometry and weight (or ``weight``); its bias is dropped."""
+        """The B-cos layer with ``conv``'s geometry and weight (or ``weight``); its bias is dropped.
+
+        timm's ``Conv2dSame`` (TensorFlow ports such as EfficientNet-Lite0) pads in its forward; the
+        layer pads the same zeros (``same_padding``)."""
         weight = conv.weight if weight is None else weight
         layer = cls(
             weight.shape[1] * conv.groups,
@@ -104,7 +108,16 @@ class BcosConv2d(nn.Conv2d):
             dtype=weight.dtype,
         )
         layer.weight.data.copy_(weight.data)
+        layer.same_padding = type(conv).__name__ == "Conv2dSame"
         return layer
+
+    def _pad_same(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            pad = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((pad // 2, pad - pad // 2))
+        (top, bottom), (left, right) = pads
+        return F.pad(x, (left, right, top, bottom))
 
     def patch_norms(self, x: Tensor) -> Tensor:
         """``(N, out_channels, H', W')``: the norm of the input patch each output sees (its group's channels)."""
@@ -114,6 +127,8 @@ class BcosConv2d(nn.Conv2d):
         return squares.clamp_min(0).add(_EPS).sqrt().repeat_interleave(self.out_channels // groups, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.same_padding:
+            x = self._pad_same(x)
         out = self._conv_forward(x, self.weight, None)
         if self.b == 1:
             return out
