@@ -142,7 +142,9 @@ def test_contributions__equal_the_dynamic_linear_map_computed_by_hand():
     hidden = torch.relu(scale1 * out)
     gate = (scale1 * out > 0).float()
     h = hidden.permute(0, 2, 3, 1)  # (2, 6, 6, 4)
-    scale2 = ((h @ v.T) / (h.norm(dim=-1, keepdim=True) * v.norm(dim=1) + 1e-6)).abs().pow(b - 1)  # 0/0 at a dead location  # (2, 6, 6, 3)
+    scale2 = (
+        ((h @ v.T) / (h.norm(dim=-1, keepdim=True) * v.norm(dim=1) + 1e-6)).abs().pow(b - 1)
+    )  # 0/0 at a dead location  # (2, 6, 6, 3)
 
     def frozen(z_: torch.Tensor) -> torch.Tensor:  # linear in z_: the scales and ReLU gates of z held fixed
         h_ = (gate * scale1 * F.conv2d(z_, w, padding=1)).permute(0, 2, 3, 1)

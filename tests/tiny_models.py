@@ -184,13 +184,20 @@ def build(family: str, path: Path, seed: int = 0, num_labels: int = NUM_CLASSES)
     return _FACTORIES[family](path / family)
 
 
-def train(model: nn.Module, output_dir: Path, steps: int = 1, samples: int = 16, **config: object):
+def train(
+    model: nn.Module,
+    output_dir: Path,
+    steps: int = 1,
+    samples: int = 16,
+    image_size: int = IMAGE_SIZE,
+    **config: object,
+):
     """A few ``SaliencyDecorTrainer`` steps on random 16 px images (batch 16, group 8); returns the trainer."""
     from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
 
     g = torch.Generator().manual_seed(0)
     data = [
-        {"pixel_values": torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g), "labels": i % 3} for i in range(samples)
+        {"pixel_values": torch.randn(3, image_size, image_size, generator=g), "labels": i % 3} for i in range(samples)
     ]
     settings = dict(
         output_dir=str(output_dir),

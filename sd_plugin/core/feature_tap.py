@@ -32,7 +32,8 @@ class FeatureTap:
     Args:
         module: the head (``where="input"``) or the feature layer (``where="output"``).
         where: ``"input"`` to tap the module's first positional input, ``"output"`` for
-            its output. Shapes ``(B, D)`` and ``(B, D, 1, 1)`` are accepted.
+            its output. Shapes ``(B, D)`` and ``(B, D, 1, 1)`` are accepted, and ``(B, D, h, w)``
+            maps at the input of a B-cos head that pools after itself (``core.bcos``).
         module_name: used in error messages.
     """
 
@@ -67,6 +68,10 @@ class FeatureTap:
             flat = value.flatten(1)
         elif value.dim() == 2:
             flat = value
+        elif value.dim() == 4 and self.where == "input" and getattr(self.module, "pool_after", False):
+            # a B-cos head applied before the pooling (core.bcos): the features are the map's spatial mean
+            self.features, self.whitened = value.mean(dim=(2, 3)), None
+            return None
         else:
             raise ValueError(
                 f"the features at {self.module_name!r} ({self.where}) have shape {tuple(shape)}; "
