@@ -38,7 +38,7 @@ def _randomise_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def _without_what_bcosify_removes(model: nn.Module) -> nn.Module:
-    """The original with exactly what the conversion removes zeroed: biases, BatchNorm's centring and β, ReLU6's clip."""
+    """The original with what the conversion removes zeroed: biases, BatchNorm's centring and β, ReLU6's clip."""
     reference = copy.deepcopy(model)
     for name, module in list(reference.named_modules()):
         if isinstance(module, nn.BatchNorm2d):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, adapt
-from sd_plugin.core.bcos import bcos_b, bcosify, is_bcos
+from sd_plugin.core.bcos import bcos_b, bcosify, contributions, is_bcos
 from sd_plugin.core.guidance import (
     centred_disc_masks,
     energy_loss,
@@ -161,3 +161,47 @@ def test_trainer__bcos_b_bcosifies_and_fine_tunes_the_model(tmp_path):
     trainer = train(model, tmp_path, steps=2, method="baseline", bcos_b=2.0, classification_loss="binary_cross_entropy")
     assert is_bcos(trainer.model) and bcos_b(trainer.model) == 2.0
     assert trainer.state.log_history[-1]["train_loss"] > 0
+
+
+_FRESH_PROCESS = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import bcos  # the copy beside the weights: torch + timm + safetensors only
+model = bcos.load_timm_folder(sys.argv[1])
+x = torch.load(sys.argv[2])
+maps = bcos.contributions(model, x, torch.tensor([0, 1]))
+torch.save({"logits": model(x).detach(), "maps": maps, "sd_plugin": "sd_plugin" in sys.modules}, sys.argv[3])
+"""
+
+
+def test_bcos_efficientnet_lite0__fine_tunes_exports_and_explains_in_a_fresh_process_without_the_package(tmp_path):
+    import subprocess
+    import sys
+
+    from sd_plugin.hub.export import export
+    from sd_plugin.storage.loading import load_classifier
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=3)  # Conv2dSame, depthwise, ReLU6
+    trainer = train(model, tmp_path / "run", steps=2, samples=8, image_size=64, method="baseline", bcos_b=2.0)
+    trainer.save_model()
+    folder = export(trainer, tmp_path / "exported")
+    assert {"bcos.json", "bcos.py", "model.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
+    assert "bcos.load_timm_folder" in (folder / "README.md").read_text()  # the card says how to load and explain
+    x = torch.randn(2, 3, 64, 64)
+    torch.save(x, tmp_path / "x.pt")
+    trained = trainer.model.eval()
+    expected_logits, expected_maps = trained(x).detach(), contributions(trained, x, torch.tensor([0, 1]))
+
+    for saved in (tmp_path / "run", folder):  # the Trainer's folder and the export reload through the package
+        reloaded = load_classifier(saved)
+        assert is_bcos(reloaded) and bcos_b(reloaded) == 2.0
+        torch.testing.assert_close(reloaded(x), expected_logits, atol=1e-5, rtol=1e-4)
+    script = tmp_path / "fresh.py"
+    script.write_text(_FRESH_PROCESS)
+    subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")], check=True
+    )
+    out = torch.load(tmp_path / "out.pt")
+    assert not out["sd_plugin"]
+    torch.testing.assert_close(out["logits"], expected_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["maps"], expected_maps, atol=1e-6, rtol=1e-4)

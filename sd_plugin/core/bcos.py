@@ -56,8 +56,13 @@ __all__ = [
     "contributions",
     "dynamic_weights_detached",
     "is_bcos",
+    "load_timm_folder",
+    "save_bcos_files",
     "set_b",
 ]
+
+BCOS_CONFIG = "bcos.json"  # beside the weights of a B-cos folder: what bcosify to apply before loading them
+BCOS_LOADER = "bcos.py"  # a copy of this module: the folder loads with torch + timm alone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,7 +118,7 @@ class BcosConv2d(nn.Conv2d):
 
     def _pad_same(self, x: Tensor) -> Tensor:
         pads = []
-        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation, strict=True):
             pad = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
             pads.append((pad // 2, pad - pad // 2))
         (top, bottom), (left, right) = pads
@@ -455,3 +460,41 @@ def contributions(model: nn.Module, pixel_values: Tensor, target: Tensor) -> Ten
         encoding.capture = False
         encoding.encoded = None
     return (grad * encoded).sum(1).detach()
+
+
+# -- folders ---------------------------------------------------------------------------------------
+
+
+def save_bcos_files(model: nn.Module, folder: str) -> None:
+    """Write ``bcos.json`` (B, head order) and ``bcos.py`` (this module) beside a B-cos model's weights."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    head_first = any(isinstance(m, BcosLinear) and m.pool_after for m in model.modules())
+    config = {"b": bcos_b(model), "head_before_pooling": head_first}
+    Path(folder, BCOS_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(__file__, Path(folder, BCOS_LOADER))
+
+
+def load_timm_folder(folder: str) -> nn.Module:
+    """A B-cos timm model from its folder (``config.json``, ``bcos.json``, ``model.safetensors``), in eval mode.
+
+    Needs only torch, timm and safetensors: ``import sys; sys.path.insert(0, folder); import bcos;
+    model = bcos.load_timm_folder(folder); maps = bcos.contributions(model, pixel_values, target)``.
+    """
+    import json
+    from pathlib import Path
+
+    import timm
+    from safetensors.torch import load_file
+
+    config = json.loads(Path(folder, "config.json").read_text())
+    settings = json.loads(Path(folder, BCOS_CONFIG).read_text())
+    model_args = dict(config.get("model_args") or {})
+    model_args.setdefault("num_classes", config.get("num_classes"))
+    model = timm.create_model(config["architecture"], pretrained=False, **model_args)
+    bcosify(model, settings["b"], head_before_pooling=settings["head_before_pooling"])
+    weights = load_file(str(Path(folder, "model.safetensors")))
+    model.load_state_dict({k: v for k, v in weights.items() if "saliency_decor_whitening" not in k.split(".")})
+    return model.eval()

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bcos import BCOS_CONFIG, bcosify
+
 __all__ = [
     "FAMILIES",
     "ModelFamily",
@@ -138,9 +140,14 @@ class TransformersFamily(ModelFamily):
         return "model_type" in config
 
     def load_folder(self, folder: Path, config: dict[str, Any], **kwargs: Any) -> nn.Module:
-        from transformers import AutoModelForImageClassification
+        from transformers import AutoConfig, AutoModelForImageClassification
 
-        return AutoModelForImageClassification.from_pretrained(str(folder), **kwargs)
+        if not (Path(folder) / BCOS_CONFIG).is_file():
+            return AutoModelForImageClassification.from_pretrained(str(folder), **kwargs)
+        model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(str(folder), **kwargs))
+        _bcosify_as_saved(model, folder)  # a B-cos model: the architecture converted, then its weights
+        model.load_state_dict(_model_weights(folder), strict=True)
+        return model
 
     def usage(self, model_class: str, has_processor: bool = True) -> str:
         load = f'model = AutoModelForImageClassification.from_pretrained("{REPO_ID_PLACEHOLDER}")  # or a local path\n'
@@ -201,6 +208,7 @@ class TimmFamily(ModelFamily):
         model_args = dict(config.get("model_args") or {})
         model_args.setdefault("num_classes", config.get("num_classes"))
         model = timm.create_model(config["architecture"], pretrained=False, **model_args)
+        _bcosify_as_saved(model, folder)
         model.load_state_dict(_model_weights(folder), strict=True)
         pretrained_cfg = config.get("pretrained_cfg")
         if isinstance(pretrained_cfg, dict):
@@ -231,6 +239,14 @@ def family_of(model: nn.Module) -> ModelFamily:
 def family_reading(config: dict[str, Any]) -> ModelFamily | None:
     """The family whose folders have this ``config.json``, or None."""
     return next((family for family in FAMILIES if family.reads_folder(config)), None)
+
+
+def _bcosify_as_saved(model: nn.Module, folder: Path) -> None:
+    """Apply the ``bcosify`` a B-cos folder records (``bcos.json``) before its weights load; else nothing."""
+    path = Path(folder) / BCOS_CONFIG
+    if path.is_file():
+        settings = json.loads(path.read_text())
+        bcosify(model, settings["b"], head_before_pooling=settings["head_before_pooling"])
 
 
 def _model_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 
 from ..core.adapter import is_peft, unwrap_model
+from ..core.bcos import is_bcos, save_bcos_files
 from ..core.families import REPO_ID_PLACEHOLDER, ModelFamily, family_of
 from ..core.folding import find_whitening, fold_whitening_into_head
 from ..storage.checkpoint import (
@@ -110,7 +111,33 @@ def _write_weights(
     if model_args is None and source_dir is not None and (source_dir / "config.json").is_file():
         model_args = json.loads((source_dir / "config.json").read_text()).get("model_args")
     family.save(model, folder, input_size=input_size, model_args=model_args)
+    if is_bcos(model):  # bcos.json + bcos.py: loads with torch + timm (bcos.load_timm_folder) or sd_plugin
+        save_bcos_files(model, str(folder))
     return {}
+
+
+def bcos_usage(library: str) -> str:
+    """The card's code for a B-cos folder: how to load it, and its explanation (the contribution map)."""
+    if library == "timm":
+        load = (
+            "import sys, torch\n"
+            'sys.path.insert(0, "PATH")  # the downloaded folder (huggingface_hub.snapshot_download)\n'
+            "import bcos  # bcos.py beside the weights: needs torch, timm and safetensors only\n"
+            'model = bcos.load_timm_folder("PATH")\n'
+        )
+    else:
+        load = (
+            "import sys, torch\n"
+            'sys.path.insert(0, "PATH")\n'
+            "import bcos\n"
+            "from sd_plugin.storage.loading import load_classifier  # B-cosifies the architecture, then loads\n"
+            'model = load_classifier("PATH")\n'
+        )
+    return (
+        load + "logits = model(pixel_values)  # pixel_values: normalised as in training (preprocessing above)\n"
+        "# the model's own explanation: W(x) ⊙ [x, 1 - x] summed over channels, (N, H, W); it sums to the logit\n"
+        "maps = bcos.contributions(model, pixel_values, logits.argmax(-1))"
+    )
 
 
 def _save_processor(
@@ -247,7 +274,7 @@ def export(
             datasets=datasets or ([dataset_name] if dataset_name else None),
             base_model=base_model,
             figures=figures,
-            usage=family.usage(type(base).__name__, has_processor=has_processor),
+            usage=bcos_usage(family.name) if is_bcos(base) else family.usage(type(base).__name__, has_processor),
             training_command=training_command,
             evaluation_command=eval_command,
             dataset_name=dataset_name,

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
 from ..core.adapter import ModelAdapter, adapt
-from ..core.bcos import bcosify_for_training
+from ..core.bcos import bcosify_for_training, is_bcos, save_bcos_files
 from ..core.training_log import TrainingLog
 from ..core.training_step import SaliencyDecorStep
 from ..evaluation.masking_curve import masking_metrics_during_training
@@ -371,6 +371,8 @@ class SaliencyDecorTrainer(Trainer):
         family = self.sd_adapter.family  # the config its library reloads the weights with (timm, PaperCNN)
         if not self._is_peft_model() or not family.reloads_by_itself:
             family.write_config(self.sd_adapter.base_model, output_dir, input_size=metadata["input_size"])
+        if is_bcos(self.sd_adapter.base_model):  # bcos.json + bcos.py: the loaders B-cosify before loading
+            save_bcos_files(self.sd_adapter.base_model, output_dir)
         if self.training_preprocessing is not None and family.has_image_processor:
             write_processor_normalization(output_dir, self.training_preprocessing, metadata["input_size"])
 
