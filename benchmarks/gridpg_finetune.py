@@ -17,7 +17,9 @@ explanation-agnostic control), ``adv:EPS`` (ℓ∞ adversarial training, k = 1, 
 normalised input units: with mean = std = 0.5, 8/255 of the pixel range is 0.063) and ``bcos:B``
 (B-cosified, ``sd_plugin.core.bcos``; B raised from 1 over the first half of training, ``:now`` at
 once; cross-entropy, ``:bce`` the papers' binary cross-entropy). The ``native`` explanation (a B-cos
-model's contribution map) is scored for the B-cos runs only.
+model's contribution map) is scored for the B-cos runs only. ``energy:LAYER:WEIGHT`` trains with the
+Energy loss (``input`` Input×Gradient or ``features`` Grad-CAM) on a localization set's masks;
+``:shuffled`` / ``:centred`` are its controls.
 ``results.json`` keeps every run's per-cell scores (finished runs are not retrained);
 ``RESULTS.md`` has the table and the paired tests (``--report-only`` rewrites it from ``results.json``).
 """
@@ -63,6 +65,15 @@ def run_config(run: str, group_size: int, steps: int = 0) -> dict:
             "bcos_b": float(b),
             "bcos_warmup_steps": 0 if "now" in options else steps // 2,
             "classification_loss": "binary_cross_entropy" if "bce" in options else "cross_entropy",
+        }
+    if run.startswith("energy:"):  # energy:LAYER:WEIGHT[:shuffled|:centred]
+        layer, weight, *control = run.removeprefix("energy:").split(":")
+        return {
+            "method": "baseline",
+            "group_size": group_size,
+            "energy_weight": float(weight),
+            "energy_layer": layer,
+            "guidance_masks": control[0] if control else "given",
         }
     if run.startswith("adv:"):
         return {"method": "baseline", "adversarial_epsilon": float(run.removeprefix("adv:")), "group_size": group_size}
