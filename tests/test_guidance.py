@@ -205,3 +205,14 @@ def test_bcos_efficientnet_lite0__fine_tunes_exports_and_explains_in_a_fresh_pro
     assert not out["sd_plugin"]
     torch.testing.assert_close(out["logits"], expected_logits, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out["maps"], expected_maps, atol=1e-6, rtol=1e-4)
+
+
+def test_readme__the_bcos_and_guidance_settings_snippet_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- bcos-config -->")[1].split("<!-- /bcos-config -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["config"].energy_weight == 5.0
