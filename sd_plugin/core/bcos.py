@@ -55,6 +55,7 @@ __all__ = [
     "bcosify_for_training",
     "contributions",
     "dynamic_weights_detached",
+    "global_pool_module",
     "is_bcos",
     "load_timm_folder",
     "save_bcos_files",
@@ -288,10 +289,12 @@ def _head_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return (names[id(linears[-1])], linears[-1]) if linears else None
 
 
-def _global_pool(model: nn.Module) -> tuple[str, nn.Module] | None:
+def global_pool_module(model: nn.Module) -> tuple[str, nn.Module] | None:
     """``(name, module)``: the global average pooling before the head (timm global_pool, transformers pooler)."""
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
+        if isinstance(module, nn.Identity):  # already moved after a B-cos head
+            continue
         if leaf == "global_pool" and getattr(module, "pool_type", "avg") == "avg":
             return name, module
         if leaf == "pooler" and isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
@@ -373,7 +376,7 @@ def bcosify_for_training(
 
 
 def _pool_after_head(model: nn.Module, head_name: str) -> None:
-    pool = _global_pool(model)
+    pool = global_pool_module(model)
     if pool is None:
         raise ValueError(
             "bcosify: no global average pooling (timm global_pool / transformers pooler) found to move "

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bcos import BcosLinear, global_pool_module
+
 __all__ = [
     "centred_disc_masks",
     "energy_loss",
@@ -51,15 +53,14 @@ def energy_loss(maps: Tensor, masks: Tensor) -> Tensor:
     averaged down to ``(h, w)`` when larger (a soft mask on a coarse map).
     """
     masks = _as_masks(masks, maps)
-    annotated = masks.flatten(1).amin(1) < 1
+    annotated = (masks.flatten(1).amin(1) < 1).float()
     if masks.shape[-2:] != maps.shape[-2:]:
         masks = F.adaptive_avg_pool2d(masks.unsqueeze(1), maps.shape[-2:]).squeeze(1)
     positive = maps.float().clamp_min(0)
     inside = (positive * masks).flatten(1).sum(1)
     energy = inside / (positive.flatten(1).sum(1) + 1e-12)
-    if not annotated.any():
-        return maps.sum() * 0.0  # keeps the graph: every process back-propagates the same structure
-    return (1 - energy)[annotated].mean()
+    # weighted, not indexed: no host sync in the step, and the graph is the same when nothing is annotated
+    return ((1 - energy) * annotated).sum() / annotated.sum().clamp_min(1)
 
 
 def input_x_gradient_map(logits: Tensor, inputs: Tensor, labels: Tensor) -> Tensor:
@@ -87,7 +88,8 @@ def centred_disc_masks(masks: Tensor) -> Tensor:
     flat = _as_masks(masks, masks)
     annotated = flat.flatten(1).amin(1) < 1
     height, width = flat.shape[-2:]
-    area = flat[annotated].flatten(1).mean(1).mean() if annotated.any() else flat.new_tensor(1.0)
+    weights = annotated.float()  # (no host sync: with nothing annotated the disc is not used)
+    area = (flat.flatten(1).mean(1) * weights).sum() / weights.sum().clamp_min(1)
     radius = torch.sqrt(area * height * width / torch.pi)
     ys = torch.arange(height, device=flat.device, dtype=torch.float32) - (height - 1) / 2
     xs = torch.arange(width, device=flat.device, dtype=torch.float32) - (width - 1) / 2
@@ -112,15 +114,12 @@ def feature_map_module(model: nn.Module) -> tuple[nn.Module, str]:
     The input of timm's ``global_pool`` or a transformers ``pooler``; for a B-cos model whose head runs
     before the pooling (``bcosify``), the input of that head.
     """
-    from .bcos import BcosLinear
-
     for module in model.modules():
         if isinstance(module, BcosLinear) and module.pool_after:
             return module, "input"
-    for name, module in model.named_modules():
-        leaf = name.rpartition(".")[2]
-        if leaf in ("global_pool", "pooler") and not isinstance(module, nn.Identity):
-            return module, "input"
+    pool = global_pool_module(model)
+    if pool is not None:
+        return pool[1], "input"
     raise ValueError(
         "energy_layer='features': no global pooling (timm global_pool, transformers pooler) found before the "
         "head; use energy_layer='input'."

@@ -408,9 +408,7 @@ class SaliencyDecorStep:
         if self.args.energy_weight > 0:
             loss_energy = self._energy_term(logits, inputs, labels, feature_maps)
             objective = objective + self.args.energy_weight * loss_energy
-        live = None
-        if features is not None and features.dim() == 2 and features.shape[0] > 1:
-            live = live_feature_fraction(features)
+        live = live_feature_fraction(features) if features is not None and features.shape[0] > 1 else None
         return _CleanPass(logits, loss_ce, loss_decor, objective, live, loss_gradient, loss_explanation, loss_energy)
 
     def _feature_maps(self) -> contextlib.AbstractContextManager[list[Tensor]]:
