@@ -244,6 +244,18 @@ def test_localization_metrics__equal_quantus_formulas_on_the_same_maps():
     assert relevance_mass(maps[:1], empty).isnan().all() and pointing_game(maps[:1], empty).isnan().all()
 
 
+def test_relevance_mass__signed_maps_are_scored_on_their_magnitude_and_stay_within_zero_and_one():
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randn(32, 8, 8, generator=g)  # signed totals near zero made the signed ratio unbounded
+    masks = torch.rand(32, 8, 8, generator=g) < 0.3
+    expected = quantus_formulas(maps.abs().numpy(), masks.numpy())["mass"]  # Quantus with abs=True
+    scores = relevance_mass(maps, masks)
+    assert scores.numpy() == pytest.approx(expected) and bool(((scores >= 0) & (scores <= 1)).all())
+    signed_ratio = (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1)
+    assert bool((signed_ratio.abs() > 1).any())  # the old definition left [0, 1] on these maps
+    assert relevance_mass(torch.zeros(1, 8, 8), masks[:1]).tolist() == [0.0]  # an all-zero map, not NaN
+
+
 def test_localization_dataset__masks_follow_the_models_crop_and_an_oracle_map_scores_one(tmp_path):
     from torchvision.transforms import v2
 

@@ -7,7 +7,9 @@ are Quantus 0.6.0's (``RelevanceMassAccuracy``, ``RelevanceRankAccuracy``, ``Poi
 their defaults ``abs=False`` and max-normalisation, which changes none of the three), computed
 batched on the device; an image with an empty mask scores NaN, as in Quantus.
 
-- relevance mass accuracy: the share of the map's total inside the mask;
+- relevance mass accuracy: the share of the map's total inside the mask; a signed map (one with a
+  negative value) is scored on its magnitude, as Quantus's ``abs=True`` does — its signed total
+  can be near zero, which made the ratio unbounded (29.8 was once reported);
 - relevance rank accuracy: with ``K`` mask pixels, the share of the map's top ``K`` inside it;
 - pointing game: 1 if the map's maximum lies inside the mask (any of tied maxima), else 0;
 - energy pointing game (Wang et al. 2020, as Rao et al. 2023 use it): the share of the map's
@@ -51,9 +53,18 @@ def _nan_where_empty(scores: Tensor, masks: Tensor) -> Tensor:
 
 
 def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
-    """Share of each map's total that lies inside its mask: ``(B,)``."""
+    """Share of each map's total that lies inside its mask, magnitudes for signed maps: ``(B,)`` in [0, 1].
+
+    Example:
+        >>> maps = torch.tensor([[[2.0, -1.0], [1.0, 0.0]]])
+        >>> relevance_mass(maps, torch.tensor([[[True, True], [False, False]]])).tolist()
+        [0.75]
+    """
     values, inside = _flat(maps, masks)
-    return _nan_where_empty((values * inside).sum(1) / values.sum(1), inside)
+    values = torch.where((values < 0).any(1, keepdim=True), values.abs(), values)
+    total = values.sum(1)
+    share = torch.where(total > 0, (values * inside).sum(1) / total.clamp_min(1e-300), torch.zeros_like(total))
+    return _nan_where_empty(share, inside)
 
 
 def relevance_rank(maps: Tensor, masks: Tensor) -> Tensor:
