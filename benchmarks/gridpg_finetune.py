@@ -19,7 +19,8 @@ normalised input units: with mean = std = 0.5, 8/255 of the pixel range is 0.063
 once; cross-entropy, ``:bce`` the papers' binary cross-entropy). The ``native`` explanation (a B-cos
 model's contribution map) is scored for the B-cos runs only. ``energy:LAYER:WEIGHT`` trains with the
 Energy loss (``input`` Input×Gradient or ``features`` Grad-CAM) on a localization set's masks;
-``:shuffled`` / ``:centred`` are its controls.
+``:shuffled`` / ``:centred`` are its controls. Any run takes schedule overrides after ``@``:
+``bcos:2@lr=3e-4@epochs=6`` (a recipe search; the report pairs it with the baseline all the same).
 ``results.json`` keeps every run's per-cell scores (finished runs are not retrained);
 ``RESULTS.md`` has the table and the paired tests (``--report-only`` rewrites it from ``results.json``).
 """
@@ -50,6 +51,26 @@ from sd_plugin.evaluation.report import accuracy, finite_mean, localization_metr
 
 EXPLANATIONS = ("gradient", "input_x_gradient", "gradcam")
 DEFAULT_RUNS = ("baseline", "sgt", "saliencydecor", "control", "adv:0.01", "adv:0.063")
+
+
+SCHEDULE_KEYS = {"lr": "learning_rate", "epochs": "epochs"}
+
+
+def run_schedule(run: str, hyper: dict) -> tuple[str, dict]:
+    """``(method run name, hyper-parameters)`` of a run name with ``@lr=X`` / ``@epochs=N`` overrides.
+
+    Example:
+        >>> run_schedule("bcos:2@lr=3e-4@epochs=6", {"learning_rate": 1e-3, "epochs": 3})
+        ('bcos:2', {'learning_rate': 0.0003, 'epochs': 6})
+    """
+    name, *overrides = run.split("@")
+    hyper = dict(hyper)
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key not in SCHEDULE_KEYS or not value:
+            raise SystemExit(f"run {run!r}: overrides are @lr=VALUE and @epochs=N, got {override!r}.")
+        hyper[SCHEDULE_KEYS[key]] = int(value) if key == "epochs" else float(value)
+    return name, hyper
 
 
 def run_config(run: str, group_size: int, steps: int = 0) -> dict:
@@ -282,9 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                 if done is not None and all(e in done["gridpg"] for e in wanted):
                     continue
                 start = time.perf_counter()
-                steps = math.ceil(len(train) / args.batch_size) * args.epochs
-                config = run_config(run, args.group_size, steps)
-                model, seconds = train_one(config, seed, args.model, classes, train, hyper, f"{workdir}/{run}-{seed}")
+                method, schedule = run_schedule(run, hyper)
+                steps = math.ceil(len(train) / args.batch_size) * schedule["epochs"]
+                config = run_config(method, args.group_size, steps)
+                workdir_run = f"{workdir}/{run}-{seed}"
+                model, seconds = train_one(config, seed, args.model, classes, train, schedule, workdir_run)
                 entry = score(model, evaluation, grids, args.explanations, args.disconnected, args.eval_batch_size)
                 entry["train_seconds"] = seconds
                 results["runs"].setdefault(run, {})[str(seed)] = entry

@@ -122,6 +122,15 @@ def test_energy_term__needs_masks_and_the_controls_change_the_loss():
     assert len({round(v, 6) for v in losses.values()}) == 3
 
 
+def test_energy_term__features_layer_without_a_global_pooling_is_refused_when_the_step_is_built():
+    from sd_plugin.core.models import PaperCNN
+
+    model = PaperCNN.mnist()
+    args = SaliencyDecorArguments(method="baseline", energy_weight=1.0, energy_layer="features")
+    with pytest.raises(ValueError, match="no global pooling.*use energy_layer='input'"):
+        SaliencyDecorStep(adapt(model), args)  # before any batch, not at the first step
+
+
 def test_classification_loss__binary_cross_entropy_with_the_logit_bias_by_hand():
     logits, labels = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]]), torch.tensor([2, 0])
     bias = -math.log(2)

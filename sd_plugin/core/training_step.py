@@ -62,7 +62,14 @@ from .decorrelation import (
     decorrelation_loss,
     whitened_decorrelation_loss,
 )
-from .guidance import energy_loss, gradcam_map, guidance_masks, input_x_gradient_map, recording_feature_map
+from .guidance import (
+    energy_loss,
+    feature_map_module,
+    gradcam_map,
+    guidance_masks,
+    input_x_gradient_map,
+    recording_feature_map,
+)
 from .input_gradients import (
     adversarial_perturbation,
     explanation_penalty,
@@ -179,6 +186,8 @@ class SaliencyDecorStep:
                 f"bcos_b={args.bcos_b}: the model is not a B-cos network. The Trainer and the recipes convert it; "
                 "elsewhere call sd_plugin.core.bcos.bcosify(model) before adapt(model)."
             )
+        if args.energy_weight > 0 and args.energy_layer == "features":
+            feature_map_module(adapter.base_model)  # no feature map to guide: said now, not at the first step
         self.whitening = None
         if self.uses_decorrelation:
             self.whitening = adapter.attach_whitening(
