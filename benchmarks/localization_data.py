@@ -28,7 +28,11 @@ from sd_plugin.storage.localization_data import write_localization_dataset
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="folder to write")
-    parser.add_argument("--objects", default="fashion-mnist", choices=["fashion-mnist", "digits"])
+    parser.add_argument(
+        "--objects",
+        default="fashion-mnist",
+        help="'fashion-mnist', 'digits', or a labelled photo folder (<split>/<class>/ photos, pasted whole: box masks)",
+    )
     parser.add_argument("--backgrounds", default=None, help="a folder of photos (default: scikit-learn's samples)")
     parser.add_argument("--train", type=int, default=2000, help="training images")
     parser.add_argument("--test", type=int, default=500, help="test images")

@@ -284,6 +284,40 @@ def test_localization_dataset__masks_follow_the_models_crop_and_an_oracle_map_sc
     assert scores["relevance_rank"] == pytest.approx([1.0] * 12)
 
 
+def test_localization_dataset__photo_objects_are_pasted_whole_with_their_box_as_the_mask(tmp_path):
+    from PIL import Image
+
+    from sd_plugin.storage.localization_data import LocalizationDataset, write_localization_dataset
+
+    colours = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+    for split, count in (("train", 3), ("test", 2)):  # a labelled photo folder: <split>/<class>/ photos
+        for name, colour in colours.items():
+            (tmp_path / "photos" / split / name).mkdir(parents=True)
+            for index in range(count):
+                Image.new("RGB", (30, 20), colour).save(tmp_path / "photos" / split / name / f"{index}.png")
+    (tmp_path / "backgrounds").mkdir()
+    Image.new("RGB", (50, 50), (0, 255, 0)).save(tmp_path / "backgrounds" / "green.png")
+    root = write_localization_dataset(
+        tmp_path / "loc", objects=str(tmp_path / "photos"), backgrounds=tmp_path / "backgrounds",
+        counts={"train": 4, "test": 6}, image_size=32,
+    )  # fmt: skip
+    data = LocalizationDataset(root, "test")
+    assert json.loads((root / "localization.json").read_text())["classes"] == ["blue", "red"]
+    for index in range(len(data)):
+        item = data[index]
+        mask, image = item["masks"], item["pixel_values"]
+        rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+        box = torch.zeros_like(mask)
+        box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        assert torch.equal(mask, box)  # the mask is a box
+        colour = torch.tensor(colours[data.classes[int(item["labels"])]], dtype=torch.float32) / 127.5 - 1
+        inside, outside = image[:, mask], image[:, ~mask]  # (3, n), in [-1, 1]: the photo inside, background outside
+        assert torch.allclose(inside.mean(1), colour, atol=0.02)
+        assert torch.allclose(outside.mean(1), torch.tensor([-1.0, 1.0, -1.0]), atol=0.02)
+    with pytest.raises(ValueError, match="no test or validation or val folder"):
+        write_localization_dataset(tmp_path / "bad", objects=str(tmp_path / "backgrounds"), counts={"test": 1})
+
+
 def test_cli__reports_road_blur_and_localization_with_per_image_scores(tmp_path, capsys):
     import tiny_models
 

@@ -54,8 +54,33 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 
 
-def _objects(source: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Object intensities in [0, 1] ``(N, h, w)``, labels, class names."""
+def _photo_objects(folder: Path, split: str) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """The RGB photos ``uint8 (h, w, 3)`` of a labelled photo folder's split, their labels, the class names.
+
+    The test objects come from ``test`` (else ``validation`` / ``val``): held out from the training objects.
+    """
+    from PIL import Image
+
+    names = ("train",) if split == "train" else (split, "validation", "val")
+    split_folder = next((folder / name for name in names if (folder / name).is_dir()), None)
+    if split_folder is None:
+        raise ValueError(f"objects={folder}: no {' or '.join(names)} folder of <class>/ photos in it.")
+    classes = sorted(p.name for p in split_folder.iterdir() if p.is_dir())
+    photos, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted(p for p in (split_folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+            with Image.open(path) as image:
+                photos.append(np.asarray(image.convert("RGB")))
+            labels.append(label)
+    if not photos:
+        raise ValueError(f"objects={folder}: no photos under {split_folder}/<class>/.")
+    return photos, np.asarray(labels), classes
+
+
+def _objects(source: str, split: str) -> tuple[Any, np.ndarray, list[str]]:
+    """Object intensities in [0, 1] ``(N, h, w)`` (or a folder's RGB photos), labels, class names."""
+    if Path(source).is_dir():
+        return _photo_objects(Path(source), split)
     if source == "digits":
         from sklearn.datasets import load_digits
 
@@ -66,7 +91,7 @@ def _objects(source: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]
     if source == "fashion-mnist":
         data = load_fashion_mnist("train" if split == "train" else "test")
         return ((data.images[:, 0].numpy() + 1) / 2), data.labels.numpy(), list(FASHION_MNIST_CLASSES)
-    raise ValueError(f"objects={source!r} is not supported; use 'fashion-mnist' or 'digits'.")
+    raise ValueError(f"objects={source!r} is not supported; use 'fashion-mnist', 'digits' or a labelled photo folder.")
 
 
 def _backgrounds(source: str | Path | None) -> list[np.ndarray]:
@@ -87,17 +112,42 @@ def _backgrounds(source: str | Path | None) -> list[np.ndarray]:
     return photos
 
 
-def _compose(
-    photo: np.ndarray, item: np.ndarray, image_size: int, scale: tuple[float, float], rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """One image ``uint8 (S, S, 3)`` and its object mask ``bool (S, S)``."""
+def _background_crop(photo: np.ndarray, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random square crop of ``photo`` resized to ``(S, S, 3)``, float in [0, 1]."""
     from PIL import Image
 
     side = min(photo.shape[:2])
     crop = int(rng.integers(max(8, side // 3), side + 1))
     top, left = int(rng.integers(0, photo.shape[0] - crop + 1)), int(rng.integers(0, photo.shape[1] - crop + 1))
     background = Image.fromarray(photo[top : top + crop, left : left + crop]).resize((image_size, image_size))
-    background = np.asarray(background, dtype=np.float32) / 255.0
+    return np.asarray(background, dtype=np.float32) / 255.0
+
+
+def _compose_photo(
+    photo: np.ndarray, item: np.ndarray, image_size: int, scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A photo object pasted whole (its box) on a background crop: ``uint8 (S, S, 3)`` and the box ``bool (S, S)``."""
+    from PIL import Image
+
+    image = _background_crop(photo, image_size, rng)
+    size = max(4, int(round(rng.uniform(*scale) * image_size)))
+    pasted = np.asarray(Image.fromarray(item).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    row, col = int(rng.integers(0, image_size - size + 1)), int(rng.integers(0, image_size - size + 1))
+    image[row : row + size, col : col + size] = pasted
+    mask = np.zeros((image_size, image_size), dtype=bool)
+    mask[row : row + size, col : col + size] = True
+    return (image * 255).round().astype(np.uint8), mask
+
+
+def _compose(
+    photo: np.ndarray, item: np.ndarray, image_size: int, scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image ``uint8 (S, S, 3)`` and its object mask ``bool (S, S)``."""
+    from PIL import Image
+
+    if item.ndim == 3:  # an RGB photo object: pasted whole
+        return _compose_photo(photo, item, image_size, scale, rng)
+    background = _background_crop(photo, image_size, rng)
     size = max(4, int(round(rng.uniform(*scale) * image_size)))
     alpha = Image.fromarray((item * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
     alpha = np.clip(np.asarray(alpha, dtype=np.float32) / 255.0 * 2.0, 0.0, 1.0)  # a solid object
@@ -155,7 +205,7 @@ def write_localization_dataset(
     """Write the dataset under ``root`` (see the module docstring) and return ``root``.
 
     Args:
-        objects: ``"fashion-mnist"`` or ``"digits"`` (what carries the class).
+        objects: ``"fashion-mnist"``, ``"digits"`` or a labelled photo folder (what carries the class).
         backgrounds: a folder of photos, or None for scikit-learn's two sample photos.
         counts: images per split, default ``{"train": 2000, "test": 500}``.
         image_size: side of the square images in pixels.
@@ -177,6 +227,8 @@ def write_localization_dataset(
         for index in range(count):
             pick = int(rng.integers(0, len(labels)))
             if layout == "blocks":
+                if items[pick].ndim == 3:
+                    raise ValueError("layout='blocks' takes grey objects ('fashion-mnist', 'digits'), not photos.")
                 image, mask = _compose_blocks(items[pick], image_size, rng)
             else:
                 image, mask = _compose(photos[int(rng.integers(0, len(photos)))], items[pick], image_size, scale, rng)
