@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sd_plugin"
 
 # The layers are the package's folders, lowest first (ARCHITECTURE.md): a module imports only from its
-# own folder or a lower one. The modules at the top (``demo``, ``__main__``) are the commands, above all.
-FOLDER_LAYERS = ["utils", "core", "storage", "evaluation", "hub", "integrations"]
-COMMANDS_LAYER = len(FOLDER_LAYERS)
+# own folder or a lower one. ``cli/`` holds the commands, above all; ``__main__`` runs them.
+FOLDER_LAYERS = ["utils", "core", "storage", "evaluation", "hub", "integrations", "cli"]
+COMMANDS_LAYER = FOLDER_LAYERS.index("cli")
 # The two front-ends in integrations/ and their modules: neither imports the other's.
 FRONT_ENDS = {
     "trainer": {"sd_plugin.integrations.trainer", "sd_plugin.integrations.config"},
@@ -25,7 +26,7 @@ FRONT_ENDS = {
 
 
 def layer(unit_name: str) -> int:
-    """A unit's layer: its folder's place in ``FOLDER_LAYERS``; a top-level module is a command."""
+    """A unit's layer: its folder's place in ``FOLDER_LAYERS``; ``__main__`` runs the commands."""
     return FOLDER_LAYERS.index(unit_name) if unit_name in FOLDER_LAYERS else COMMANDS_LAYER
 
 
@@ -76,9 +77,9 @@ def graph() -> dict[str, list[tuple[str, list[str]]]]:
 
 
 def test_every_module_lives_in_a_layer_folder():
-    """Only the facade and the commands sit at the top; every other module is in one of the layer folders."""
+    """Only the facade and ``__main__`` sit at the top; every other module is in one of the layer folders."""
     top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
-    assert top == ["__main__", "demo"], f"move these modules into a layer folder ({FOLDER_LAYERS}): {top}"
+    assert top == ["__main__"], f"move these modules into a layer folder ({FOLDER_LAYERS}): {top}"
     folders = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
     assert folders == sorted(FOLDER_LAYERS), (
         f"give these folders a layer in FOLDER_LAYERS and ARCHITECTURE.md: {folders}"
@@ -89,6 +90,76 @@ def test_architecture_md_lists_the_folders_in_layer_order():
     text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
     positions = [text.index(f"`{folder}/`") for folder in FOLDER_LAYERS]
     assert positions == sorted(positions), "ARCHITECTURE.md's table must list the folders lowest layer first"
+
+
+def architecture_rows() -> dict[str, str]:
+    """ARCHITECTURE.md's layer table: folder -> its Modules cell."""
+    rows = {}
+    for line in (PACKAGE.parent / "ARCHITECTURE.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[1].startswith("`") and cells[1].endswith("/`"):
+            rows[cells[1].strip("`/")] = cells[2]
+    return rows
+
+
+def test_architecture_md_lists_every_module_in_its_folders_row():
+    """A module missing from ARCHITECTURE.md (or listed there but gone) fails here."""
+    rows = architecture_rows()
+    assert sorted(rows) == sorted(FOLDER_LAYERS), f"ARCHITECTURE.md's table rows: {sorted(rows)}"
+    problems = []
+    for folder, cell in rows.items():
+        listed = {name.strip().strip("`") for name in cell.replace(";", ",").split(",") if name.strip()}
+        present = {p.stem for p in (PACKAGE / folder).glob("*.py") if p.stem != "__init__"}
+        problems += [f"{folder}/{name}.py is not in ARCHITECTURE.md" for name in sorted(present - listed)]
+        problems += [f"ARCHITECTURE.md lists {folder}/{name}, which is not there" for name in sorted(listed - present)]
+    assert not problems, "\n".join(problems)
+
+
+def strings_importing_package_modules(source: str) -> list[int]:
+    """Lines where a module of the package is imported by name from a string: ``import_module`` /
+    ``__import__`` of a literal ``sd_plugin...`` or relative name, or of any value in a module that holds a
+    string table of package modules (``"sd_plugin.x.y"``, ``"sd_plugin.x:main"``)."""
+    tree = ast.parse(source)
+    named = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and re.fullmatch(r"sd_plugin(\.\w+)+(:\w+)?", node.value)
+    ]
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args:
+            func = node.func
+            if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")) not in (
+                "import_module",
+                "__import__",
+            ):
+                continue
+            first = node.args[0]
+            literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
+            if (literal and first.value.startswith(("sd_plugin", "."))) or (not literal and named):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_module_is_imported_by_name_from_a_string():
+    """Commands and modules are imported plainly, so this test and any import graph see them."""
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line in strings_importing_package_modules(path.read_text())
+    ]
+    assert not found, "import these modules plainly: " + ", ".join(found)
+    old_command_table = (  # what __main__ did before the commands moved to cli/: the check catches it
+        'COMMANDS = {"demo": "sd_plugin.demo", "export": "sd_plugin.hub.cli:export_main"}\n'
+        "def main(name):\n"
+        "    import importlib\n"
+        "    return importlib.import_module(COMMANDS[name].partition(':')[0])\n"
+    )
+    assert strings_importing_package_modules(old_command_table) == [4]
+    assert strings_importing_package_modules("import importlib\nimportlib.import_module('.cli', 'sd_plugin')\n")
+    assert not strings_importing_package_modules("import importlib\nfor m in ('httpx',): importlib.import_module(m)\n")
 
 
 def test_imports_point_down_the_layers():
@@ -158,7 +229,7 @@ def test_no_private_name_crosses_a_module_boundary():
 
 def test_the_checker_sees_a_violation(tmp_path):
     """The graph reader resolves relative imports, also inside functions (so the tests above can fail)."""
-    path = PACKAGE / "evaluation" / "cli.py"
+    path = PACKAGE / "cli" / "evaluate.py"
     targets = [target for target, _ in imports_of(path)]
     assert "sd_plugin.storage.loading" in targets and "sd_plugin.evaluation.masking_curve" in targets
     fake = tmp_path / "x.py"

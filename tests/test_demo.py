@@ -3,7 +3,7 @@ import json
 import pytest
 
 from sd_plugin.__main__ import main as cli
-from sd_plugin.demo import CONTROL, DEFAULT_RUNS, format_table, reading
+from sd_plugin.cli.demo import CONTROL, DEFAULT_RUNS, format_table, reading
 from sd_plugin.storage.data import load_digits_splits
 
 

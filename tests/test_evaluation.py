@@ -220,7 +220,7 @@ def test_bad_input__clear_errors():
 
 
 def _save_digits_model(path, seed):
-    from sd_plugin.demo import build_demo_model
+    from sd_plugin.cli.demo import build_demo_model
 
     model = build_demo_model(seed)
     model.save_pretrained(path)
@@ -256,7 +256,7 @@ def test_cli__two_saved_models_write_table_json_and_figures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| a/model |" in printed and "| b/model |" in printed
     assert "RISE deletion" in printed and "pointing game" not in printed  # no localization columns, no legend
-    from sd_plugin.evaluation.cli import build_parser
+    from sd_plugin.cli.evaluate import build_parser
 
     usage = build_parser().format_help()
     assert "localization dataset" in usage and "relevance mass" in usage and "per_image" in usage

