@@ -254,3 +254,20 @@ def test_no_deprecated_aliases_left():
     assert "SaliencyDecorLoss" not in sd_plugin.__all__ and not hasattr(sd_plugin, "SaliencyDecorLoss")
     for path in PACKAGE.rglob("*.py"):
         assert "DeprecationWarning" not in path.read_text(), path
+
+
+def test_nothing_in_the_repository_points_to_files_outside_it():
+    """The design notes and the tool library the project was built with are not in the repository: no file cites them."""
+    root = PACKAGE.parent
+    outside = ("DESIGN.md", "PAPER.md", "../shared", "../.library", "/work/")
+    files = [p for p in root.glob("*.md") if p.name != "CHANGELOG.md"]  # the changelog keeps history as it was
+    for folder in ("sd_plugin", "tests", "recipes", "benchmarks", ".ci"):
+        files += [p for p in (root / folder).rglob("*") if p.is_file() and p.suffix in (".py", ".sh", ".md", "")]
+    files = [p for p in files if "results" not in p.relative_to(root).parts and "__pycache__" not in p.parts]
+    found = [
+        f"{path.relative_to(root)}: {needle}"
+        for path in files
+        for needle in outside
+        if needle in path.read_text(errors="ignore") and path != Path(__file__).resolve()
+    ]
+    assert not found, "\n".join(found)

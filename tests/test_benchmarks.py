@@ -133,7 +133,7 @@ def test_gridpg_finetune__run_names_take_schedule_overrides():
 
 @needs_torch_compile  # the step-cost table has a compiled-whitening row
 def test_step_cost__default_step_never_waits_for_the_device_and_memory_within_target(tmp_path):
-    """Issue 20: no host sync in the default step; DESIGN.md §6: peak memory <= 1.15x a plain Trainer step."""
+    """Issue 20: no host sync in the default step, and peak memory <= 1.15x a plain Trainer step."""
     case = next(c for c in step_cost.cases(quick=True) if c["name"].startswith("paper CNN"))
     names = ("baseline", "sgt", "saliencydecor", "saliencydecor (eigh)", "saliencydecor (compiled whitening)")
     names += ("saliencydecor (both)", "sgt (masked pass every 4th step)")
