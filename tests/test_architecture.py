@@ -257,7 +257,7 @@ def test_no_deprecated_aliases_left():
 
 
 def test_nothing_in_the_repository_points_to_files_outside_it():
-    """The design notes and the tool library the project was built with are not in the repository: no file cites them."""
+    """The design notes and tools the project was built with are not in the repository: no file cites them."""
     root = PACKAGE.parent
     outside = ("DESIGN.md", "PAPER.md", "../shared", "../.library", "/work/")
     files = [p for p in root.glob("*.md") if p.name != "CHANGELOG.md"]  # the changelog keeps history as it was

@@ -73,6 +73,53 @@ def test_wheel__installed_outside_the_repository_exports_a_model_with_its_card(t
     result = subprocess.run(recipe, cwd=outside, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "recipe" / "model" / "README.md").is_file()
+    # the release (issue 41): its version, the commands' help and one SaliencyDecorTrainer step, installed
+    version = subprocess.run(
+        [sys.executable, "-m", "sd_plugin", "--version"], cwd=outside, env=env, capture_output=True, text=True
+    )
+    assert version.stdout.strip() == f"sd-plugin {released_version()}", version.stdout + version.stderr
+    demo_help = subprocess.run(
+        [sys.executable, "-m", "sd_plugin", "demo", "--help"], cwd=outside, env=env, capture_output=True, text=True
+    )
+    assert demo_help.returncode == 0 and "--output-dir" in demo_help.stdout, demo_help.stderr[-2000:]
+    step = subprocess.run(
+        [sys.executable, "-c", TRAINER_STEP, str(tmp_path / "trainer")],
+        cwd=outside,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert step.returncode == 0 and "global_step 1" in step.stdout, step.stderr[-3000:]
+
+
+TRAINER_STEP = """
+import sys, torch
+from transformers import ResNetConfig, ResNetForImageClassification
+from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
+config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+data = [{"pixel_values": torch.randn(3, 32, 32), "labels": i % 3} for i in range(8)]
+args = SaliencyDecorConfig(output_dir=sys.argv[1], max_steps=1, per_device_train_batch_size=8, report_to="none",
+                           use_cpu=True, group_size=4, method="saliencydecor")
+trainer = SaliencyDecorTrainer(model=ResNetForImageClassification(config), args=args, train_dataset=data)
+print("global_step", trainer.train().global_step)
+"""
+
+
+def released_version() -> str:
+    """The newest version in CHANGELOG.md (``## [X.Y.Z] - date``), which the package must carry."""
+    import re
+
+    match = re.search(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert match, "CHANGELOG.md has no released version (## [X.Y.Z] - YYYY-MM-DD)"
+    return match.group(1)
+
+
+def test_release__the_package_version_is_the_changelogs_newest_and_unreleased_sits_above_it():
+    from sd_plugin.utils.version import __version__
+
+    text = (ROOT / "CHANGELOG.md").read_text()
+    assert __version__ == released_version()
+    assert text.index("## [Unreleased]") < text.index(f"## [{__version__}]")
 
 
 def test_sdist__holds_the_card_template_as_a_file():
