@@ -17,9 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from reproduce import paired_runs  # noqa: E402
+from reproduce import paired_runs
 
 KEYS = (
     ("accuracy", "accuracy"),

@@ -15,20 +15,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import machine_description
 from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import machine_description  # noqa: E402
-
-from sd_plugin.evaluation.masking_curve import percentages_every  # noqa: E402
-from sd_plugin.evaluation.report import evaluate_model  # noqa: E402
+from sd_plugin.evaluation.masking_curve import percentages_every
+from sd_plugin.evaluation.report import evaluate_model
 
 
 def timed(model, data, reuse: bool, step: float, road_seconds: list[float] | None = None) -> float:

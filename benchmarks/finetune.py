@@ -32,12 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reproduce import (  # noqa: E402
+from reproduce import (
     DECORRELATION_OBJECTIVE,
     MAIN_METHODS,
     benchmark_config,
@@ -47,13 +42,14 @@ from reproduce import (  # noqa: E402
     run_key,
     summarize,
 )
+from torch.utils.data import DataLoader, Dataset
 
-from sd_plugin import SaliencyDecorTrainer  # noqa: E402
-from sd_plugin.evaluation.grid_pointing_game import grid_pointing_game, make_grids  # noqa: E402
-from sd_plugin.evaluation.masking_curve import percentages_every, random_subset  # noqa: E402
-from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
-from sd_plugin.storage.data import IMAGE_EXTENSIONS, folder_classes  # noqa: E402
-from sd_plugin.storage.loading import load_for_finetuning  # noqa: E402
+from sd_plugin import SaliencyDecorTrainer
+from sd_plugin.evaluation.grid_pointing_game import grid_pointing_game, make_grids
+from sd_plugin.evaluation.masking_curve import percentages_every, random_subset
+from sd_plugin.evaluation.report import accuracy, evaluate_model
+from sd_plugin.storage.data import IMAGE_EXTENSIONS, folder_classes
+from sd_plugin.storage.loading import load_for_finetuning
 
 DEFAULT_MODEL = "local-dir:models/efficientnet_lite0/timm"
 EVAL_SPLITS = ("test", "val", "validation")

@@ -21,6 +21,8 @@ model's contribution map) is scored for the B-cos runs only. ``energy:LAYER:WEIG
 Energy loss (``input`` Input×Gradient or ``features`` Grad-CAM) on a localization set's masks;
 ``:shuffled`` / ``:centred`` are its controls. Any run takes schedule overrides after ``@``:
 ``bcos:2@lr=3e-4@epochs=6`` (a recipe search; the report pairs it with the baseline all the same).
+``+`` joins a B-cos run and an Energy-loss run into one: ``bcos:2+energy:features:5`` (the paper's
+best combination, guidance on a B-cos model).
 ``results.json`` keeps every run's per-cell scores (finished runs are not retrained);
 ``RESULTS.md`` has the table and the paired tests (``--report-only`` rewrites it from ``results.json``).
 """
@@ -38,16 +40,12 @@ import time
 from pathlib import Path
 
 import torch
+from finetune import DEFAULT_MODEL, load_model, load_splits, train_one
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune import DEFAULT_MODEL, load_model, load_splits, train_one  # noqa: E402
-
-from sd_plugin.core.bcos import is_bcos  # noqa: E402
-from sd_plugin.evaluation.grid_pointing_game import grid_pointing_game, make_grids  # noqa: E402
-from sd_plugin.evaluation.report import accuracy, finite_mean, localization_metrics  # noqa: E402
+from sd_plugin.core.bcos import is_bcos
+from sd_plugin.evaluation.grid_pointing_game import grid_pointing_game, make_grids
+from sd_plugin.evaluation.report import accuracy, finite_mean, localization_metrics
 
 EXPLANATIONS = ("gradient", "input_x_gradient", "gradcam")
 DEFAULT_RUNS = ("baseline", "sgt", "saliencydecor", "control", "adv:0.01", "adv:0.063")
@@ -74,7 +72,17 @@ def run_schedule(run: str, hyper: dict) -> tuple[str, dict]:
 
 
 def run_config(run: str, group_size: int, steps: int = 0) -> dict:
-    """The Trainer's method fields of a run name (see the module docstring); ``steps``: the run's optimizer steps."""
+    """The Trainer's method fields of a run name (see the module docstring); ``steps``: the run's optimizer steps.
+
+    Example:
+        >>> run_config("bcos:2:now+energy:features:5", 16)["energy_weight"]
+        5.0
+    """
+    if "+" in run:
+        parts = run.split("+")
+        if len(parts) != 2 or not parts[0].startswith("bcos:") or not parts[1].startswith("energy:"):
+            raise SystemExit(f"run {run!r}: '+' joins one bcos:B run and one energy:LAYER:WEIGHT run, in that order.")
+        return run_config(parts[0], group_size, steps) | run_config(parts[1], group_size, steps)
     if run.startswith("bcos:"):  # bcos:B[:bce][:now]
         b, *options = run.removeprefix("bcos:").split(":")
         unknown = set(options) - {"bce", "now"}

@@ -17,15 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import machine_description, median_seconds
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import machine_description, median_seconds  # noqa: E402
-
-from sd_plugin.evaluation import masking_curve  # noqa: E402
-from sd_plugin.evaluation.masking_curve import DEFAULT_PERCENTAGES  # noqa: E402
+from sd_plugin.evaluation import masking_curve
+from sd_plugin.evaluation.masking_curve import DEFAULT_PERCENTAGES
 
 
 def build_model(name: str, device: torch.device) -> tuple[torch.nn.Module, tuple[int, int, int]]:

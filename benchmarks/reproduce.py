@@ -28,15 +28,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer  # noqa: E402
-from sd_plugin.core.models import PaperCNN  # noqa: E402
-from sd_plugin.evaluation import masking_curve, saliency_maps  # noqa: E402
-from sd_plugin.evaluation.masking_curve import percentages_every  # noqa: E402
-from sd_plugin.evaluation.report import accuracy, evaluate_model  # noqa: E402
-from sd_plugin.storage.data import load_digits_splits, load_fashion_mnist  # noqa: E402
-from sd_plugin.utils.choices import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS  # noqa: E402
+from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
+from sd_plugin.core.models import PaperCNN
+from sd_plugin.evaluation import masking_curve, saliency_maps
+from sd_plugin.evaluation.masking_curve import percentages_every
+from sd_plugin.evaluation.report import accuracy, evaluate_model
+from sd_plugin.storage.data import load_digits_splits, load_fashion_mnist
+from sd_plugin.utils.choices import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS
 
 MAIN_METHODS = METHODS
 ABLATIONS = {

@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from road_imputation_cost import morf_masks
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from road_imputation_cost import morf_masks  # noqa: E402
-
-import sd_plugin.evaluation.imputation as imputation  # noqa: E402
-from sd_plugin.evaluation.multigrid import OFFSETS, VCycle, from_padded_flat, interior, to_padded_flat  # noqa: E402
+import sd_plugin.evaluation.imputation as imputation
+from sd_plugin.evaluation.multigrid import OFFSETS, VCycle, from_padded_flat, interior, to_padded_flat
 
 
 def road_apply(values: Tensor, diagonal: Tensor, scale: Tensor, height: int, width: int) -> Tensor:

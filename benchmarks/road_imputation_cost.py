@@ -31,18 +31,15 @@ import time
 from pathlib import Path
 
 import torch
+from road_direct import direct_impute_batch
+from road_reference import reference_impute_batch
 from torch.utils.data import DataLoader, TensorDataset
 
 import sd_plugin.evaluation.imputation as imputation
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from road_direct import direct_impute_batch  # noqa: E402
-from road_reference import reference_impute_batch  # noqa: E402
-
-from sd_plugin.evaluation.attribution import blur_maps  # noqa: E402
-from sd_plugin.evaluation.imputation import noisy_linear_impute  # noqa: E402
-from sd_plugin.evaluation.masking_curve import masking_curve, pixel_ranks  # noqa: E402
-from sd_plugin.evaluation.multigrid import VCycle  # noqa: E402
+from sd_plugin.evaluation.attribution import blur_maps
+from sd_plugin.evaluation.imputation import noisy_linear_impute
+from sd_plugin.evaluation.masking_curve import masking_curve, pixel_ranks
+from sd_plugin.evaluation.multigrid import VCycle
 
 LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
 

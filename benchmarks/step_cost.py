@@ -37,18 +37,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import HostSyncAudit, machine_description, peak_memory, synchronize, tensor_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import HostSyncAudit, machine_description, peak_memory, synchronize, tensor_bytes  # noqa: E402
-
-from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer  # noqa: E402
-from sd_plugin.core.decorrelation import (  # noqa: E402
+from sd_plugin import GroupZCA, SaliencyDecorConfig, SaliencyDecorTrainer
+from sd_plugin.core.decorrelation import (
     compiled_whitened_decorrelation_loss,
     whitened_decorrelation_loss,
 )
-from sd_plugin.core.models import PaperCNN  # noqa: E402
+from sd_plugin.core.models import PaperCNN
 
 PLAIN = "plain Trainer"
 VARIANTS = (

@@ -271,3 +271,10 @@ def test_nothing_in_the_repository_points_to_files_outside_it():
         if needle in path.read_text(errors="ignore") and path != Path(__file__).resolve()
     ]
     assert not found, "\n".join(found)
+
+
+def test_benchmark_scripts_import_each_other_by_name_without_editing_sys_path():
+    """A script's folder is on the path when it runs (and pytest's ``pythonpath``): no ``sys.path`` edits."""
+    scripts = sorted((PACKAGE.parent / "benchmarks").glob("*.py"))
+    assert scripts
+    assert [p.name for p in scripts if "sys.path" in p.read_text()] == []

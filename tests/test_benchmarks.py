@@ -1,7 +1,6 @@
 """The benchmark scripts: their measurements are right, and they run end to end at a tiny size."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 from compile_support import needs_torch_compile
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
 
 import common  # noqa: E402
 import reproduce  # noqa: E402
@@ -129,6 +127,16 @@ def test_gridpg_finetune__run_names_take_schedule_overrides():
     assert gridpg_finetune.run_config(name, 16, steps=100)["bcos_warmup_steps"] == 50
     with pytest.raises(SystemExit, match="@lr=VALUE and @epochs=N"):
         gridpg_finetune.run_schedule("baseline@batch=3", hyper)
+
+
+def test_gridpg_finetune__a_bcos_run_joins_an_energy_run_with_plus():
+    import gridpg_finetune
+
+    config = gridpg_finetune.run_config("bcos:2+energy:features:5:shuffled", 16, steps=10)
+    assert (config["bcos_b"], config["bcos_warmup_steps"]) == (2.0, 5)
+    assert (config["energy_weight"], config["energy_layer"], config["guidance_masks"]) == (5.0, "features", "shuffled")
+    with pytest.raises(SystemExit, match="joins one bcos:B run and one energy"):
+        gridpg_finetune.run_config("energy:features:5+bcos:2", 16)
 
 
 @needs_torch_compile  # the step-cost table has a compiled-whitening row

@@ -10,14 +10,10 @@ import warnings
 import pytest
 import tiny_models
 import torch
-from torch.utils.data import DataLoader
+from collapse_digits_seeds import train_digits
 
-from sd_plugin import SaliencyDecorArguments, SaliencyDecorStep, SaliencyDecorTrainer
-from sd_plugin.core.adapter import adapt
+from sd_plugin import SaliencyDecorTrainer
 from sd_plugin.core.collapse import CollapseMonitor, FeatureCollapseWarning, live_feature_fraction
-from sd_plugin.core.models import PaperCNN
-from sd_plugin.evaluation.report import accuracy, collect_features
-from sd_plugin.storage.data import load_digits_splits
 
 
 def test_live_feature_fraction__counts_constant_and_near_constant_features_as_dead():
@@ -71,35 +67,15 @@ def test_trainer__logs_live_features_and_warns_on_collapse(tmp_path):
     assert logged == [0.25, 0.25]
 
 
-def _train_digits(method: str, seed: int, **method_args) -> tuple[float, int]:
-    """Paper CNN on digits (SGD momentum 0.9, lr 0.01, batch 128, 15 epochs): (test accuracy, live features)."""
-    train, test = load_digits_splits(image_size=28)
-    torch.manual_seed(seed)
-    model = PaperCNN.mnist()
-    objective = SaliencyDecorStep(adapt(model), SaliencyDecorArguments(method=method, group_size=8, **method_args))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    order = torch.Generator().manual_seed(seed)
-    for _ in range(15):
-        for batch in DataLoader(train, batch_size=128, shuffle=True, drop_last=True, generator=order):
-            objective.step(model, batch["pixel_values"], batch["labels"])
-            optimizer.step()
-            optimizer.zero_grad()
-    model.eval()
-    loader = DataLoader(test, batch_size=500)
-    features = collect_features(model, loader)
-    live = round(float(live_feature_fraction(features)) * features.shape[1])
-    return accuracy(model, loader), live
-
-
 @pytest.mark.slow  # ~70 s on 2 cores; CI runs it (.ci/run: make test-slow)
 def test_real_digits__no_seed_loses_features_the_baseline_keeps():
     baseline_live = {}
     for seed in (0, 1):
-        baseline_accuracy, baseline_live[seed] = _train_digits("baseline", seed)
+        baseline_accuracy, baseline_live[seed] = train_digits("baseline", seed)
         for method in ("decor", "saliencydecor"):
-            method_accuracy, live = _train_digits(method, seed)
+            method_accuracy, live = train_digits(method, seed)
             assert live >= baseline_live[seed], (method, seed, live, baseline_live[seed])
             assert method_accuracy > baseline_accuracy - 2.0, (method, seed, method_accuracy, baseline_accuracy)
     # The paper's term alone (the defect this objective fixes) loses features on the same data.
-    _, paper_term_live = _train_digits("saliencydecor", 0, decor_liveness_weight=0.0, decor_weight=0.01)
+    _, paper_term_live = train_digits("saliencydecor", 0, decor_liveness_weight=0.0, decor_weight=0.01)
     assert paper_term_live < baseline_live[0] - 50

@@ -2,11 +2,11 @@
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from road_reference import reference_impute_batch  # noqa: E402
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,9 +22,6 @@ from sd_plugin.evaluation.masking_curve import (
     pixel_ranks,
 )
 from sd_plugin.evaluation.randomization import parameter_randomization, spearman
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from road_reference import reference_impute_batch  # noqa: E402
 
 
 def small_cnn(seed=0, dtype=torch.float64):

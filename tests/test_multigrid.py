@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from road_reference import reference_impute_batch  # noqa: E402
 
 import sd_plugin.evaluation.multigrid as multigrid
 from sd_plugin.evaluation.imputation import noisy_linear_impute
 from sd_plugin.evaluation.multigrid import OFFSETS, Stencil, VCycle, from_padded_flat, prolong, restrict, to_padded_flat
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from road_reference import reference_impute_batch  # noqa: E402
 
 
 def dense_matrix(stencil: Stencil) -> torch.Tensor:

@@ -129,7 +129,6 @@ def photo_folder(root: Path, classes: int = 2) -> Path:
 
 @pytest.mark.slow  # fine-tunes EfficientNet-Lite0 five times (~45 s); CI runs it (make test-slow)
 def test_finetune_benchmark__short_run_from_the_converted_model_reused_on_a_second_call(converted, tmp_path):
-    sys.path.insert(0, str(TESTS.parent / "benchmarks"))
     import finetune
 
     data = photo_folder(tmp_path / "photos")
@@ -168,7 +167,6 @@ def test_finetune_benchmark__short_run_from_the_converted_model_reused_on_a_seco
 
 @pytest.mark.slow  # fine-tunes EfficientNet-Lite0 four times (~40 s); CI runs it (make test-slow)
 def test_gridpg_benchmark__methods_by_explanations_with_paired_tests_and_reuse(converted, tmp_path):
-    sys.path.insert(0, str(TESTS.parent / "benchmarks"))
     import gridpg_finetune
 
     data = photo_folder(tmp_path / "photos", classes=4)
