@@ -261,7 +261,7 @@ def test_nothing_in_the_repository_points_to_files_outside_it():
     root = PACKAGE.parent
     outside = ("DESIGN.md", "PAPER.md", "../shared", "../.library", "/work/")
     files = [p for p in root.glob("*.md") if p.name != "CHANGELOG.md"]  # the changelog keeps history as it was
-    for folder in ("sd_plugin", "tests", "recipes", "benchmarks", ".ci"):
+    for folder in ("sd_plugin", "tests", "recipes", "benchmarks", ".ci", "docs"):
         files += [p for p in (root / folder).rglob("*") if p.is_file() and p.suffix in (".py", ".sh", ".md", "")]
     files = [p for p in files if "results" not in p.relative_to(root).parts and "__pycache__" not in p.parts]
     found = [

@@ -263,9 +263,9 @@ def test_cli__two_saved_models_write_table_json_and_figures(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"a/model", "b/model"}
     assert results["split"] == "test"  # the split loaded, not the flag's None
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for key in results:  # the README documents the file
-        assert f"`{key}`" in readme, key
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    for key in results:  # the evaluation page documents the file
+        assert f"`{key}`" in docs, key
     for metrics in results["models"].values():
         # every key is described in the file itself: a metric (with its direction) or a field
         assert set(metrics) <= set(results["metrics"]) | set(results["fields"]), set(metrics) - set(results["metrics"])
@@ -432,14 +432,14 @@ def test_evaluation_data__grey_digits_fit_an_rgb_model(tmp_path):
 
 
 def test_readme__saliency_maps_from_python_runs(tmp_path, monkeypatch):
-    """The README's snippet for looking at saliency maps runs as written."""
+    """docs/evaluation.md's snippet for looking at saliency maps runs as written."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
     block = readme.split("<!-- saliency-python -->")[1].split("<!-- /saliency-python -->")[0]
     code = block.split("```python")[1].split("```")[0]
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/evaluation.md", "exec"), {})
     assert (tmp_path / "saliency.png").stat().st_size > 0
 
 

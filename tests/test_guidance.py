@@ -217,9 +217,9 @@ def test_bcos_efficientnet_lite0__fine_tunes_exports_and_explains_in_a_fresh_pro
 def test_readme__the_bcos_and_guidance_settings_snippet_runs():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     block = readme.split("<!-- bcos-config -->")[1].split("<!-- /bcos-config -->")[0]
     code = block.split("```python")[1].split("```")[0]
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/training.md", "exec"), namespace)
     assert namespace["config"].energy_weight == 5.0

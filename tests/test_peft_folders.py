@@ -90,8 +90,8 @@ def test_adapter_folder_without_a_base__refused_with_the_fix(tmp_path):
 
 
 def test_readme_peft_reload__the_base_as_trained_gives_the_trained_logits(tmp_path, monkeypatch):
-    """The README's PEFT reload (``base_model/``) gives the trained logits; a fresh pretrained base does not."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """docs/training.md's PEFT reload (``base_model/``) gives the trained logits; a fresh pretrained base does not."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     code = (
         readme.split("<!-- peft-reload -->")[1].split("<!-- /peft-reload -->")[0].split("```python")[1].split("```")[0]
     )
@@ -103,7 +103,7 @@ def test_readme_peft_reload__the_base_as_trained_gives_the_trained_logits(tmp_pa
         expected = trained(images)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/training.md", "exec"), namespace)
     with torch.no_grad():
         assert (namespace["model"](images) - expected).abs().max() < 1e-5
         fresh = PeftModel.from_pretrained(tiny_models.build("timm_resnet", tmp_path / "fresh"), "lora-out").eval()

@@ -382,3 +382,22 @@ def test_report_to_tensorboard__after_the_tracking_extra_logs_the_loss_component
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
     assert {"train/loss", "train/loss_ce", "train/loss_kl", "train/loss_decor"} <= tags, tags
+
+
+def test_readme__the_trainer_swap_runs_as_the_diff_writes_it(tmp_path, monkeypatch):
+    """The README's diff, its ``+`` side applied: a transformers classifier trains with SaliencyDecor."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    diff = readme.split("<!-- trainer-swap -->")[1].split("<!-- /trainer-swap -->")[0].split("```diff\n")[1]
+    code = "\n".join(line[1:] for line in diff.split("```")[0].splitlines() if not line.startswith("-"))
+    model = tiny_models.build("hf_resnet", tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    train = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": i % 3} for i in range(64)]
+    before = model.classifier[-1].weight.detach().clone()
+    monkeypatch.chdir(tmp_path)
+    namespace = {"model": model, "train": train, "val": train[:16]}
+    exec(compile(code, "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.args.method == "saliencydecor" and trainer.state.global_step == 3
+    assert not torch.equal(model.classifier[-1].weight, before)
