@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the performance targets (README "Cost") and issues 20 and 29 in one command, sized for one device call (<= 10 minutes):
+# The GPU measurements of the performance targets (docs/cost.md) and issues 20 and 29 in one command, sized for one device call (<= 10 minutes):
 #
 #     bash benchmarks/gpu_session.sh            # writes to $OUT, else benchmarks/results/gpu
 #

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The published checkpoint of RESULTS.md §P: ImageNet EfficientNet-Lite0 fine-tuned on Tiny-ImageNet
 # (10 classes, 64 px) with METHOD (default sgt; no method is recommended for more faithful saliency,
-# README "What survives the controls": the card's Limitations say so), evaluated
+# RESULTS.md §R "What survives the controls": the card's Limitations say so), evaluated
 # beside the baseline and SaliencyDecor trained the same way (seed 0), exported with its card into
 # outputs/published/efficientnet_lite0-tiny-imagenet-10-METHOD, the folder that
 # `python -m sd_plugin push outputs/published/... --repo-id USER/NAME` uploads.

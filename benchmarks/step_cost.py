@@ -20,7 +20,7 @@ method, as a share of the plain step.
     python benchmarks/step_cost.py --quick            # CPU size
     python benchmarks/step_cost.py                    # full size (GPU)
 
-Targets (issue 20; README "Cost"): default step <= 2.1x plain, memory <= 1.15x,
+Targets (issue 20; docs/cost.md): default step <= 2.1x plain, memory <= 1.15x,
 whitening+decor <= 5% of the plain step, no host sync in the default step, a cheaper
 masking setting <= 1.5x.
 """

@@ -235,7 +235,7 @@ def test_resume__continues_exactly(tiny_imagenet, models, tmp_path):
     import shutil
 
     shutil.copytree(full / "step_2", resumed / "step_2")
-    # `step_2` as the README writes it: a checkpoint of --output_dir (the command runs elsewhere)
+    # `step_2` as docs/recipes.md writes it: a checkpoint of --output_dir (the command runs elsewhere)
     resume = ["--resume_from_checkpoint", "step_2", "--checkpoints_total_limit", "1"]
     run_in_process(recipe_args(models["hf_resnet"], tiny_imagenet, resumed, *common, *resume))
     assert sorted(p.name for p in resumed.glob("step_*")) == ["step_4"]  # the older one deleted
