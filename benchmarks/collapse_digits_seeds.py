@@ -20,7 +20,7 @@ from sd_plugin.core.adapter import adapt
 from sd_plugin.core.collapse import live_feature_fraction
 from sd_plugin.core.models import PaperCNN
 from sd_plugin.evaluation.report import accuracy, collect_features
-from sd_plugin.storage.data import load_digits_splits
+from sd_plugin.storage.builtin_datasets import load_digits_splits
 
 
 def train_digits(method: str, seed: int, **method_args) -> tuple[float, int]:

@@ -48,7 +48,7 @@ from sd_plugin import SaliencyDecorTrainer
 from sd_plugin.evaluation.grid_pointing_game import grid_pointing_game, make_grids
 from sd_plugin.evaluation.masking_curve import percentages_every, random_subset
 from sd_plugin.evaluation.report import accuracy, evaluate_model
-from sd_plugin.storage.data import IMAGE_EXTENSIONS, folder_classes
+from sd_plugin.storage.image_datasets import IMAGE_EXTENSIONS, folder_classes
 from sd_plugin.storage.loading import load_for_finetuning
 
 DEFAULT_MODEL = "local-dir:models/efficientnet_lite0/timm"

@@ -33,7 +33,7 @@ from sd_plugin.core.models import PaperCNN
 from sd_plugin.evaluation import masking_curve, saliency_maps
 from sd_plugin.evaluation.masking_curve import percentages_every
 from sd_plugin.evaluation.report import accuracy, evaluate_model
-from sd_plugin.storage.data import load_digits_splits, load_fashion_mnist
+from sd_plugin.storage.builtin_datasets import load_digits_splits, load_fashion_mnist
 from sd_plugin.utils.choices import CONSISTENCY_GRADS, DECOR_TARGETS, METHODS
 
 MAIN_METHODS = METHODS

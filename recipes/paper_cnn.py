@@ -24,14 +24,9 @@ from sd_plugin.core.arguments import SaliencyDecorArguments
 from sd_plugin.core.models import PaperCNN
 from sd_plugin.integrations.loop import train
 from sd_plugin.integrations.recipe_arguments import RecipeArguments, make_accelerator
-from sd_plugin.storage.data import (
-    HFImageDataset,
-    folder_classes,
-    image_folder_dataset,
-    load_digits_splits,
-    load_fashion_mnist,
-    resize_and_scale,
-)
+from sd_plugin.storage.builtin_datasets import load_digits_splits, load_fashion_mnist
+from sd_plugin.storage.image_datasets import HFImageDataset, folder_classes, image_folder_dataset
+from sd_plugin.storage.model_preprocessing import resize_and_scale
 
 
 @dataclass

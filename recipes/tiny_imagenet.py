@@ -26,8 +26,9 @@ from transformers import HfArgumentParser
 from sd_plugin.core.arguments import SaliencyDecorArguments
 from sd_plugin.integrations.loop import refuse_or_clear_previous_run, train
 from sd_plugin.integrations.recipe_arguments import RecipeArguments, make_accelerator
-from sd_plugin.storage.data import HFImageDataset, folder_classes, image_folder_dataset, image_transform
+from sd_plugin.storage.image_datasets import HFImageDataset, folder_classes, image_folder_dataset
 from sd_plugin.storage.loading import load_for_finetuning
+from sd_plugin.storage.model_preprocessing import image_transform
 from sd_plugin.utils.run_lock import output_dir_lock
 
 DEFAULT_DATASET = "zh-plus/tiny-imagenet"

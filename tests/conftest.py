@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_plugin.storage.data import FASHION_MNIST_DIR
+from sd_plugin.storage.builtin_datasets import FASHION_MNIST_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -7,7 +7,9 @@ import torch
 
 from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
 from sd_plugin.evaluation import logits_fn
-from sd_plugin.storage.data import HFImageDataset, load_eval_dataset, load_fashion_mnist
+from sd_plugin.storage.builtin_datasets import load_fashion_mnist
+from sd_plugin.storage.eval_datasets import load_eval_dataset
+from sd_plugin.storage.image_datasets import HFImageDataset
 from sd_plugin.storage.loading import load_classifier
 
 needs_fashion_mnist = pytest.mark.fashion_mnist  # skips without the dataset (conftest.py)

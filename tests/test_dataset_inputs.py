@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer, SaliencyDecorWarning
-from sd_plugin.storage.data import HFImageDataset, UnreadableImageError, folder_classes, image_folder_dataset
+from sd_plugin.storage.image_datasets import HFImageDataset, UnreadableImageError, folder_classes, image_folder_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

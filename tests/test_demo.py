@@ -4,7 +4,7 @@ import pytest
 
 from sd_plugin.__main__ import main as cli
 from sd_plugin.cli.demo import CONTROL, DEFAULT_RUNS, format_table, reading
-from sd_plugin.storage.data import load_digits_splits
+from sd_plugin.storage.builtin_datasets import load_digits_splits
 
 
 def test_digits__real_data_split():

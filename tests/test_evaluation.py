@@ -326,7 +326,7 @@ def test_cli__timm_model_on_image_folder(tmp_path, capsys, monkeypatch):
 
 def test_trainer__reports_masking_auc_at_evaluation(tmp_path):
     from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
-    from sd_plugin.storage.data import TensorImageDataset
+    from sd_plugin.storage.tensor_datasets import TensorImageDataset
 
     g = torch.Generator().manual_seed(0)
     data = TensorImageDataset(torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 3, (24,), generator=g))
@@ -404,7 +404,7 @@ def image_folder(root, classes, per_class=2, size=16):
 
 def test_evaluation_data__label_sets_that_do_not_match_the_model_are_refused(tmp_path):
     """Issue 11, item 9: a 2-class folder scored by a 3-class model used to report 0.00% silently."""
-    from sd_plugin.storage.data import load_eval_dataset
+    from sd_plugin.storage.eval_datasets import load_eval_dataset
 
     model = tiny_models.build("hf_resnet", tmp_path)  # 3 outputs, generic LABEL_i names
     fits = load_eval_dataset(str(image_folder(tmp_path / "three", ["a", "b", "c"])), None, model)
@@ -420,7 +420,7 @@ def test_evaluation_data__label_sets_that_do_not_match_the_model_are_refused(tmp
 
 def test_evaluation_data__grey_digits_fit_an_rgb_model(tmp_path):
     from sd_plugin.evaluation.report import evaluate_model
-    from sd_plugin.storage.data import load_eval_dataset
+    from sd_plugin.storage.eval_datasets import load_eval_dataset
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     model.append(torch.nn.Linear(4, 10))

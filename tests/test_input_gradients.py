@@ -199,8 +199,8 @@ def test_settings__bad_values_are_refused(settings, message):
 
 def test_trainer__rrr_on_a_localization_dataset_trains_and_records_its_settings(tmp_path):
     from sd_plugin import SaliencyDecorConfig, SaliencyDecorTrainer
-    from sd_plugin.storage.data import resize_and_scale
     from sd_plugin.storage.localization_data import LocalizationDataset, write_localization_dataset
+    from sd_plugin.storage.model_preprocessing import resize_and_scale
 
     root = write_localization_dataset(
         tmp_path / "blocks", "digits", counts={"train": 32}, image_size=16, layout="blocks"

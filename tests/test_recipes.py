@@ -123,7 +123,7 @@ def history(output):
 
 
 def test_raw_tiny_imagenet_layout__labels(tiny_imagenet):
-    from sd_plugin.storage.data import folder_classes, image_folder_dataset
+    from sd_plugin.storage.image_datasets import folder_classes, image_folder_dataset
 
     classes = folder_classes(tiny_imagenet / "train")
     assert classes == WNIDS
@@ -357,7 +357,7 @@ def test_paper_cnn_recipe__digits(tmp_path):
     assert (output / "model" / "model.safetensors").is_file()
     # the folder loads with the package's own loader (python -m sd_plugin evaluate), as its card shows
     from sd_plugin.evaluation.report import accuracy
-    from sd_plugin.storage.data import load_digits_splits
+    from sd_plugin.storage.builtin_datasets import load_digits_splits
     from sd_plugin.storage.loading import load_classifier
 
     model = load_classifier(output / "model")
@@ -367,7 +367,7 @@ def test_paper_cnn_recipe__digits(tmp_path):
 
 
 def test_bad_input__clear_errors(tiny_imagenet, models, tmp_path):
-    from sd_plugin.storage.data import folder_classes
+    from sd_plugin.storage.image_datasets import folder_classes
     from sd_plugin.storage.loading import load_for_finetuning
 
     with pytest.raises(FileNotFoundError, match="--model ./nowhere: the folder nowhere does not exist"):
@@ -521,7 +521,7 @@ def test_unreadable_image__named_before_the_first_step(tiny_imagenet, models, tm
     """A truncated JPEG in the training folder stops the recipe before any step, naming the file and the flags."""
     import shutil
 
-    from sd_plugin.storage.data import UnreadableImageError
+    from sd_plugin.storage.image_datasets import UnreadableImageError
 
     data = tmp_path / "tiny-imagenet-200"
     shutil.copytree(tiny_imagenet, data)

@@ -8,8 +8,9 @@ import tiny_models
 from PIL import Image
 
 from sd_plugin.hub import export
-from sd_plugin.storage.data import check_labels_fit, image_transform
+from sd_plugin.storage.eval_datasets import check_labels_fit
 from sd_plugin.storage.loading import load_classifier, load_for_finetuning
+from sd_plugin.storage.model_preprocessing import image_transform
 
 IMAGE = Image.new("RGB", (40, 30), (120, 60, 30))
 
@@ -110,7 +111,7 @@ def test_evaluate_builtin_digits__at_the_size_the_model_takes(tmp_path):
 
     from sd_plugin.__main__ import main as cli
     from sd_plugin.storage.checkpoint import write_metadata
-    from sd_plugin.storage.data import load_eval_dataset
+    from sd_plugin.storage.eval_datasets import load_eval_dataset
 
     folder = _grey_vit_folder(tmp_path)
     model = load_classifier(folder)
@@ -133,7 +134,7 @@ def test_evaluate_builtin_cluttered_digits__the_demos_ground_truth_adds_localiza
     from sd_plugin.__main__ import main as cli
     from sd_plugin.cli.demo import build_demo_model
     from sd_plugin.storage.checkpoint import write_metadata
-    from sd_plugin.storage.data import load_eval_dataset
+    from sd_plugin.storage.eval_datasets import load_eval_dataset
 
     folder = tmp_path / "demo-model"
     build_demo_model(0).save_pretrained(folder)
@@ -153,7 +154,7 @@ def test_evaluate_builtin_cluttered_digits__the_demos_ground_truth_adds_localiza
 @pytest.mark.fashion_mnist
 def test_evaluate_builtin_fashion_mnist__at_the_size_the_model_takes(tmp_path):
     """``--dataset fashion-mnist`` is built at the folder's recorded size, as ``digits`` is."""
-    from sd_plugin.storage.data import load_eval_dataset
+    from sd_plugin.storage.eval_datasets import load_eval_dataset
 
     folder = _grey_vit_folder(tmp_path)
     model = load_classifier(folder)

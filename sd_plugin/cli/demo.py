@@ -38,7 +38,7 @@ from ..evaluation.report import finite_mean, localization_metrics, precompute_ma
 from ..integrations.config import SaliencyDecorConfig
 from ..integrations.trainer import SaliencyDecorTrainer
 from ..storage.cluttered_digits import cluttered_digits_splits
-from ..storage.data import TensorImageDataset
+from ..storage.tensor_datasets import TensorImageDataset
 from ..utils.previous_run import guard_previous_run
 
 __all__ = ["DEMO_RUNS", "DemoRun", "build_demo_model", "format_table", "reading", "run_demo", "main"]

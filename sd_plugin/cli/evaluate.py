@@ -26,8 +26,9 @@ from ..evaluation.masking_curve import CURVE_FILLS, MaskingCurve, percentages_ev
 from ..evaluation.metrics import METRICS, RESULT_FIELDS, TABLE_METRICS, metric_directions
 from ..evaluation.randomization import parameter_randomization
 from ..evaluation.report import evaluate_model, first_images
-from ..storage.data import check_labels_fit, image_transform, load_eval_dataset, model_class_names
+from ..storage.eval_datasets import check_labels_fit, load_eval_dataset, model_class_names
 from ..storage.loading import load_classifier, weights_fingerprint
+from ..storage.model_preprocessing import image_transform
 
 __all__ = ["main", "format_table", "table_legend"]
 

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..utils.errors import SaliencyDecorWarning
-from .data import SKIP_HINT, HFImageDataset, ImagePathDataset, UnreadableImageError, model_class_names, readable_image
+from .eval_datasets import model_class_names
+from .image_datasets import SKIP_HINT, HFImageDataset, ImagePathDataset, UnreadableImageError, readable_image
 
 __all__ = ["check_training_data", "label_counts", "stored_labels", "unreadable_images"]
 

@@ -43,7 +43,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .data import IMAGE_EXTENSIONS, load_fashion_mnist, resize_and_scale
+from .builtin_datasets import load_fashion_mnist
+from .image_datasets import IMAGE_EXTENSIONS
+from .model_preprocessing import resize_and_scale
 
 __all__ = ["LAYOUTS", "MANIFEST", "LocalizationDataset", "is_localization_dataset", "write_localization_dataset"]
 

@@ -98,7 +98,7 @@ def save_adapter_base(model: nn.Module, directory: str | Path) -> dict[str, Any]
     Call after ``model.save_pretrained(directory)``. The entry records the base's name, class
     count and label names (which rebuild a resized head) and whether ``base_model/`` was saved.
     """
-    from .data import model_class_names
+    from .eval_datasets import model_class_names
 
     directory = Path(directory)
     base = model.get_base_model()
