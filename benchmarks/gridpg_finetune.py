@@ -207,7 +207,7 @@ def write_report(output: Path, results: dict) -> None:
             cells = []
             for e in meta["explanations"]:
                 for key in ("relevance_mass", "energy_pointing_game"):
-                    values = [finite_mean(s["masks"][e][key]) for s in seeds.values() if "masks" in s]
+                    values = [finite_mean(s["masks"][e][key]) for s in seeds.values() if e in s.get("masks", {})]
                     cells.append(_mean_std(values))
             lines.append(f"| {run} | " + " | ".join(cells) + " |")
     baseline = runs.get("baseline", {})

@@ -129,6 +129,27 @@ def test_gridpg_finetune__run_names_take_schedule_overrides():
         gridpg_finetune.run_schedule("baseline@batch=3", hyper)
 
 
+def test_gridpg_finetune__report_on_a_mask_set_with_native_maps_for_the_bcos_run_only(tmp_path):
+    """The baseline has no ``native`` map: its masks cell reads "–" instead of failing the run's report."""
+    import gridpg_finetune
+
+    def entry(explanations, score):
+        cells = {"scores": [[score, 0.1, 0.1, 0.1]], "correct": [[True, True, False, False]]}
+        gridpg = {e: {"mean": score, "mean_correct": score, **cells} for e in explanations}
+        masks = {e: {"relevance_mass": [score], "energy_pointing_game": [score]} for e in explanations}
+        return {"accuracy": 50.0, "gridpg": gridpg, "masks": masks}
+
+    meta = {"data": "d", "model": "m", "command": "c", "machine": "x", "image_size": 64, "epochs": 1, "seeds": [0]}
+    meta |= {"grids": 1, "n": 2, "split": "test", "explanations": ["gradcam", "native"]}
+    runs = {"baseline": {"0": entry(["gradcam"], 0.6)}, "bcos:2": {"0": entry(["gradcam", "native"], 0.4)}}
+    gridpg_finetune.write_report(tmp_path, {"meta": meta, "runs": runs})
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "| baseline | 0.600 ± 0.000 | 0.600 ± 0.000 | – | – |" in report
+    assert (
+        "| bcos:2 | native | — (the baseline has no such explanation) | — | -0.100 (-0.100) |" in report
+    )  # cells: -0.2 and 0
+
+
 def test_gridpg_finetune__a_bcos_run_joins_an_energy_run_with_plus():
     import gridpg_finetune
 
