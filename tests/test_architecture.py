@@ -278,3 +278,11 @@ def test_benchmark_scripts_import_each_other_by_name_without_editing_sys_path():
     scripts = sorted((PACKAGE.parent / "benchmarks").glob("*.py"))
     assert scripts
     assert [p.name for p in scripts if "sys.path" in p.read_text()] == []
+
+
+def test_benchmarks_readme_indexes_every_script():
+    folder = PACKAGE.parent / "benchmarks"
+    index = (folder / "README.md").read_text()
+    scripts = sorted(p.name for p in folder.iterdir() if p.suffix in (".py", ".sh"))
+    assert scripts
+    assert [name for name in scripts if f"`{name}`" not in index] == []
