@@ -3,15 +3,14 @@
 import json
 from pathlib import Path
 
+import common
 import pytest
+import reproduce
+import step_cost
 import torch
 from compile_support import needs_torch_compile
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-import common  # noqa: E402
-import reproduce  # noqa: E402
-import step_cost  # noqa: E402
 
 MIB = 1 << 20
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from road_reference import reference_impute_batch  # noqa: E402
+from road_reference import reference_impute_batch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

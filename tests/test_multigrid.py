@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from road_reference import reference_impute_batch  # noqa: E402
+from road_reference import reference_impute_batch
 
 import sd_plugin.evaluation.multigrid as multigrid
 from sd_plugin.evaluation.imputation import noisy_linear_impute
