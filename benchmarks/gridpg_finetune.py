@@ -21,8 +21,12 @@ model's contribution map) is scored for the B-cos runs only. ``energy:LAYER:WEIG
 Energy loss (``input`` Input×Gradient or ``features`` Grad-CAM) on a localization set's masks;
 ``:shuffled`` / ``:centred`` are its controls. Any run takes schedule overrides after ``@``:
 ``bcos:2@lr=3e-4@epochs=6`` (a recipe search; the report pairs it with the baseline all the same).
-``+`` joins a B-cos run and an Energy-loss run into one: ``bcos:2+energy:features:5`` (the paper's
-best combination, guidance on a B-cos model).
+``mosaic:P`` trains on ``sd_plugin.storage.grid_mosaics.GridMosaics``: a share P of the training
+items become 2 × 2 mosaics of training images of distinct classes, with the target's cell as its
+mask (guidance masks from labels alone); ``mosaic:P:other`` puts the mask on another class's cell
+(its control). ``+`` joins a B-cos run, a mosaic run and an Energy-loss run into one:
+``bcos:2+energy:features:5`` (the paper's best combination, guidance on a B-cos model),
+``mosaic:0.5+energy:features:5`` (the Energy loss on the mosaics' cells).
 ``results.json`` keeps every run's per-cell scores (finished runs are not retrained);
 ``RESULTS.md`` has the table and the paired tests (``--report-only`` rewrites it from ``results.json``).
 """
@@ -46,6 +50,7 @@ from torch.utils.data import DataLoader
 from sd_plugin.core.bcos import is_bcos
 from sd_plugin.evaluation.grid_pointing_game import grid_pointing_game, make_grids
 from sd_plugin.evaluation.report import accuracy, finite_mean, localization_metrics
+from sd_plugin.storage.grid_mosaics import GridMosaics
 
 EXPLANATIONS = ("gradient", "input_x_gradient", "gradcam")
 DEFAULT_RUNS = ("baseline", "sgt", "saliencydecor", "control", "adv:0.01", "adv:0.063")
@@ -80,9 +85,16 @@ def run_config(run: str, group_size: int, steps: int = 0) -> dict:
     """
     if "+" in run:
         parts = run.split("+")
-        if len(parts) != 2 or not parts[0].startswith("bcos:") or not parts[1].startswith("energy:"):
-            raise SystemExit(f"run {run!r}: '+' joins one bcos:B run and one energy:LAYER:WEIGHT run, in that order.")
-        return run_config(parts[0], group_size, steps) | run_config(parts[1], group_size, steps)
+        kinds = [part.split(":")[0] for part in parts]
+        if len(set(kinds)) != len(kinds) or not set(kinds) <= {"bcos", "energy", "mosaic"}:
+            raise SystemExit(f"run {run!r}: '+' joins at most one each of bcos:B, mosaic:P and energy:LAYER:WEIGHT.")
+        config: dict = {}
+        for part in parts:
+            config |= run_config(part, group_size, steps)
+        return config
+    if run.startswith("mosaic:"):  # the data changes (run_mosaic), the step is the plain one
+        run_mosaic(run)
+        return {"method": "baseline", "group_size": group_size}
     if run.startswith("bcos:"):  # bcos:B[:bce][:now]
         b, *options = run.removeprefix("bcos:").split(":")
         unknown = set(options) - {"bce", "now"}
@@ -110,7 +122,26 @@ def run_config(run: str, group_size: int, steps: int = 0) -> dict:
         return {"method": "sgt", "mask_selection": "random", "group_size": group_size}
     if run in ("baseline", "sgt", "decor", "saliencydecor"):
         return {"method": run, "group_size": group_size}
-    raise SystemExit(f"unknown run {run!r}: use baseline, sgt, decor, saliencydecor, control, adv:EPS or bcos:B.")
+    raise SystemExit(
+        f"unknown run {run!r}: use baseline, sgt, decor, saliencydecor, control, adv:EPS, bcos:B, energy:LAYER:WEIGHT "
+        "or mosaic:P."
+    )
+
+
+def run_mosaic(run: str) -> dict | None:
+    """``GridMosaics`` settings of a run's ``mosaic:P[:other]`` part (None without one).
+
+    Example:
+        >>> run_mosaic("mosaic:0.5:other+energy:features:5")
+        {'probability': 0.5, 'mask_cell': 'other'}
+    """
+    for part in run.split("@")[0].split("+"):
+        if part.startswith("mosaic:"):
+            probability, *cell = part.removeprefix("mosaic:").split(":")
+            if cell not in ([], ["other"]):
+                raise SystemExit(f"run {run!r}: mosaic:P takes one option, ':other' (the mask on another class's cell).")
+            return {"probability": float(probability), "mask_cell": cell[0] if cell else "own"}
+    return None
 
 
 def mask_scores(model, evaluation, name: str, batch_size: int) -> dict:
@@ -315,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                 steps = math.ceil(len(train) / args.batch_size) * schedule["epochs"]
                 config = run_config(method, args.group_size, steps)
                 workdir_run = f"{workdir}/{run}-{seed}"
-                model, seconds = train_one(config, seed, args.model, classes, train, schedule, workdir_run)
+                mosaic = run_mosaic(run)
+                data = train if mosaic is None else GridMosaics(train, n=args.grid_n, **mosaic)
+                model, seconds = train_one(config, seed, args.model, classes, data, schedule, workdir_run)
                 entry = score(model, evaluation, grids, args.explanations, args.disconnected, args.eval_batch_size)
                 entry["train_seconds"] = seconds
                 results["runs"].setdefault(run, {})[str(seed)] = entry

@@ -155,8 +155,23 @@ def test_gridpg_finetune__a_bcos_run_joins_an_energy_run_with_plus():
     config = gridpg_finetune.run_config("bcos:2+energy:features:5:shuffled", 16, steps=10)
     assert (config["bcos_b"], config["bcos_warmup_steps"]) == (2.0, 5)
     assert (config["energy_weight"], config["energy_layer"], config["guidance_masks"]) == (5.0, "features", "shuffled")
-    with pytest.raises(SystemExit, match="joins one bcos:B run and one energy"):
-        gridpg_finetune.run_config("energy:features:5+bcos:2", 16)
+    with pytest.raises(SystemExit, match="joins at most one each"):
+        gridpg_finetune.run_config("energy:features:5+energy:input:1", 16)
+
+
+def test_gridpg_finetune__a_mosaic_run_trains_plainly_on_mosaics_and_joins_the_energy_loss():
+    import gridpg_finetune
+
+    assert gridpg_finetune.run_config("mosaic:0.5", 16) == {"method": "baseline", "group_size": 16}
+    assert gridpg_finetune.run_mosaic("baseline") is None
+    config = gridpg_finetune.run_config("mosaic:0.25:other+energy:features:5", 16)
+    assert (config["energy_weight"], config["guidance_masks"]) == (5.0, "given")
+    assert gridpg_finetune.run_mosaic("mosaic:0.25:other+energy:features:5@epochs=2") == {
+        "probability": 0.25,
+        "mask_cell": "other",
+    }
+    with pytest.raises(SystemExit, match="':other'"):
+        gridpg_finetune.run_config("mosaic:0.5:wrong", 16)
 
 
 @needs_torch_compile  # the step-cost table has a compiled-whitening row

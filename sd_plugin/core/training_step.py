@@ -270,7 +270,7 @@ class SaliencyDecorStep:
                 (default: the number of batches this object has run; pass the loop's step
                 so that a resumed run keeps the same masked steps).
             object_masks: ``(B, H, W)`` masks, 1 on each image's object: required by
-                ``explanation_mask_weight > 0`` (RRR), ignored otherwise.
+                ``explanation_mask_weight > 0`` (RRR) and ``energy_weight > 0``, ignored otherwise.
 
         With ``adversarial_epsilon > 0`` every pass runs on the PGD-perturbed batch.
 
