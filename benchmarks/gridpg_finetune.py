@@ -139,7 +139,7 @@ def run_mosaic(run: str) -> dict | None:
         if part.startswith("mosaic:"):
             probability, *cell = part.removeprefix("mosaic:").split(":")
             if cell not in ([], ["other"]):
-                raise SystemExit(f"run {run!r}: mosaic:P takes one option, ':other' (the mask on another class's cell).")
+                raise SystemExit(f"run {run!r}: mosaic:P takes one option, ':other' (the mask on another class's cell)")
             return {"probability": float(probability), "mask_cell": cell[0] if cell else "own"}
     return None
 

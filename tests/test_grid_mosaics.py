@@ -121,6 +121,7 @@ def test_mosaic__batches_train_the_energy_loss_onto_the_target_cell():
     losses = []
     for _ in range(15):
         optimizer.zero_grad()
-        losses.append(float(step.step(model, batch["pixel_values"], batch["labels"], object_masks=batch["masks"]).loss_energy))
+        result = step.step(model, batch["pixel_values"], batch["labels"], object_masks=batch["masks"])
+        losses.append(float(result.loss_energy))
         optimizer.step()
     assert losses[-1] < losses[0] - 0.2

@@ -53,9 +53,7 @@ class GridMosaics(Dataset):
         seed: the draws (which items, which neighbours, which cell); ``reseed`` is passed on to ``dataset``.
     """
 
-    def __init__(
-        self, dataset: Dataset, probability: float, n: int = 2, mask_cell: str = "own", seed: int = 0
-    ) -> None:
+    def __init__(self, dataset: Dataset, probability: float, n: int = 2, mask_cell: str = "own", seed: int = 0) -> None:
         if not 0 < probability <= 1:
             raise ValueError(f"probability={probability}: the share of mosaic items must be in (0, 1].")
         if n < 2:
