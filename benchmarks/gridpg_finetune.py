@@ -202,6 +202,17 @@ def _seeds(values: list[float]) -> str:
     return ", ".join(f"{v:+.3f}" for v in values)
 
 
+def commands_run(meta: dict, command: str) -> list[str]:
+    """Every command that added runs to a results folder, oldest first (a folder grows run by run).
+
+    Example:
+        >>> commands_run({"command": "a"}, "b"), commands_run({"commands": ["a", "b"]}, "b")
+        (['a', 'b'], ['a', 'b'])
+    """
+    commands = list(meta.get("commands", [meta["command"]] if "command" in meta else []))
+    return commands if commands and commands[-1] == command else [*commands, command]
+
+
 def write_report(output: Path, results: dict) -> None:
     runs, meta = results["runs"], results["meta"]
     explanations = [e for e in meta["explanations"]] + [f"{e} (disconnected)" for e in meta["explanations"]]
@@ -209,7 +220,7 @@ def write_report(output: Path, results: dict) -> None:
     lines = [
         f"# Grid pointing game: {meta['data']}, {meta['model']}",
         "",
-        f"Command: `{meta['command']}`",
+        *[f"Command: `{command}`" for command in meta.get("commands", [meta["command"]])],
         "",
         f"Machine: {meta['machine']}. {meta['image_size']} px cells, {meta['epochs']} epochs, seeds "
         f"{meta['seeds']}; {meta['grids']} fixed {meta['n']}×{meta['n']} grids of the `{meta['split']}` split "
@@ -312,18 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
     train, evaluation, classes, split = load_splits(Path(args.data), args.image_size, mean, std)
     grids = make_grids(evaluation.labels.tolist(), args.grids, n=args.grid_n, seed=0)
+    command = "python benchmarks/gridpg_finetune.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results["meta"] = {
         "data": args.data,
         "model": args.model,
         "image_size": args.image_size,
         "epochs": args.epochs,
-        "seeds": args.seeds,
+        "seeds": sorted(set(results.get("meta", {}).get("seeds", [])) | set(args.seeds)),
         "grids": args.grids,
         "n": args.grid_n,
         "split": split,
         "explanations": args.explanations,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "command": "python benchmarks/gridpg_finetune.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
+        "commands": commands_run(results.get("meta", {}), command),
     }
     hyper = {
         "image_size": args.image_size,

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import common
 import pytest
@@ -147,6 +148,26 @@ def test_gridpg_finetune__report_on_a_mask_set_with_native_maps_for_the_bcos_run
     assert (
         "| bcos:2 | native | — (the baseline has no such explanation) | — | -0.100 (-0.100) |" in report
     )  # cells: -0.2 and 0
+
+
+def test_gridpg_finetune__a_folder_grown_by_several_commands_keeps_them_all(tmp_path, monkeypatch):
+    """A second command adding runs to a folder keeps the first command and its seeds in the meta and the report."""
+    import gridpg_finetune
+
+    first = "python benchmarks/gridpg_finetune.py --data d --seeds 0 --runs baseline --output-dir out"
+    done = {"gridpg": dict.fromkeys(gridpg_finetune.EXPLANATIONS, {})}  # finished: nothing is retrained
+    runs = {"baseline": {"0": done, "1": done}}
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"command": first, "seeds": [0]}, "runs": runs}))
+    evaluation = SimpleNamespace(labels=torch.arange(8) % 4)
+    monkeypatch.setattr(gridpg_finetune, "load_model", lambda *args: torch.nn.Identity())
+    monkeypatch.setattr(gridpg_finetune, "load_splits", lambda *args: (None, evaluation, list("abcd"), "test"))
+    reports = []
+    monkeypatch.setattr(gridpg_finetune, "write_report", lambda output, results: reports.append(results["meta"]))
+    argv = ["--data", "d", "--seeds", "1", "--runs", "baseline", "--output-dir", str(tmp_path)]
+    gridpg_finetune.main(argv)
+    meta = reports[-1]  # (results.json is written after each run that trains, with this meta)
+    assert meta["commands"] == [first, "python benchmarks/gridpg_finetune.py " + " ".join(argv)]
+    assert meta["seeds"] == [0, 1]
 
 
 def test_gridpg_finetune__a_bcos_run_joins_an_energy_run_with_plus():
