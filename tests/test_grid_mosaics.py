@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -125,3 +127,16 @@ def test_mosaic__batches_train_the_energy_loss_onto_the_target_cell():
         losses.append(float(result.loss_energy))
         optimizer.step()
     assert losses[-1] < losses[0] - 0.2
+
+
+def test_docs__the_grid_mosaics_snippet_wraps_a_dataset_as_written():
+    """docs/training.md's GridMosaics line turns a labelled dataset into one whose items carry masks."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    code = (
+        page.split("<!-- grid-mosaics -->")[1].split("<!-- /grid-mosaics -->")[0].split("```python")[1].split("```")[0]
+    )
+    namespace = {"train_dataset": ConstantImages(count=40)}
+    exec(compile(code, "docs/training.md", "exec"), namespace)
+    items = [namespace["train_dataset"][i] for i in range(40)]
+    assert {tuple(item) for item in items} == {("pixel_values", "labels", "masks")}
+    assert 0 < sum(not bool(item["masks"].all()) for item in items) < 40
