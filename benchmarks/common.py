@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: timing (warm-up, median, device sync), peak memory, host syncs."""
+"""Shared helpers of the benchmarks: timing (warm-up, median, device sync), peak memory, host syncs, the
+commands a results folder was grown by."""
 
 from __future__ import annotations
 
@@ -131,3 +132,14 @@ class HostSyncAudit(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.calls.values())
+
+
+def commands_run(meta: dict, command: str) -> list[str]:
+    """Every command that added runs to a results folder, oldest first (a folder grows run by run).
+
+    Example:
+        >>> commands_run({"command": "a"}, "b"), commands_run({"commands": ["a", "b"]}, "b")
+        (['a', 'b'], ['a', 'b'])
+    """
+    commands = list(meta.get("commands", [meta["command"]] if "command" in meta else []))
+    return commands if commands and commands[-1] == command else [*commands, command]

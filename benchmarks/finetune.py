@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import commands_run
 from reproduce import (
     DECORRELATION_OBJECTIVE,
     MAIN_METHODS,
@@ -574,7 +575,7 @@ def report_only(args: argparse.Namespace) -> int:
     results = json.loads((output / "results.json").read_text())
     finished = results["finished"]
     command = "python benchmarks/finetune.py " + " ".join(sys.argv[1:])
-    results["meta"]["commands"] = [*results["meta"].get("commands", [results["meta"]["command"]]), command]
+    results["meta"]["commands"] = commands_run(results["meta"], command)
 
     def entry(config: dict, seeds: list[int]) -> dict | None:
         runs = [finished[key] for seed in seeds if (key := run_key(config, seed)) in finished]

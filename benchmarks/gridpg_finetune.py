@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import commands_run
 from finetune import DEFAULT_MODEL, load_model, load_splits, train_one
 from torch.utils.data import DataLoader
 
@@ -200,17 +201,6 @@ def paired_cells(first: list[dict], second: list[dict], only_correct: bool) -> t
 
 def _seeds(values: list[float]) -> str:
     return ", ".join(f"{v:+.3f}" for v in values)
-
-
-def commands_run(meta: dict, command: str) -> list[str]:
-    """Every command that added runs to a results folder, oldest first (a folder grows run by run).
-
-    Example:
-        >>> commands_run({"command": "a"}, "b"), commands_run({"commands": ["a", "b"]}, "b")
-        (['a', 'b'], ['a', 'b'])
-    """
-    commands = list(meta.get("commands", [meta["command"]] if "command" in meta else []))
-    return commands if commands and commands[-1] == command else [*commands, command]
 
 
 def write_report(output: Path, results: dict) -> None:

@@ -115,7 +115,7 @@ class GridMosaics(Dataset):
 
 def _mosaic(images: Tensor, n: int) -> Tensor:
     """``(n², C, H, W)`` → ``(C, H, W)``: each image shrunk by ``n`` (area average), placed row-major."""
-    cells, channels, height, width = images.shape
+    _, channels, height, width = images.shape
     small = F.interpolate(images.float(), size=(height // n, width // n), mode="area")
     rows = small.view(n, n, channels, height // n, width // n).permute(2, 0, 3, 1, 4)
     return rows.reshape(channels, height, width).to(images.dtype)
